@@ -1,0 +1,317 @@
+"""Measured latency: time the real model on this machine and record how it was timed.
+
+Protocol (what the measurements on a shared 2-core box taught us):
+
+* one thread by default, pinned for torch (``set_num_threads``) and ONNX Runtime (``intra_op_num_threads``);
+* warm-up runs first, then repeats in blocks until the median stops moving (or a cap is hit);
+* the candidate is timed **interleaved with the unpruned reference** in the same window, alternating the order
+  of each pair, and the median of the per-pair ratios is reported beside the absolute median: when a neighbour
+  process wakes, both slow down and the ratio survives;
+* the spread (inter-quartile range), the number of repeats, the load average before and after, the thread
+  count, batch size and runtime versions are kept with every figure in a :class:`LatencyProtocol`.
+
+A cache keyed by the pruned shape means each distinct shape is timed once per job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from autoprune.cost import as_tuple, count_macs
+from autoprune.errors import InvalidConfigError
+from autoprune.runtime import RUNTIMES, Runner, make_runner, runtime_versions, torch_threads
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How to time a model."""
+
+    runtime: str = "torch"
+    """``torch`` (eager) or ``onnxruntime`` (CPU execution provider)."""
+    threads: int = 1
+    """Intra-op threads, pinned for the measurement. One thread gives the steadiest figures."""
+    batch_size: int = 1
+    """Batch size of the timed input."""
+    warmup: int = 5
+    """Untimed runs before timing (per model)."""
+    min_repeats: int = 15
+    """Timed runs before the stability check starts."""
+    max_repeats: int = 300
+    """Upper bound on timed runs."""
+    block: int = 5
+    """Runs between two stability checks."""
+    rel_tolerance: float = 0.02
+    """Stop when the median moved less than this fraction over the last block (twice in a row)."""
+    max_seconds: float = 5.0
+    """Time cap for one measurement (warm-up excluded)."""
+    interleave_reference: bool = True
+    """Time the unpruned reference model in the same window and report the ratio."""
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise InvalidConfigError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        for name in ("threads", "batch_size", "min_repeats", "max_repeats", "block"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidConfigError(f"latency {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.max_seconds <= 0 or not 0 < self.rel_tolerance < 1:
+            raise InvalidConfigError("latency warmup must be >= 0, max_seconds > 0, 0 < rel_tolerance < 1")
+        if self.max_repeats < self.min_repeats:
+            raise InvalidConfigError("latency max_repeats must be >= min_repeats")
+
+
+@dataclass(frozen=True)
+class LatencyProtocol:
+    """How a latency figure was taken."""
+
+    runtime: str
+    threads: int
+    batch_size: int
+    warmup: int
+    repeats: int
+    interleaved: bool
+    load_before: float
+    """1-minute load average when the measurement started."""
+    load_after: float
+    versions: dict[str, str] = field(default_factory=dict)
+    machine: str = ""
+    meter: str = "measured"
+    """``measured`` for real timings; anything else marks a synthetic figure (e.g. ``deterministic``)."""
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A latency figure with its spread and protocol. Times in milliseconds."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    protocol: LatencyProtocol
+    reference_median_ms: float | None = None
+    """Median of the unpruned reference timed in the same window (interleaved)."""
+    ratio: float | None = None
+    """Median of per-pair candidate/reference time ratios: below 1 means faster than the reference."""
+    cached: bool = False
+
+    @property
+    def spread(self) -> float:
+        """Inter-quartile range relative to the median."""
+        return (self.p75_ms - self.p25_ms) / self.median_ms if self.median_ms else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        """Reference time / candidate time from the interleaved pairs (above 1 means faster)."""
+        return 1.0 / self.ratio if self.ratio else None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Latency:
+        return cls(**{**data, "protocol": LatencyProtocol(**data["protocol"])})
+
+
+class LatencyMeter(Protocol):
+    """Anything that turns a model into a :class:`Latency`."""
+
+    config: LatencyConfig
+
+    def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency: ...
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def batched(example_inputs: Inputs, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs resized to ``batch_size`` along dim 0 (repeating the first sample)."""
+    return tuple(t[:1].expand(batch_size, *t.shape[1:]).contiguous() for t in as_tuple(example_inputs))
+
+
+class Meter:
+    """Times models for real in the configured runtime (torch eager or ONNX Runtime)."""
+
+    def __init__(self, config: LatencyConfig | None = None) -> None:
+        self.config = config or LatencyConfig()
+
+    def _runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Runner:
+        return make_runner(model, inputs, runtime=self.config.runtime, threads=self.config.threads)
+
+    def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency:
+        cfg = self.config
+        inputs = batched(example_inputs, cfg.batch_size)
+        with torch_threads(cfg.threads):
+            candidate = self._runner(model, inputs)
+            other = self._runner(reference, inputs) if reference is not None and cfg.interleave_reference else None
+            load_before = os.getloadavg()[0]
+            for _ in range(cfg.warmup):
+                candidate()
+                if other is not None:
+                    other()
+            times, ref_times = self._time(candidate, other)
+            load_after = os.getloadavg()[0]
+        protocol = LatencyProtocol(
+            runtime=cfg.runtime,
+            threads=cfg.threads,
+            batch_size=cfg.batch_size,
+            warmup=cfg.warmup,
+            repeats=len(times),
+            interleaved=other is not None,
+            load_before=round(load_before, 2),
+            load_after=round(load_after, 2),
+            versions=runtime_versions(),
+            machine=machine_description(),
+        )
+        ratio = statistics.median(t / r for t, r in zip(times, ref_times, strict=True)) if ref_times else None
+        return Latency(
+            median_ms=statistics.median(times),
+            p25_ms=_quantile(times, 0.25),
+            p75_ms=_quantile(times, 0.75),
+            min_ms=min(times),
+            protocol=protocol,
+            reference_median_ms=statistics.median(ref_times) if ref_times else None,
+            ratio=ratio,
+        )
+
+    def _time(self, candidate: Runner, other: Runner | None) -> tuple[list[float], list[float]]:
+        cfg = self.config
+        clock = time.perf_counter_ns
+        times: list[float] = []
+        ref_times: list[float] = []
+        stable_checks = 0
+        last_median: float | None = None
+        deadline = time.monotonic() + cfg.max_seconds
+        while len(times) < cfg.max_repeats:
+            for _ in range(cfg.block):
+                # alternate which model goes first so neither always runs on a warmer cache
+                order = [(candidate, times), (other, ref_times)] if other is not None else [(candidate, times)]
+                if other is not None and len(times) % 2:
+                    order.reverse()
+                for runner, sink in order:
+                    assert runner is not None
+                    start = clock()
+                    runner()
+                    sink.append((clock() - start) / 1e6)
+            if len(times) < cfg.min_repeats:
+                continue
+            med = statistics.median(times)
+            if other is not None:
+                med = statistics.median(t / r for t, r in zip(times, ref_times, strict=True))
+            if last_median is not None and abs(med - last_median) <= cfg.rel_tolerance * last_median:
+                stable_checks += 1
+                if stable_checks >= 2:
+                    break
+            else:
+                stable_checks = 0
+            last_median = med
+            if time.monotonic() > deadline:
+                break
+        return times, ref_times
+
+
+class DeterministicMeter:
+    """A synthetic latency proportional to MACs: **not a measurement**.
+
+    It exists so that environment checkers and tests can run episodes with reproducible rewards; every figure
+    it returns is marked ``meter="deterministic"`` in its protocol.
+    """
+
+    def __init__(self, ms_per_mmac: float = 0.05, overhead_ms: float = 0.1, config: LatencyConfig | None = None):
+        self.ms_per_mmac = ms_per_mmac
+        self.overhead_ms = overhead_ms
+        self.config = config or LatencyConfig()
+
+    def _ms(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+        macs, _ = count_macs(model, inputs)
+        return self.overhead_ms + self.ms_per_mmac * macs / 1e6
+
+    def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency:
+        inputs = batched(example_inputs, self.config.batch_size)
+        ms = self._ms(model, inputs)
+        ref = self._ms(reference, inputs) if reference is not None else None
+        protocol = LatencyProtocol(
+            runtime=self.config.runtime,
+            threads=self.config.threads,
+            batch_size=self.config.batch_size,
+            warmup=0,
+            repeats=1,
+            interleaved=False,
+            load_before=0.0,
+            load_after=0.0,
+            meter="deterministic",
+        )
+        return Latency(ms, ms, ms, ms, protocol, reference_median_ms=ref, ratio=ms / ref if ref else None)
+
+
+def shape_signature(model: nn.Module, example_inputs: Inputs, config: LatencyConfig) -> str:
+    """A key that is equal for models that run the same computation shapes (weights values aside)."""
+    h = hashlib.sha256()
+    h.update(repr((config.runtime, config.threads, config.batch_size)).encode())
+    h.update(type(model).__name__.encode())
+    for t in as_tuple(example_inputs):
+        h.update(repr((tuple(t.shape[1:]), str(t.dtype))).encode())
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    for name, module in model.named_modules():
+        h.update(f"{name}:{type(module).__name__};".encode())
+        heads = getattr(module, "num_heads", None)
+        if isinstance(heads, int):
+            h.update(f"heads={heads};".encode())
+    return h.hexdigest()
+
+
+class CachedMeter:
+    """Wraps a meter so that each distinct pruned shape is timed once (per cache, i.e. per job)."""
+
+    def __init__(self, meter: LatencyMeter, cache: dict[str, Latency] | None = None) -> None:
+        self.meter = meter
+        self.config = meter.config
+        self.cache: dict[str, Latency] = {} if cache is None else cache
+        self.hits = 0
+
+    def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency:
+        key = shape_signature(model, example_inputs, self.config)
+        found = self.cache.get(key)
+        if found is not None:
+            self.hits += 1
+            return replace(found, cached=True)
+        result = self.meter.measure(model, example_inputs, reference=reference)
+        self.cache[key] = result
+        return result
+
+
+def make_meter(config: LatencyConfig | None = None, *, cache: bool = True) -> LatencyMeter:
+    meter: LatencyMeter = Meter(config)
+    return CachedMeter(meter) if cache else meter
+
+
+MeterFactory = Callable[[LatencyConfig], LatencyMeter]

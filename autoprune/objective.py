@@ -1,0 +1,296 @@
+"""One path for every candidate: ``Objective(plan) -> Evaluation``.
+
+An :class:`Objective` owns the base model, its example inputs, the data, the quality metric, the recovery
+recipe, the latency meter and the reward. Calling it with a plan prunes a copy of the base model for real,
+recovers it cheaply (BatchNorm re-estimation, optional short fine-tune), evaluates its quality, measures its
+latency interleaved with the base model, and returns a frozen :class:`Evaluation` with the wall time of each
+stage. Every strategy (RL, Optuna, baselines) evaluates candidates through this one object.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprune.cost import Cost, measure_cost
+from autoprune.data import Dataset, check_compatible
+from autoprune.errors import InvalidConfigError
+from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter
+from autoprune.plan import Plan
+from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
+from autoprune.quality import CallableMetric, QualityMetric, get_metric
+from autoprune.recovery import RecoveryConfig, recover
+from autoprune.reward import RewardConfig, compute_reward
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything known about one candidate: the plan and what it measured."""
+
+    plan: Plan
+    quality: float
+    """Quality metric of the pruned (and recovered) model; higher is better."""
+    metric: str
+    latency: Latency
+    """Measured latency with its protocol; ``latency.ratio`` is candidate/base from interleaved runs."""
+    macs: int
+    params: int
+    nonzero_params: int
+    size_bytes: int
+    compressed_bytes: int
+    reward: float
+    reward_terms: dict[str, float]
+    timings: dict[str, float]
+    """Seconds spent in each stage: ``prune``, ``recover``, ``evaluate``, ``measure``, ``cost``, ``total``."""
+    base_quality: float
+    base_latency_ms: float
+    base_macs: int
+    base_params: int
+    index: int = 0
+    """Sequence number of this evaluation within its objective (0 is the unpruned model)."""
+    stage: str = "search"
+    """``search`` for candidates as evaluated in the loop, ``finetuned`` after the final fine-tuning stage."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived ------------------------------------------------------------------------------------------
+    @property
+    def latency_ratio(self) -> float:
+        """Candidate/base latency: the interleaved ratio when available, else the ratio of medians."""
+        if self.latency.ratio is not None:
+            return self.latency.ratio
+        return self.latency.median_ms / self.base_latency_ms if self.base_latency_ms else 1.0
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.latency_ratio if self.latency_ratio else float("inf")
+
+    @property
+    def latency_ms(self) -> float:
+        """Latency in ms on the base model's time scale (base median x interleaved ratio)."""
+        return self.base_latency_ms * self.latency_ratio
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes to ship the weights: the file for structured plans, compressed for unstructured ones."""
+        return self.compressed_bytes if self.plan.method == "unstructured" else self.size_bytes
+
+    @property
+    def quality_drop(self) -> float:
+        """Relative quality loss versus the unpruned model (0.01 = 1% worse)."""
+        return (self.base_quality - self.quality) / abs(self.base_quality) if self.base_quality else 0.0
+
+    # -- JSON ---------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["plan"] = self.plan.to_json()
+        data["latency"] = self.latency.to_json()
+        data["derived"] = {
+            "latency_ratio": self.latency_ratio,
+            "latency_ms": self.latency_ms,
+            "speedup": self.speedup,
+            "storage_bytes": self.storage_bytes,
+            "quality_drop": self.quality_drop,
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Evaluation:
+        fields = {k: v for k, v in data.items() if k != "derived"}
+        fields["plan"] = Plan.from_json(data["plan"])
+        fields["latency"] = Latency.from_json(data["latency"])
+        return cls(**fields)
+
+
+MetricSpec = str | QualityMetric | Callable[[nn.Module], float]
+
+
+class Objective:
+    """Turns plans into Evaluations for one model, dataset, metric, recovery recipe, meter and reward.
+
+    ``method``, ``criterion`` and ``round_to`` are the job's pruning settings: :meth:`plan` builds plans with
+    them from bare ``{group: ratio}`` mappings, which is what search strategies propose.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Inputs,
+        dataset: Dataset | None,
+        *,
+        metric: MetricSpec = "accuracy",
+        recovery: RecoveryConfig | None = None,
+        latency: LatencyConfig | LatencyMeter | None = None,
+        reward: RewardConfig | None = None,
+        method: str = "structured",
+        criterion: str = "l1",
+        round_to: int = 8,
+        keep: Sequence[str] = (),
+        eval_batch_size: int = 256,
+        calibration_batches: int = 4,
+    ) -> None:
+        self.base = copy.deepcopy(model).eval()
+        self.example_inputs = example_inputs
+        self.dataset = dataset
+        self.metric = self._metric(metric)
+        if dataset is None and not isinstance(self.metric, CallableMetric):
+            raise InvalidConfigError("without a dataset, pass metric=<a function model -> float> to evaluate")
+        self.recovery = recovery if recovery is not None else RecoveryConfig()
+        if dataset is None:
+            self.recovery = RecoveryConfig(bn_recalibration_batches=0, finetune_steps=0)
+        if isinstance(latency, LatencyConfig) or latency is None:
+            self.meter: LatencyMeter = CachedMeter(Meter(latency or LatencyConfig()))
+        else:
+            self.meter = latency
+        self.reward_config = reward or RewardConfig()
+        self.method = method
+        self.criterion = criterion
+        self.round_to = round_to
+        self.keep = tuple(keep)
+        self.eval_batch_size = eval_batch_size
+        self.calibration_batches = calibration_batches
+        if dataset is not None:
+            check_compatible(self.base, dataset)
+        Plan(method=method, criterion=criterion, round_to=round_to)  # type: ignore[arg-type]  # validates the settings early
+        self._context: PruningContext | None = None
+        if method == "unstructured":
+            self.structure: Structure = analyze_unstructured(self.base, example_inputs, keep=self.keep)
+        else:
+            calibration = self._calibration() if criterion == "taylor" else None
+            self._context = PruningContext(self.base, example_inputs, keep=self.keep, calibration=calibration)
+            self.structure = self._context.structure
+        self._count = 0
+        self.base_cost: Cost = measure_cost(self.base, example_inputs)
+        self.base_quality = self._quality(self.base)
+        self.baseline = self._evaluate_model(self.base, self.plan({}), {}, index=0)
+
+    # -- configuration helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _metric(metric: MetricSpec) -> QualityMetric:
+        if isinstance(metric, str):
+            return get_metric(metric)
+        if hasattr(metric, "name") and callable(metric):
+            return metric  # type: ignore[return-value]
+        if callable(metric):
+            return CallableMetric(metric, name=getattr(metric, "__name__", "custom"))
+        raise InvalidConfigError(f"metric must be a name, a QualityMetric or a function, got {metric!r}")
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return self.structure.names
+
+    def plan(self, ratios: Mapping[str, float], **extra: Any) -> Plan:
+        """A plan with this objective's pruning settings."""
+        return Plan(
+            ratios=tuple(ratios.items()),
+            method=self.method,  # type: ignore[arg-type]
+            criterion=self.criterion,
+            round_to=self.round_to,
+            extra=tuple(extra.items()),
+        )
+
+    # -- the pipeline -------------------------------------------------------------------------------------
+    def _calibration(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        if self.dataset is None:
+            return None
+        batches = self.dataset.train_batches(64, seed=0, max_batches=self.calibration_batches)
+        return [(b[0], b[1]) for b in batches]
+
+    def prune(self, plan: Plan) -> nn.Module:
+        """The pruned model for ``plan``, before recovery."""
+        if self._context is not None and plan.method == "structured":
+            if plan.criterion == "taylor" and self._context.calibration is None:
+                self._context.calibration = self._calibration()
+            return self._context.apply(plan)
+        calibration = self._calibration() if plan.criterion == "taylor" else None
+        return apply_plan(self.base, plan, self.example_inputs, keep=self.keep, calibration=calibration)
+
+    def materialize(self, plan: Plan, *, recovery: RecoveryConfig | None = None) -> nn.Module:
+        """Rebuild the pruned and recovered model for ``plan`` (deterministic)."""
+        model = self.prune(plan)
+        if self.dataset is not None:
+            recover(model, self.dataset, recovery or self.recovery, teacher=self.base)
+        return model.eval()
+
+    def _quality(self, model: nn.Module) -> float:
+        return float(self.metric(model, self.dataset, reference=self.base, batch_size=self.eval_batch_size))  # type: ignore[arg-type]
+
+    def __call__(self, plan: Plan | Mapping[str, float]) -> Evaluation:
+        return self.evaluate(plan)
+
+    def evaluate(
+        self,
+        plan: Plan | Mapping[str, float],
+        *,
+        recovery: RecoveryConfig | None = None,
+        stage: str = "search",
+    ) -> Evaluation:
+        if not isinstance(plan, Plan):
+            plan = self.plan(plan)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        model = self.prune(plan)
+        timings["prune"] = time.perf_counter() - start
+        t = time.perf_counter()
+        if self.dataset is not None:
+            recover(model, self.dataset, recovery or self.recovery, teacher=self.base)
+        timings["recover"] = time.perf_counter() - t
+        self._count += 1
+        return self._evaluate_model(model, plan, timings, index=self._count, stage=stage, start=start)
+
+    def evaluate_model(self, model: nn.Module, plan: Plan, *, stage: str) -> Evaluation:
+        """Evaluate an already pruned model (e.g. after a longer fine-tune) as ``plan``."""
+        self._count += 1
+        return self._evaluate_model(model, plan, {}, index=self._count, stage=stage)
+
+    def _evaluate_model(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        timings: dict[str, float],
+        *,
+        index: int,
+        stage: str = "search",
+        start: float | None = None,
+    ) -> Evaluation:
+        start = time.perf_counter() if start is None else start
+        t = time.perf_counter()
+        quality = self.base_quality if index == 0 else self._quality(model)
+        timings["evaluate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        latency = self.meter.measure(model, self.example_inputs, reference=self.base)
+        timings["measure"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cost = self.base_cost if index == 0 else measure_cost(model, self.example_inputs)
+        timings["cost"] = time.perf_counter() - t
+        base_ms = self.baseline.latency.median_ms if index else latency.reference_median_ms or latency.median_ms
+        ratio = latency.ratio if latency.ratio is not None else latency.median_ms / base_ms
+        reward, terms = compute_reward(quality, ratio, self.reward_config)
+        timings["total"] = time.perf_counter() - start
+        return Evaluation(
+            plan=plan,
+            quality=quality,
+            metric=self.metric.name,
+            latency=latency,
+            macs=cost.macs,
+            params=cost.params,
+            nonzero_params=cost.nonzero_params,
+            size_bytes=cost.size_bytes,
+            compressed_bytes=cost.compressed_bytes,
+            reward=reward,
+            reward_terms=terms,
+            timings=timings,
+            base_quality=self.base_quality,
+            base_latency_ms=base_ms,
+            base_macs=self.base_cost.macs,
+            base_params=self.base_cost.params,
+            index=index,
+            stage=stage,
+        )

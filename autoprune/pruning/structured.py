@@ -1,0 +1,473 @@
+"""Structured pruning with Torch-Pruning: channels, neurons, hidden units and attention heads removed.
+
+One decision per Torch-Pruning *dependency group*: layers coupled by residual additions, concatenations or
+shared dimensions are pruned together, so the plan names groups (by their root layer), never single layers
+that would silently take another group's ratio.
+
+Applying a plan:
+
+1. deep-copy the base model and trace its dependency graph;
+2. score every channel of every group on the *unpruned* copy (L1/L2 magnitude, Taylor, BN scale or random);
+3. for each group keep the best ``round(C * (1 - ratio))`` units, rounded to a multiple of ``round_to``;
+   groups that contain ``nn.MultiheadAttention`` lose whole heads instead;
+4. prune, then run a forward and check the output shape is unchanged (a pruned model that does not run is a
+   :class:`PruningError`, never a silent success).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from autoprune.cost import as_tuple, count_macs, eval_mode
+from autoprune.errors import InvalidPlanError, PruningError
+from autoprune.plan import Plan
+from autoprune.pruning.recurrent import recurrent_pruners, recurrent_tracing
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
+_PRUNABLE_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.Embedding)
+
+
+@dataclass(frozen=True)
+class PrunableGroup:
+    """One pruning decision: a set of coupled layers named after its root layer."""
+
+    name: str
+    """Qualified name of the root layer (the plan's key)."""
+    index: int
+    """Position in the model's group order (the order of the gymnasium episode)."""
+    kind: str
+    """``conv``, ``linear``, ``recurrent`` or ``attention``."""
+    units: int
+    """How many prunable units the group has: channels, neurons, hidden units, or heads for attention."""
+    unit_width: int
+    """Channels per unit (the head dimension for attention groups, otherwise 1)."""
+    in_channels: int
+    """Input channels / features of the root layer."""
+    kernel: int
+    """Kernel size of the root layer (1 for linear and recurrent layers)."""
+    stride: int
+    """Stride of the root layer (1 for linear and recurrent layers)."""
+    macs: int
+    """MACs of all layers in the group for one example batch."""
+    members: tuple[str, ...]
+    """Every layer whose parameters change when the group is pruned."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The prunable structure of a model: its groups and the output layers that are kept intact."""
+
+    groups: tuple[PrunableGroup, ...]
+    kept: tuple[str, ...]
+    total_macs: int
+    method: str = "structured"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups)
+
+    def group(self, name: str) -> PrunableGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise InvalidPlanError(f"no group named {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output layers
+# ---------------------------------------------------------------------------------------------------------
+def find_output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
+    """Names of the layers that produce the model's output (the classifier head); they are never pruned.
+
+    The last prunable layer run whose output has the model output's trailing size is the head. Models
+    with several outputs or unusual heads can name extra layers to keep.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, _PRUNABLE_LEAVES):
+
+            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+                if isinstance(out, tuple):
+                    out = out[0]
+                if isinstance(out, torch.Tensor):
+                    order.append((name, out))
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with eval_mode(model), torch.no_grad():
+            output = model(*as_tuple(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    outputs = [output] if isinstance(output, torch.Tensor) else [o for o in output if isinstance(o, torch.Tensor)]
+    kept: list[str] = []
+    for out in outputs:
+        for name, tensor in reversed(order):
+            if tensor.shape[-1] == out.shape[-1] or (
+                tensor.dim() > 1 and out.dim() > 1 and tensor.shape[1] == out.shape[1]
+            ):
+                kept.append(name)
+                break
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dependency graph and groups
+# ---------------------------------------------------------------------------------------------------------
+def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
+    try:
+        with recurrent_tracing(model):
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=as_tuple(example_inputs), customized_pruners=recurrent_pruners()
+            )
+    except PruningError:
+        raise
+    except Exception as exc:  # Torch-Pruning raises bare exceptions for graphs it cannot trace
+        raise PruningError(f"Torch-Pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
+
+
+def _execution_order(model: nn.Module, example_inputs: Inputs) -> dict[nn.Module, int]:
+    """Position of each module's first call in a forward pass (modules never called come last)."""
+    order: dict[nn.Module, int] = {}
+    hooks = []
+    for module in model.modules():
+
+        def hook(m: nn.Module, _i: Any) -> None:
+            order.setdefault(m, len(order))
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*as_tuple(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def _groups(
+    dg: tp.DependencyGraph, model: nn.Module, kept: Sequence[str], example_inputs: Inputs
+) -> list[tuple[str, Any]]:
+    """The model's prunable groups in forward order, each named after its first layer whose outputs shrink."""
+    modules = dict(model.named_modules())
+    ignored = [modules[k] for k in kept if k in modules]
+    names = {m: n for n, m in modules.items()}
+    order = _execution_order(model, example_inputs)
+    last = len(order)
+    found = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES)):
+        producers = [
+            dep.target.module
+            for dep, _ in group
+            if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, ROOT_TYPES)
+        ] or [group[0].dep.target.module]
+        first = min(producers, key=lambda m: order.get(m, last))
+        found.append((order.get(first, last), names[first], group))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [(name, group) for _, name, group in found]
+
+
+def _members(group: Any, names: dict[nn.Module, str], order: dict[nn.Module, int]) -> tuple[str, ...]:
+    modules = {dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.Module)}
+    ranked = sorted((order.get(m, len(order)), names[m]) for m in modules if m in names)
+    return tuple(name for _, name in ranked)
+
+
+def _attention_modules(group: Any) -> list[nn.MultiheadAttention]:
+    found: list[nn.MultiheadAttention] = []
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.MultiheadAttention) and m not in found:
+            found.append(m)
+    return found
+
+
+def _head_layout(group: Any, name: str) -> tuple[int, int] | None:
+    """``(num_heads, head_dim)`` if the group's root dimension is an attention embedding, else None."""
+    mhas = _attention_modules(group)
+    if not mhas:
+        return None
+    layouts = {(m.num_heads, m.head_dim) for m in mhas}
+    if len(layouts) != 1:
+        raise PruningError(f"group {name!r} couples attention layers with different head layouts {layouts}")
+    return layouts.pop()
+
+
+def _channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
+    """Grouped convolutions and GroupNorm split channels into equal groups that must shrink together."""
+    groups = [1]
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.MultiheadAttention):
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels:
+            continue  # depthwise: follows its input channels one to one
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None:
+            continue
+        if dg.is_out_channel_pruning_fn(dep.handler):
+            groups.append(int(pruner.get_out_channel_groups(m) or 1))
+        else:
+            groups.append(int(pruner.get_in_channel_groups(m) or 1))
+    return max(groups)
+
+
+def _root_geometry(module: nn.Module) -> tuple[str, int, int, int]:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv", int(module.in_channels), int(module.kernel_size[0]), int(module.stride[0])
+    if isinstance(module, nn.Linear):
+        return "linear", int(module.in_features), 1, 1
+    if isinstance(module, nn.RNNBase):
+        return "recurrent", int(module.input_size), 1, 1
+    return type(module).__name__.lower(), 0, 1, 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# importance
+# ---------------------------------------------------------------------------------------------------------
+def _importance(criterion: str) -> tp.importance.Importance:
+    if criterion == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if criterion == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if criterion == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    if criterion == "random":
+        return tp.importance.RandomImportance()
+    if criterion == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    raise InvalidPlanError(f"unknown criterion {criterion!r}")
+
+
+def _accumulate_gradients(model: nn.Module, batches: Batches | None, max_batches: int = 4) -> None:
+    if batches is None:
+        raise InvalidPlanError("the 'taylor' criterion needs data: pass calibration batches")
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    with eval_mode(model):
+        for x, y in batches:
+            out = model(x)
+            target = y if y is not None else out.detach().argmax(dim=-1)
+            F.cross_entropy(out, target).backward()
+            seen += 1
+            if seen >= max_batches:
+                break
+    if seen == 0:
+        raise InvalidPlanError("the 'taylor' criterion needs at least one calibration batch")
+
+
+def kept_units(units: int, ratio: float, round_to: int) -> int:
+    """How many of ``units`` stay for ``ratio``, rounded to a multiple of ``round_to`` (at least one)."""
+    keep = units - math.floor(ratio * units + 1e-9)
+    if round_to > 1 and units > round_to:
+        keep = max(round_to, round_to * round(keep / round_to))
+    return max(1, min(units, keep))
+
+
+def _select(
+    dg: tp.DependencyGraph, group: Any, name: str, scores: torch.Tensor, ratio: float, round_to: int
+) -> tuple[list[int], int | None]:
+    """Indices (in the root's channel space) to remove, and the new head count for attention groups."""
+    channels = scores.numel()
+    layout = _head_layout(group, name)
+    if layout is not None:
+        heads, head_dim = layout
+        if heads * head_dim != channels:
+            raise PruningError(f"group {name!r}: attention embedding {heads}x{head_dim} != {channels} channels")
+        per_head = scores.view(heads, head_dim).sum(dim=1)
+        keep = kept_units(heads, ratio, 1)
+        drop = torch.argsort(per_head, stable=True)[: heads - keep].tolist()
+        idxs = sorted(h * head_dim + d for h in drop for d in range(head_dim))
+        return idxs, keep
+    ch_groups = _channel_groups(dg, group)
+    if channels % ch_groups:
+        ch_groups = 1
+    size = channels // ch_groups
+    per_position = scores.view(ch_groups, size).mean(dim=0)
+    keep = kept_units(size, ratio, max(1, round_to // ch_groups) if ch_groups > 1 else round_to)
+    drop = torch.argsort(per_position, stable=True)[: size - keep].tolist()
+    return sorted(p + g * size for g in range(ch_groups) for p in drop), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# apply
+# ---------------------------------------------------------------------------------------------------------
+def _output_shapes(model: nn.Module, example_inputs: Inputs) -> list[tuple[int, ...]]:
+    with eval_mode(model), torch.no_grad():
+        out = model(*as_tuple(example_inputs))
+    outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
+    return [tuple(o.shape) for o in outs]
+
+
+class PruningContext:
+    """The dependency graph of one base model, traced once, and the plans applied from it.
+
+    Tracing a model with Torch-Pruning costs far more than pruning it, so the graph is built once on the base
+    model. For each plan, every group's indices (chosen from importance scores cached per criterion) are
+    expanded through the base graph into per-layer pruning operations in the *base* index space, merged per
+    layer and dimension, and replayed on a fresh deep copy. Because every index refers to the unpruned model,
+    the order of operations does not matter (concatenation offsets stay right) and the result is identical
+    to pruning group by group.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Inputs,
+        *,
+        keep: Sequence[str] = (),
+        calibration: Batches | None = None,
+    ) -> None:
+        self.base = model
+        self.example_inputs = example_inputs
+        self.calibration = list(calibration) if calibration is not None else None
+        self._expected = _output_shapes(model, example_inputs)
+        self._names = {m: n for n, m in model.named_modules()}
+        self.kept = list(dict.fromkeys([*find_output_layers(model, example_inputs), *keep]))
+        self.graph = _build_graph(model, example_inputs)
+        self.groups = _groups(self.graph, model, self.kept, example_inputs)
+        self._scores: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.structure = self._describe()
+
+    # -- description ----------------------------------------------------------------------------------------
+    def _describe(self) -> Structure:
+        model, dg = self.base, self.graph
+        total, per_module = count_macs(model, self.example_inputs)
+        order = _execution_order(model, self.example_inputs)
+        modules = dict(model.named_modules())
+        out: list[PrunableGroup] = []
+        for index, (name, group) in enumerate(self.groups):
+            root = modules[name]
+            kind, in_ch, kernel, stride = _root_geometry(root)
+            layout = _head_layout(group, name)
+            members = _members(group, self._names, order)
+            if layout is not None:
+                kind, units, width = "attention", layout[0], layout[1]
+            else:
+                units, width = int(dg.get_out_channels(root)), 1
+            out.append(
+                PrunableGroup(
+                    name=name,
+                    index=index,
+                    kind=kind,
+                    units=units,
+                    unit_width=width,
+                    in_channels=in_ch,
+                    kernel=kernel,
+                    stride=stride,
+                    macs=sum(per_module.get(m, 0) for m in members),
+                    members=members,
+                )
+            )
+        return Structure(groups=tuple(out), kept=tuple(self.kept), total_macs=total)
+
+    # -- importance -----------------------------------------------------------------------------------------
+    def scores(self, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Importance of every channel of every group on the unpruned model (cached per criterion)."""
+        key = (criterion, seed if criterion == "random" else 0)
+        if key not in self._scores:
+            importance = _importance(criterion)
+            if criterion == "taylor":
+                _accumulate_gradients(self.base, self.calibration)
+            result: dict[str, torch.Tensor] = {}
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    for name, group in self.groups:
+                        imp = importance(group)
+                        if imp is None:
+                            raise PruningError(f"criterion {criterion!r} cannot score group {name!r}")
+                        result[name] = imp.detach().float().cpu()
+            finally:
+                if criterion == "taylor":
+                    self.base.zero_grad(set_to_none=True)
+            self._scores[key] = result
+        return self._scores[key]
+
+    # -- apply ----------------------------------------------------------------------------------------------
+    def operations(self, plan: Plan) -> tuple[list[tuple[str, Any, int, list[int]]], dict[str, int]]:
+        """Per-layer pruning operations ``(layer, handler, dim, indices)`` and new head counts for ``plan``."""
+        plan.validate_against(self.structure.names)
+        ratios = plan.as_dict()
+        if not any(ratios.get(name, 0.0) > 0 for name, _ in self.groups):
+            return [], {}
+        scores = self.scores(plan.criterion, plan.seed)
+        merged: dict[tuple[str, Any, int], set[int]] = {}
+        heads: dict[str, int] = {}
+        for name, group in self.groups:
+            ratio = ratios.get(name, 0.0)
+            if ratio <= 0.0:
+                continue
+            idxs, new_heads = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
+            if not idxs:
+                continue
+            root, handler = group[0].dep.target.module, group[0].dep.handler
+            for dep, dep_idxs in self.graph.get_pruning_group(root, handler, idxs):
+                target = dep.target.module
+                if isinstance(dep.handler.__self__, tp.ops.DummyPruner):
+                    continue  # graph bookkeeping (concat/split/elementwise nodes): nothing to cut in the model
+                if not isinstance(target, nn.Module) or target not in self._names:
+                    raise PruningError(f"group {name!r} prunes an unwrapped parameter, which is not supported")
+                plain = tp._helpers.to_plain_idxs(dep_idxs)
+                key = (self._names[target], dep.handler, int(dep.target.pruning_dim))
+                merged.setdefault(key, set()).update(int(i) for i in plain)
+            if new_heads is not None:
+                for mha in _attention_modules(group):
+                    heads[self._names[mha]] = new_heads
+        return [(layer, handler, dim, sorted(ix)) for (layer, handler, dim), ix in merged.items()], heads
+
+    def apply(self, plan: Plan) -> nn.Module:
+        """A pruned deep copy of the base model (the base is never modified)."""
+        ops, heads = self.operations(plan)
+        work = copy.deepcopy(self.base).eval()
+        if not ops:
+            return work
+        modules = dict(work.named_modules())
+        for layer, num_heads in heads.items():
+            modules[layer].num_heads = num_heads  # whole heads go: head_dim stays, the head count shrinks
+        try:
+            for layer, handler, dim, idxs in ops:
+                handler.__self__.pruning_dim = dim
+                handler(modules[layer], idxs)
+        except Exception as exc:
+            raise PruningError(f"pruning {layer!r} failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            got = _output_shapes(work, self.example_inputs)
+        except Exception as exc:
+            raise PruningError(f"the pruned model no longer runs: {type(exc).__name__}: {exc}") from exc
+        if got != self._expected:
+            raise PruningError(f"pruning changed the output shape from {self._expected} to {got}")
+        return work
+
+
+def analyze(model: nn.Module, example_inputs: Inputs, *, keep: Sequence[str] = ()) -> Structure:
+    """Find the prunable groups of ``model`` (which is not modified)."""
+    return PruningContext(model, example_inputs, keep=keep).structure
+
+
+def apply_structured(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: Inputs,
+    *,
+    keep: Sequence[str] = (),
+    calibration: Batches | None = None,
+) -> nn.Module:
+    """Return a pruned copy of ``model``; the base model is not modified.
+
+    For many plans on one model, build a :class:`PruningContext` once and call its ``apply``.
+    """
+    return PruningContext(model, example_inputs, keep=keep, calibration=calibration).apply(plan)

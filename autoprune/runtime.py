@@ -1,0 +1,151 @@
+"""Runtimes that execute a model: torch eager and ONNX Runtime (CPU), with pinned thread counts.
+
+A *runner* is a zero-argument callable that runs one forward pass of a model on fixed inputs; the latency
+meter times runners, the exporter compares their outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.cost import as_tuple
+from autoprune.errors import ExportError, InvalidConfigError
+
+RUNTIMES = ("torch", "onnxruntime")
+Runner = Callable[[], Any]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Pin torch's intra-op thread pool to ``threads`` for the block, then restore it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def onnx_bytes(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...], *, dynamo: bool) -> bytes:
+    """Export ``model`` to an in-memory ONNX model.
+
+    ``dynamo=False`` uses the TorchScript exporter (~0.2 s a small model, used inside the search loop);
+    ``dynamo=True`` the torch.export-based one (2-5 s, used for the exported artefact). If the preferred
+    exporter fails the other one is tried before giving up.
+    """
+    args = as_tuple(example_inputs)
+    names = [f"input_{i}" if i else "input" for i in range(len(args))]
+    errors: list[str] = []
+    for use_dynamo in (dynamo, not dynamo):
+        try:
+            with warnings.catch_warnings(), _quiet_onnx_logs(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                if use_dynamo:
+                    program = torch.onnx.export(
+                        model.eval(),
+                        args,
+                        dynamo=True,
+                        input_names=names,
+                        output_names=["output"],
+                        verbose=False,
+                    )
+                    assert program is not None
+                    return bytes(program.model_proto.SerializeToString())
+                buffer = io.BytesIO()
+                torch.onnx.export(  # the TorchScript exporter writes to file objects too
+                    model.eval(),
+                    args,
+                    buffer,  # type: ignore[arg-type]
+                    dynamo=False,
+                    input_names=names,
+                    output_names=["output"],
+                )
+                return buffer.getvalue()
+        except Exception as exc:  # exporters raise a variety of internal errors
+            errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+    raise ExportError("ONNX export failed: " + " | ".join(e.splitlines()[0] for e in errors))
+
+
+@contextlib.contextmanager
+def _quiet_onnx_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    redirect = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(redirect):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def ort_session(model_bytes: bytes, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot load the model: {exc}") from exc
+
+
+def ort_feed(session: Any, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    return {
+        spec.name: t.detach().cpu().numpy()
+        for spec, t in zip(session.get_inputs(), as_tuple(example_inputs), strict=True)
+    }
+
+
+def make_runner(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    runtime: str = "torch",
+    threads: int = 1,
+    onnx_model: bytes | None = None,
+) -> Runner:
+    """A callable running one forward of ``model`` on ``example_inputs`` in the given runtime."""
+    if runtime == "torch":
+        args = as_tuple(example_inputs)
+        model = model.eval()
+
+        def run_torch() -> Any:
+            with torch.inference_mode():
+                return model(*args)
+
+        return run_torch
+    if runtime == "onnxruntime":
+        session = ort_session(onnx_model or onnx_bytes(model, example_inputs, dynamo=False), threads)
+        feed = ort_feed(session, example_inputs)
+
+        def run_ort() -> Any:
+            return session.run(None, feed)
+
+        return run_ort
+    raise InvalidConfigError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def runtime_versions() -> dict[str, str]:
+    versions: dict[str, str] = {"torch": str(torch.__version__)}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - a hard dependency, but keep the protocol readable without it
+        pass
+    return versions
