@@ -9,9 +9,11 @@ matmuls from the counter, so it is disabled while counting (it is not while meas
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -37,6 +39,23 @@ class Cost:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+
+def _mkldnn_rnn_layer_flop(
+    input_shape: Sequence[int],
+    weight_ih_shape: Sequence[int],
+    weight_hh_shape: Sequence[int],
+    *args: Any,
+    out_shape: Any = None,
+    **kwargs: Any,
+) -> int:
+    """FLOPs (2 per MAC) of one ``aten.mkldnn_rnn_layer`` call: one layer, one direction, all steps."""
+    steps = math.prod(input_shape[:-1])  # (T, B, I) or (B, T, I): T * B
+    return 2 * steps * (math.prod(weight_ih_shape) + math.prod(weight_hh_shape))
+
+
+FLOP_FORMULAS: dict[Any, Any] = {torch.ops.aten.mkldnn_rnn_layer: _mkldnn_rnn_layer_flop}
+"""Formulas for ops FlopCounterMode does not know: oneDNN runs CPU LSTMs as ``aten.mkldnn_rnn_layer``."""
 
 
 @contextlib.contextmanager
@@ -70,7 +89,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
     """MACs of one forward, in total and per module (qualified names, ``""`` is the whole model)."""
-    counter = FlopCounterMode(display=False)
+    # oneDNN runs CPU LSTMs as aten.mkldnn_rnn_layer, which has no flop formula of its own (it would count 0);
+    # imported here because autoprune.pruning imports this module.
+    from autoprune.pruning.recurrent import recurrent_flop_formulas
+
+    counter = FlopCounterMode(display=False, custom_mapping=recurrent_flop_formulas())
     with eval_mode(model), torch.no_grad(), _mha_fastpath_disabled(), counter:
         model(*as_tuple(example_inputs))
     per_module: dict[str, int] = {}

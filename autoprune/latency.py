@@ -65,7 +65,7 @@ class LatencyConfig:
         for name in ("threads", "batch_size", "min_repeats", "max_repeats", "block"):
             if int(getattr(self, name)) < 1:
                 raise InvalidConfigError(f"latency {name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.max_seconds <= 0 or not 0 < self.rel_tolerance < 1:
+        if self.warmup < 0 or not self.max_seconds > 0 or not 0 < self.rel_tolerance < 1:  # `not >`: rejects NaN
             raise InvalidConfigError("latency warmup must be >= 0, max_seconds > 0, 0 < rel_tolerance < 1")
         if self.max_repeats < self.min_repeats:
             raise InvalidConfigError("latency max_repeats must be >= min_repeats")
@@ -172,12 +172,18 @@ class Meter:
         with torch_threads(cfg.threads):
             candidate = self._runner(model, inputs)
             other = self._runner(reference, inputs) if reference is not None and cfg.interleave_reference else None
+        return self.measure_runners(candidate, other)
+
+    def measure_runners(self, candidate: Runner, reference: Runner | None = None) -> Latency:
+        """Time prepared runners (e.g. ONNX Runtime sessions of exported files), interleaved if both given."""
+        cfg = self.config
+        with torch_threads(cfg.threads):
             load_before = os.getloadavg()[0]
             for _ in range(cfg.warmup):
                 candidate()
-                if other is not None:
-                    other()
-            times, ref_times = self._time(candidate, other)
+                if reference is not None:
+                    reference()
+            times, ref_times = self._time(candidate, reference)
             load_after = os.getloadavg()[0]
         protocol = LatencyProtocol(
             runtime=cfg.runtime,
@@ -185,7 +191,7 @@ class Meter:
             batch_size=cfg.batch_size,
             warmup=cfg.warmup,
             repeats=len(times),
-            interleaved=other is not None,
+            interleaved=reference is not None,
             load_before=round(load_before, 2),
             load_after=round(load_after, 2),
             versions=runtime_versions(),
@@ -211,7 +217,7 @@ class Meter:
         last_median: float | None = None
         deadline = time.monotonic() + cfg.max_seconds
         while len(times) < cfg.max_repeats:
-            for _ in range(cfg.block):
+            for _ in range(min(cfg.block, cfg.max_repeats - len(times))):  # never more than max_repeats
                 # alternate which model goes first so neither always runs on a warmer cache
                 order = [(candidate, times), (other, ref_times)] if other is not None else [(candidate, times)]
                 if other is not None and len(times) % 2:
@@ -279,7 +285,9 @@ def shape_signature(model: nn.Module, example_inputs: Inputs, config: LatencyCon
     h.update(type(model).__name__.encode())
     for t in as_tuple(example_inputs):
         h.update(repr((tuple(t.shape[1:]), str(t.dtype))).encode())
-    for name, tensor in model.state_dict().items():
+    # sorted: torch.nn.utils.prune.remove re-registers ``weight`` after ``bias``, reordering the state dict of an
+    # unstructured-sparsified model whose shapes are those of its base
+    for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
     for name, module in model.named_modules():
         h.update(f"{name}:{type(module).__name__};".encode())

@@ -222,6 +222,12 @@ class Objective:
     def _quality(self, model: nn.Module) -> float:
         return float(self.metric(model, self.dataset, reference=self.base, batch_size=self.eval_batch_size))  # type: ignore[arg-type]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Objective:
+        # A live handle: its traced Torch-Pruning graph holds autograd nodes and cannot be deep-copied.
+        # gymnasium deep-copies make() kwargs into the env spec (and check_env re-makes the env from it),
+        # so copies share this objective instead of crashing.
+        return self
+
     def __call__(self, plan: Plan | Mapping[str, float]) -> Evaluation:
         return self.evaluate(plan)
 
@@ -265,12 +271,13 @@ class Objective:
         quality = self.base_quality if index == 0 else self._quality(model)
         timings["evaluate"] = time.perf_counter() - t
         t = time.perf_counter()
-        latency = self.meter.measure(model, self.example_inputs, reference=self.base)
+        # the base model is timed alone (its ratio is 1 by definition); candidates interleaved with it
+        latency = self.meter.measure(model, self.example_inputs, reference=self.base if index else None)
         timings["measure"] = time.perf_counter() - t
         t = time.perf_counter()
         cost = self.base_cost if index == 0 else measure_cost(model, self.example_inputs)
         timings["cost"] = time.perf_counter() - t
-        base_ms = self.baseline.latency.median_ms if index else latency.reference_median_ms or latency.median_ms
+        base_ms = self.baseline.latency.median_ms if index else latency.median_ms
         ratio = latency.ratio if latency.ratio is not None else latency.median_ms / base_ms
         reward, terms = compute_reward(quality, ratio, self.reward_config)
         timings["total"] = time.perf_counter() - start

@@ -67,6 +67,8 @@ class Plan:
             raise InvalidPlanError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise InvalidPlanError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):  # else torch.manual_seed fails later
+            raise InvalidPlanError(f"seed must be an integer, got {self.seed!r}")
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -138,6 +140,8 @@ class Plan:
         ratios = data.get("ratios", {})
         if not isinstance(ratios, Mapping):
             raise InvalidPlanError("plan 'ratios' must be an object mapping group names to ratios")
+        if not isinstance(data.get("extra") or {}, Mapping):
+            raise InvalidPlanError("plan 'extra' must be an object")
         return cls(
             ratios=tuple(ratios.items()),
             method=data.get("method", "structured"),

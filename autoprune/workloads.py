@@ -93,3 +93,29 @@ def load_workload(name: str = "resnet20-digits", *, train_if_missing: bool = Tru
     else:
         raise InvalidConfigError(f"workload {name!r} has no shipped weights")
     return Workload(name=name, model=model.eval(), example_inputs=example_inputs(model), dataset=dataset)
+
+
+def build_for_dataset(arch: str, dataset: Dataset | None, **kwargs: Any) -> nn.Module:
+    """Build a built-in architecture sized for ``dataset`` (channels, classes, image size or sequence length).
+
+    Keyword arguments win over what is inferred from the data.
+    """
+    inferred: dict[str, Any] = {}
+    if dataset is not None:
+        shape = dataset.input_shape
+        inferred["in_channels"] = shape[0]
+        if dataset.num_classes:
+            inferred["num_classes"] = dataset.num_classes
+        if len(shape) == 3:
+            inferred["image_size"] = shape[1]
+        elif len(shape) == 2:
+            inferred["seq_len"] = shape[1]
+    return build_model(arch, **{**inferred, **kwargs})
+
+
+def shipped_workload_for(arch: str, dataset_name: str, kwargs: dict[str, Any]) -> str | None:
+    """The shipped workload matching (arch, dataset) with default kwargs, if any."""
+    for name, spec in WORKLOADS.items():
+        if spec.arch == arch.strip().lower() and spec.dataset == dataset_name and not kwargs:
+            return name
+    return None

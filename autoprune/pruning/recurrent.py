@@ -2,17 +2,17 @@
 
 Torch-Pruning 1.6.1 cannot do this by itself:
 
-* its ``LSTMPruner.prune_out_channels`` slices ``weight_hh_l0`` twice with the same indices and crashes with
-  ``IndexError: index out of range in self`` (it also handles only ``num_layers == 1``, leaves the gate rows of
-  ``weight_ih`` untouched, prunes ``bias_ih`` with unit indices instead of gate rows and returns ``None``);
+* its ``LSTMPruner.prune_out_channels`` slices ``weight_hh_l0`` twice with the same indices and crashes
+  with ``IndexError: index out of range in self`` (it also handles only ``num_layers == 1``, leaves the gate
+  rows of ``weight_ih`` untouched, prunes ``bias_ih`` with unit indices instead of gate rows and returns
+  ``None``);
 * it has no pruning function for ``nn.GRU`` or ``nn.RNN``;
 * its tracer records only ``outputs[0].grad_fn`` of a module and then walks *through* the recurrent layer's
   internal autograd graph (oneDNN ``MkldnnRnnLayerBackward0`` on CPU, or per-time-step ``addmm``/``chunk``/
   ``unbind`` for GRU), so ``h_n`` consumers bypass the layer and get coupled to the layer *feeding* it, and a
-  bidirectional output (``2H`` features) is coupled unit ``j -> j`` instead of ``j -> {j, H + j}``.
-
-and its importances size a group's scores after the first scored member, which for a bidirectional layer is
-its ``2H``-column consumer, so ``H`` units get ``2H`` scores.
+  bidirectional output (``2H`` features) is coupled unit ``j -> j`` instead of ``j -> {j, H + j}``;
+* its importances size a group's scores after the first scored member, which for a bidirectional layer is
+  its ``2H``-column consumer, so ``H`` units get ``2H`` scores.
 
 This module fixes all of it:
 
@@ -28,19 +28,21 @@ Use them together::
     group = DG.get_pruning_group(model.lstm, LSTM_PRUNER.prune_out_channels, idxs)
 
     with recurrent_tracing(model):  # BasePruner traces in __init__
-        pruner = tp.pruner.BasePruner(model, x, importance=RecurrentImportance(tp.importance.MagnitudeImportance()),
-                                      customized_pruners=recurrent_pruners(),
-                                      root_module_types=[nn.Conv1d, nn.Linear, *RECURRENT_TYPES], ...)
+        pruner = tp.pruner.BasePruner(
+            model, x, importance=RecurrentImportance(tp.importance.MagnitudeImportance()),
+            customized_pruners=recurrent_pruners(),
+            root_module_types=[nn.Conv1d, nn.Linear, *RECURRENT_TYPES], ...)
     pruner.step()
 
-**One decision per module.** A pruning index ``j`` of a recurrent module is a hidden unit; removing it removes
-unit ``j`` from *every* layer and *both* directions (an ``nn.LSTM`` keeps one ``hidden_size`` for all of them).
+**One decision per module.** A pruning index ``j`` of a recurrent module is a hidden unit; removing it
+removes unit ``j`` from *every* layer and *both* directions (an ``nn.LSTM`` keeps one ``hidden_size`` for all
+of them).
 
-**Supported consumption patterns** (inside :func:`recurrent_tracing`): anything that keeps the feature axis
-as the last axis and only reduces or selects over the other axes, on the output sequence or on ``h_n``/``c_n``:
-``out[:, -1]``, ``out[:, t]``, ``out.mean(1)``, ``out.max(1).values``, a ``Linear`` or another recurrent layer
-applied per step, ``out.transpose(1, 2)`` into a ``Conv1d``, ``h_n[-1]``, ``h_n[k]``,
-``torch.cat([h_n[-2], h_n[-1]], dim=1)``, ``c_n[-1]``; unidirectional and bidirectional, ``batch_first`` or
+**Supported consumption patterns** (inside :func:`recurrent_tracing`): anything that keeps the feature
+axis as the last axis and only reduces or selects over the other axes, on the output sequence or on
+``h_n``/``c_n``: ``out[:, -1]``, ``out[:, t]``, ``out.mean(1)``, ``out.max(1).values``, a ``Linear`` or
+another recurrent layer applied per step, ``out.transpose(1, 2)`` into a ``Conv1d``, ``h_n[-1]``,
+``h_n[k]``, ``torch.cat([h_n[-2], h_n[-1]], dim=1)``, ``c_n[-1]``; unidirectional and bidirectional, ``batch_first`` or
 not, batched, unbatched or ``PackedSequence`` inputs. **Not supported:** flattening time into features
 (``out.reshape(B, -1)`` then ``Linear``; tp maps 3-D reshapes as identity), an initial state ``hx`` that is
 computed from trainable tensors (refused with :class:`~autoprune.errors.PruningError`; a constant ``hx`` is
@@ -58,7 +60,6 @@ an LSTM runs as ``aten.mkldnn_rnn_layer``, which has no flop formula, so the LST
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from autoprune.cost import FLOP_FORMULAS
 from autoprune.errors import PruningError
 
 __all__ = [
@@ -91,7 +93,8 @@ __all__ = [
 #: Module types handled here (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``).
 RECURRENT_TYPES: tuple[type[nn.RNNBase], ...] = (nn.LSTM, nn.GRU, nn.RNN)
 
-# Gate blocks stacked along dim 0 of weight_ih / weight_hh / biases: LSTM (i, f, g, o), GRU (r, z, n), RNN (1).
+# Gate blocks stacked along dim 0 of weight_ih / weight_hh / biases:
+# LSTM (i, f, g, o), GRU (r, z, n), RNN (1).
 _GATES: dict[type[nn.RNNBase], int] = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
 
@@ -254,7 +257,7 @@ def recurrent_pruners() -> dict[type[nn.Module], tp.pruner.function.BasePruningF
 
 
 def recurrent_unit_magnitude(module: nn.RNNBase, p: float = 2.0) -> torch.Tensor:
-    """Per hidden unit, the sum of ``|w| ** p`` over every weight :func:`prune_recurrent_units` removes for it.
+    """Per hidden unit, the sum of ``|w| ** p`` over the weights :func:`prune_recurrent_units` removes for it.
 
     That is the unit's gate rows of ``weight_ih``/``weight_hh``, its column of ``weight_hh`` and its input
     columns of the upper layers' ``weight_ih``, over all layers and directions (biases excluded, as in
@@ -279,13 +282,14 @@ def recurrent_unit_magnitude(module: nn.RNNBase, p: float = 2.0) -> torch.Tensor
 class RecurrentImportance(tp.importance.Importance):
     """Adapts a Torch-Pruning importance to groups rooted at recurrent modules; others pass through unchanged.
 
-    Torch-Pruning sizes a group's score vector after the first *scored* member. A recurrent root is never scored
-    by tp's importances, so for a bidirectional layer the first scored member is its consumer, with ``2H``
-    columns, and the scores come back with ``2H`` entries (the last ``H`` of them zero) for ``H`` units. This
-    wrapper returns exactly ``hidden_size`` scores: the inner importance computed without its normalizer, cut
-    to the units (exact: tp scatters every member's scores onto the root's indices ``< H``), then normalized as
-    the inner importance would. When no member is scorable (e.g. an LSTM feeding another LSTM) the scores are
-    :func:`recurrent_unit_magnitude` of the module (with the inner importance's ``p``, default 2).
+    Torch-Pruning sizes a group's score vector after the first *scored* member. A recurrent root is never
+    scored by tp's importances, so for a bidirectional layer the first scored member is its consumer, with
+    ``2H`` columns, and the scores come back with ``2H`` entries (the last ``H`` of them zero) for ``H`` units.
+    This wrapper returns exactly ``hidden_size`` scores: the inner importance computed without its normalizer,
+    cut to the units (exact: tp scatters every member's scores onto the root's indices ``< H``), then
+    normalized as the inner importance would. When no member is scorable (e.g. an LSTM feeding another LSTM)
+    the scores are :func:`recurrent_unit_magnitude` of the module (with the inner importance's ``p``, default
+    2).
     """
 
     def __init__(self, inner: tp.importance.Importance) -> None:
@@ -321,8 +325,8 @@ class RecurrentImportance(tp.importance.Importance):
 class _Boundary(torch.autograd.Function):
     """Identity on ``values`` whose only graph inputs are the layer's input (and a leaf anchor).
 
-    All outputs share this one autograd node, which tp maps to the recurrent module; so the sequence output and
-    ``h_n``/``c_n`` both hang off the module's node, and the layer's internal graph (oneDNN, gate chunks,
+    All outputs share this one autograd node, which tp maps to the recurrent module; so the sequence output
+    and ``h_n``/``c_n`` both hang off the module's node, and the layer's internal graph (oneDNN, gate chunks,
     time-step unbinds) is hidden from tp. Used only while tracing; gradients are not propagated.
     """
 
@@ -347,7 +351,8 @@ def _join_directions(forward: torch.Tensor, reverse: torch.Tensor) -> torch.Tens
     """``cat([forward, reverse], -1)`` written so that tp maps unit ``j`` to features ``j`` and ``H + j``.
 
     tp's concat index mapping only applies to ``cat(dim=1)`` (and tp maps 3-D views as identity), so 3-D
-    tensors are transposed (an element-wise op for tp) to put features on dim 1, concatenated and transposed back.
+    tensors are transposed (an element-wise op for tp) to put features on dim 1, concatenated and transposed
+    back.
     """
     if forward.dim() == 2:
         return torch.cat([forward, reverse], dim=1)
@@ -450,19 +455,6 @@ def recurrent_macs(module: nn.RNNBase, batch_size: int, seq_len: int) -> int:
     return int(per_step) * int(batch_size) * int(seq_len)
 
 
-def _mkldnn_rnn_layer_flop(
-    input_shape: Sequence[int],
-    weight_ih_shape: Sequence[int],
-    weight_hh_shape: Sequence[int],
-    *args: Any,
-    out_shape: Any = None,
-    **kwargs: Any,
-) -> int:
-    """FLOPs (2 per MAC) of one ``aten.mkldnn_rnn_layer`` call: one layer, one direction, all steps."""
-    steps = math.prod(input_shape[:-1])  # (T, B, I) or (B, T, I): T * B
-    return 2 * steps * (math.prod(weight_ih_shape) + math.prod(weight_hh_shape))
-
-
 def recurrent_flop_formulas() -> dict[Any, Any]:
     """``custom_mapping`` for ``FlopCounterMode`` that counts oneDNN LSTM layers (otherwise counted as 0)."""
-    return {torch.ops.aten.mkldnn_rnn_layer: _mkldnn_rnn_layer_flop}
+    return dict(FLOP_FORMULAS)

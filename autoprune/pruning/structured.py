@@ -30,7 +30,7 @@ from torch import nn
 from autoprune.cost import as_tuple, count_macs, eval_mode
 from autoprune.errors import InvalidPlanError, PruningError
 from autoprune.plan import Plan
-from autoprune.pruning.recurrent import recurrent_pruners, recurrent_tracing
+from autoprune.pruning.recurrent import RecurrentImportance, recurrent_pruners, recurrent_tracing
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
@@ -239,6 +239,10 @@ def _root_geometry(module: nn.Module) -> tuple[str, int, int, int]:
 # importance
 # ---------------------------------------------------------------------------------------------------------
 def _importance(criterion: str) -> tp.importance.Importance:
+    return RecurrentImportance(_base_importance(criterion))
+
+
+def _base_importance(criterion: str) -> tp.importance.Importance:
     if criterion == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
     if criterion == "l2":
@@ -387,7 +391,12 @@ class PruningContext:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     for name, group in self.groups:
-                        imp = importance(group)
+                        try:
+                            imp = importance(group)
+                        except Exception as exc:  # tp fails on couplings it mis-traced (e.g. zero-pad shortcuts)
+                            raise PruningError(
+                                f"criterion {criterion!r} cannot score group {name!r}: {type(exc).__name__}: {exc}"
+                            ) from exc
                         if imp is None:
                             raise PruningError(f"criterion {criterion!r} cannot score group {name!r}")
                         result[name] = imp.detach().float().cpu()
@@ -415,7 +424,11 @@ class PruningContext:
             if not idxs:
                 continue
             root, handler = group[0].dep.target.module, group[0].dep.handler
-            for dep, dep_idxs in self.graph.get_pruning_group(root, handler, idxs):
+            try:
+                deps = list(self.graph.get_pruning_group(root, handler, idxs))
+            except Exception as exc:  # Torch-Pruning raises bare exceptions for couplings it cannot map
+                raise PruningError(f"group {name!r} cannot be pruned: {type(exc).__name__}: {exc}") from exc
+            for dep, dep_idxs in deps:
                 target = dep.target.module
                 if isinstance(dep.handler.__self__, tp.ops.DummyPruner):
                     continue  # graph bookkeeping (concat/split/elementwise nodes): nothing to cut in the model
