@@ -1,0 +1,32 @@
+# One command to set up and run each job on a fresh clone (see README.md):
+#   make demo   - set up .venv and run the demo (prune the shipped ResNet-20, measure before/after, export)
+#   make test   - set up .venv and run lint, type checks and the whole test suite (what CI runs)
+# torch 2.13.0 (CPU build) is installed first and every version is pinned by constraints.txt, so pip never
+# pulls a different torch build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SRC    := autoprune agents service tests benchmarks
+
+.PHONY: setup demo test lint
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/autoprune demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q --durations=15

@@ -1,0 +1,82 @@
+"""Per-candidate wall time of the evaluation pipeline against its floor.
+
+For ResNet-20 on digits and the 1-D CNN on MNIST-1D, a few seeded random plans are evaluated through the
+``Objective``; each candidate's wall time is split into prune / recover / evaluate / measure / cost, and compared
+with the *floor*: the forward passes that cannot be avoided (BatchNorm re-estimation batches and the evaluation
+pass over the validation split, re-timed bare on the same pruned model) plus the timing runs themselves
+(warm-up and repeats of the candidate and of the interleaved unpruned model). Overhead = total - floor.
+
+    .venv/bin/python benchmarks/overhead.py [--candidates 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from autoprune.latency import LatencyConfig
+from autoprune.objective import Objective
+from autoprune.recovery import RecoveryConfig
+from autoprune.workloads import load_workload
+
+
+def bare_floor(objective: Objective, model: torch.nn.Module, recovery: RecoveryConfig) -> tuple[float, float]:
+    """Seconds of the unavoidable forward passes: BN re-estimation batches and the validation pass."""
+    ds = objective.dataset
+    assert ds is not None
+    batches = list(ds.train_batches(recovery.batch_size, seed=recovery.seed, max_batches=recovery.bn_recalibration_batches))
+    t = time.perf_counter()
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    recover_floor = time.perf_counter() - t
+    model.eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, ds.num_val, objective.eval_batch_size):
+            model(ds.x_val[i : i + objective.eval_batch_size])
+    return recover_floor, time.perf_counter() - t
+
+
+def run(workload: str, candidates: int, seed: int) -> dict[str, float]:
+    wl = load_workload(workload)
+    recovery = RecoveryConfig()
+    objective = Objective(wl.model, wl.example_inputs, wl.dataset, recovery=recovery, latency=LatencyConfig(), round_to=8)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(candidates):
+        plan = objective.plan({g: rng.choice([0.0, 0.25, 0.5, 0.75]) for g in objective.group_names})
+        ev = objective(plan)
+        model = objective.prune(plan)
+        rec_floor, eval_floor = bare_floor(objective, model, recovery)
+        lat, p = ev.latency, ev.latency.protocol
+        ref = lat.reference_median_ms or 0.0
+        timing_floor = 0.0 if lat.cached else (p.warmup + p.repeats) * (lat.median_ms + ref) / 1e3
+        floor = rec_floor + eval_floor + timing_floor
+        rows.append({**ev.timings, "floor": floor, "overhead": ev.timings["total"] - floor})
+    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    out["overhead_pct"] = 100 * statistics.median(r["overhead"] / r["floor"] for r in rows)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cols = ["prune", "recover", "evaluate", "measure", "cost", "total", "floor", "overhead", "overhead_pct"]
+    print(f"median seconds per candidate over {args.candidates} random plans (torch 1 thread)")
+    print(f"{'workload':<18}" + "".join(f"{c:>13}" for c in cols))
+    for workload in ("resnet20-digits", "cnn1d-mnist1d"):
+        r = run(workload, args.candidates, args.seed)
+        print(f"{workload:<18}" + "".join(f"{r[c]:>13.3f}" for c in cols[:-1]) + f"{r['overhead_pct']:>12.1f}%")
+
+
+if __name__ == "__main__":
+    main()
