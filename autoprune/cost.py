@@ -108,12 +108,24 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tens
 
 def serialize_weights(model: nn.Module) -> bytes:
     """The model's state dict as safetensors bytes (shared tensors are copied apart)."""
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    return safetensors_save(state)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    try:
+        return safetensors_save(state)
+    except (RuntimeError, ValueError):  # tensors sharing memory must be written as separate copies
+        return safetensors_save({k: v.clone() for k, v in state.items()})
 
 
-def measure_cost(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> Cost:
-    macs, _ = count_macs(model, example_inputs)
+def measure_cost(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    macs: int | None = None,
+    compress: bool = True,
+) -> Cost:
+    """Static cost of ``model``. Pass ``macs`` if already counted; ``compress=False`` skips the zlib pass
+    (``compressed_bytes`` is then the plain size: dense weights do not compress much)."""
+    if macs is None:
+        macs, _ = count_macs(model, example_inputs)
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     blob = serialize_weights(model)
@@ -122,5 +134,5 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Te
         params=params,
         nonzero_params=nonzero,
         size_bytes=len(blob),
-        compressed_bytes=len(zlib.compress(blob, 1)),
+        compressed_bytes=len(zlib.compress(blob, 1)) if compress else len(blob),
     )

@@ -15,6 +15,7 @@ A cache keyed by the pruned shape means each distinct shape is timed once per jo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -131,6 +132,7 @@ class LatencyMeter(Protocol):
     def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency: ...
 
 
+@functools.cache
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:

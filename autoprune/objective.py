@@ -275,7 +275,11 @@ class Objective:
         latency = self.meter.measure(model, self.example_inputs, reference=self.base if index else None)
         timings["measure"] = time.perf_counter() - t
         t = time.perf_counter()
-        cost = self.base_cost if index == 0 else measure_cost(model, self.example_inputs)
+        cost = (
+            self.base_cost
+            if index == 0
+            else measure_cost(model, self.example_inputs, compress=plan.method == "unstructured")
+        )
         timings["cost"] = time.perf_counter() - t
         base_ms = self.baseline.latency.median_ms if index else latency.median_ms
         ratio = latency.ratio if latency.ratio is not None else latency.median_ms / base_ms

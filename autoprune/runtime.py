@@ -7,6 +7,7 @@ meter times runners, the exporter compares their outputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
@@ -140,7 +141,8 @@ def make_runner(
     raise InvalidConfigError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
-def runtime_versions() -> dict[str, str]:
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
     versions: dict[str, str] = {"torch": str(torch.__version__)}
     try:
         import onnxruntime
@@ -148,4 +150,9 @@ def runtime_versions() -> dict[str, str]:
         versions["onnxruntime"] = onnxruntime.__version__
     except ImportError:  # pragma: no cover - a hard dependency, but keep the protocol readable without it
         pass
-    return versions
+    return tuple(versions.items())
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of torch and ONNX Runtime, recorded with every latency figure."""
+    return dict(_versions())

@@ -28,7 +28,9 @@ def bare_floor(objective: Objective, model: torch.nn.Module, recovery: RecoveryC
     """Seconds of the unavoidable forward passes: BN re-estimation batches and the validation pass."""
     ds = objective.dataset
     assert ds is not None
-    batches = list(ds.train_batches(recovery.batch_size, seed=recovery.seed, max_batches=recovery.bn_recalibration_batches))
+    batches = list(
+        ds.train_batches(recovery.batch_size, seed=recovery.seed, max_batches=recovery.bn_recalibration_batches)
+    )
     t = time.perf_counter()
     model.train()
     with torch.no_grad():
@@ -46,7 +48,9 @@ def bare_floor(objective: Objective, model: torch.nn.Module, recovery: RecoveryC
 def run(workload: str, candidates: int, seed: int) -> dict[str, float]:
     wl = load_workload(workload)
     recovery = RecoveryConfig()
-    objective = Objective(wl.model, wl.example_inputs, wl.dataset, recovery=recovery, latency=LatencyConfig(), round_to=8)
+    objective = Objective(
+        wl.model, wl.example_inputs, wl.dataset, recovery=recovery, latency=LatencyConfig(), round_to=8
+    )
     rng = random.Random(seed)
     rows = []
     for _ in range(candidates):
