@@ -231,8 +231,12 @@ def prune(
     from autoprune.plan import Plan
     from autoprune.recovery import RecoveryConfig
 
+    from autoprune.plan import MAX_RATIO
+
     if (ratio is None) == (plan is None):
         _fail("give exactly one of --ratio or --plan")
+    if ratio is not None and not 0.0 <= ratio <= MAX_RATIO:
+        _fail(f"--ratio must be in [0, {MAX_RATIO}], got {ratio}")
     net, ex, dataset, note = _load(model, _parse_kwargs(kw), weights, data, train_epochs)
     if dataset is None:
         _fail("--data is needed to evaluate quality")

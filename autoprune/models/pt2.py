@@ -1,11 +1,22 @@
 """Intake of a ``torch.export`` program (``.pt2``) uploaded without its Python class.
 
 A user exports their model with ``torch.export.export(model, (x,))`` and ``torch.export.save(ep, path)``. We
-rebuild a :class:`torch.fx.GraphModule` from the graph in which every convolution, linear, normalisation, embedding
-and PReLU whose weight is a parameter becomes a real ``nn`` module holding the parameters (``nn.Conv2d``,
-``nn.Linear``, ``nn.BatchNorm2d``...), so Torch-Pruning's ``DependencyGraph`` (which recognises layers through
+rebuild a :class:`torch.fx.GraphModule` from the graph in which every layer whose weight is a parameter becomes a
+real ``nn`` module holding the parameters, so Torch-Pruning's ``DependencyGraph`` (which recognises layers through
 module forward hooks) prunes it like any other model. Everything else (relu, add, cat, flatten, pooling,
 view/reshape, mean, attention...) stays a functional ``aten`` node of the graph.
+
+Converted (aten op → module): ``conv1d/2d/3d`` (also the ``padding="same"`` overloads), ``convolution`` and
+``conv_transpose1d/2d/3d`` → ``nn.Conv*d`` / ``nn.ConvTranspose*d``; ``linear`` (and decomposed ``addmm``/``mm``
+with a transposed 2-D weight) → ``nn.Linear``; ``batch_norm`` / ``_native_batch_norm_legit_no_training`` →
+``nn.BatchNorm1d/2d/3d`` (by input rank, running stats and ``num_batches_tracked`` included); ``instance_norm`` →
+``nn.InstanceNorm*d``; ``layer_norm`` / ``native_layer_norm`` → ``nn.LayerNorm`` (also without affine parameters,
+so ``normalized_shape`` follows pruning); ``group_norm`` / ``native_group_norm`` → ``nn.GroupNorm``; ``rms_norm`` →
+``nn.RMSNorm`` (Torch-Pruning 1.6 has no pruner for it: pass one or ignore it); ``embedding`` → ``nn.Embedding``;
+``prelu`` → ``nn.PReLU``. One weight used by several calls with the same settings gives one shared module; weights
+tied across layers stay one ``nn.Parameter``. A parameter used by any other op (``x * self.scale``, a ViT
+``pos_embed`` added with ``aten.add``...) raises :class:`UnsupportedOperatorError` naming the op; buffers and
+constants used by functional ops stay buffers of the rebuilt module.
 
 Safety: why this module does not call ``torch.export.load``
 ------------------------------------------------------------
@@ -54,6 +65,8 @@ Semantics and limits of the rebuilt module
 * It is returned in eval mode; ``.train()`` works (real BatchNorm modules then use batch statistics and update
   their running stats). Ops whose mode was frozen at export (``aten.dropout(..., train=False)``) keep it; a
   BatchNorm exported in training mode becomes a normal BatchNorm (eval: running statistics).
+* In-place updates whose results nothing reads are dropped with the rest of the dead code (BatchNorm's
+  ``num_batches_tracked.add_`` of a program exported in training mode: the module owns that counter now).
 * Inputs are the program's tensor inputs, positionally; a single output is returned as a tensor, several as a
   tuple (the original pytree structure is not restored). Parameters and buffers end up on the CPU.
 * Shapes that the exporter baked into ``view``/``reshape``/``expand`` arguments stay literal: a model exported with
@@ -75,6 +88,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import keyword
 import math
 import operator
 import os
@@ -175,57 +189,35 @@ _ASSERT_OPS = frozenset(
     }
 )
 
-# Names a symbolic shape expression may call (sympy printing of torch's shape functions).
-_SYM_FUNCTIONS = frozenset(
+# What a symbolic shape expression (``sympy.srepr`` text such as ``Mul(Integer(2), Symbol('s0', positive=True,
+# integer=True))``, or plain ``2*s0``) may name: sympy classes, torch's shape functions, assumption keywords.
+# Power and shift functions are left out on purpose: ``Pow(10, 999999999)`` would be evaluated while parsing.
+_SYM_NAMES = frozenset(
     {
-        "FloorDiv",
-        "ModularIndexing",
-        "Where",
-        "PythonMod",
-        "Mod",
-        "CleanDiv",
-        "CeilToInt",
-        "FloorToInt",
-        "CeilDiv",
-        "LShift",
-        "RShift",
-        "PowByNatural",
-        "FloatPow",
-        "FloatTrueDiv",
-        "IntTrueDiv",
-        "IsNonOverlappingAndDenseIndicator",
-        "TruncToFloat",
-        "TruncToInt",
-        "RoundToInt",
-        "RoundDecimal",
-        "ToFloat",
-        "Identity",
-        "Max",
-        "Min",
-        "Abs",
-        "floor",
-        "ceiling",
-        "sqrt",
-        "Eq",
-        "Ne",
-        "Lt",
-        "Le",
-        "Gt",
-        "Ge",
-        "And",
-        "Or",
-        "Not",
-        "True",
+        # sympy atoms and arithmetic
+        "Symbol", "Dummy", "Integer", "Rational", "Float", "Add", "Mul", "Max", "Min", "Abs", "Mod", "floor",
+        "ceiling", "sqrt", "Piecewise", "ExprCondPair", "Half", "One", "Zero", "NegativeOne", "Infinity",
+        "NegativeInfinity", "IntInfinity", "NegativeIntInfinity", "oo", "int_oo", "zoo", "nan", "NaN",
+        # relations and logic
+        "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality", "Unequality", "StrictLessThan", "StrictGreaterThan",
+        "LessThan", "GreaterThan", "And", "Or", "Not", "BooleanTrue", "BooleanFalse", "true", "false", "True",
         "False",
-        "oo",
-        "int_oo",
-        "nan",
-        "zoo",
+        # torch.utils._sympy.functions (the deserializer's own table, minus powers and shifts)
+        "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
+        "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt",
+        "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
+        # keyword arguments of Symbol/Float
+        "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "infinite", "zero",
+        "nonzero", "even", "odd", "rational", "commutative", "extended_real", "precision",
     }
-)
+)  # fmt: skip
 _SYMBOL = re.compile(r"[a-z]{1,8}\d{1,9}")
 _EXPR_TOKEN = re.compile(
-    r"\s+|\d+\.\d*(?:[eE][+-]?\d+)?|\d+(?:[eE][+-]?\d+)?|[A-Za-z][A-Za-z0-9_]*|\*\*|//|[-+*/%(),<>=!&|~]"
+    r"\s+"
+    r"|\d{1,18}(?:\.\d{0,20})?(?:[eE][+-]?\d{1,3})?"  # numbers of bounded size
+    r"|'[A-Za-z0-9_.+\-]{0,40}'|\"[A-Za-z0-9_.+\-]{0,40}\""  # quoted symbol names and Float literals
+    r"|[A-Za-z][A-Za-z0-9_]{0,63}"  # names, checked against _SYM_NAMES and _SYMBOL
+    r"|[-+*/%(),<>=!&|~]"  # operators; no '.', '[', '_'-prefixed names or '**'
 )
 
 
@@ -518,8 +510,9 @@ def _check_serialized_target(target: str) -> None:
 
 
 def _check_expr(expr: str) -> None:
+    """Refuse anything but a formula: ``sympy.sympify`` evaluates its text with ``eval``."""
     bad = CorruptFileError("refusing .pt2 archive: a symbolic shape expression is not a plain formula")
-    if not isinstance(expr, str) or len(expr) > _MAX_EXPR_CHARS:
+    if not isinstance(expr, str) or len(expr) > _MAX_EXPR_CHARS or "**" in expr:
         raise bad
     pos = 0
     while pos < len(expr):
@@ -527,7 +520,7 @@ def _check_expr(expr: str) -> None:
         if m is None:
             raise bad
         token = m.group()
-        if token[0].isalpha() and token not in _SYM_FUNCTIONS and not _SYMBOL.fullmatch(token):
+        if token[0].isalpha() and token not in _SYM_NAMES and not _SYMBOL.fullmatch(token):
             raise bad
         pos = m.end()
 
@@ -839,7 +832,8 @@ class _Rebuilder:
             ctor = dict(
                 num_features=int(features),
                 eps=float(a["eps"]),
-                momentum=a["momentum"],
+                # nn's momentum=None (cumulative average) is exported as 0.0, which would freeze recalibration
+                momentum=None if not a["momentum"] else float(a["momentum"]),
                 affine=weight is not None,
                 track_running_stats=mean is not None,
             )
@@ -860,19 +854,18 @@ class _Rebuilder:
             return self._conv(cls, ctor, a["input"], anchor, tensors, kind, tuple_output=name.startswith("_"))
 
         if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+            # converted even without affine parameters: the module keeps normalized_shape prunable
             w, b = a["weight"], a.get("bias")
-            if not (self._is(w, *P) or self._is(b, *P)):
-                return None
-            if not (self._opt(w, *W) and self._opt(b, *W)) or (w is None and b is not None):
+            if not (self._opt(w, *P) and self._opt(b, *W)) or (w is None and b is not None):
                 return None
             if not isinstance(a["input"], fx.Node):
                 return None
             weight, bias = self._param(w), self._param(b)
             shape = tuple(int(s) for s in a["normalized_shape"])
             if name == "rms_norm":
-                eps = a["eps"]
-                ctor = dict(normalized_shape=shape, eps=None if eps is None else float(eps), elementwise_affine=True)
-                return self._conv(nn.RMSNorm, ctor, a["input"], w, {"weight": weight}, "rms_norm")
+                eps = None if a["eps"] is None else float(a["eps"])
+                ctor = dict(normalized_shape=shape, eps=eps, elementwise_affine=weight is not None)
+                return self._conv(nn.RMSNorm, ctor, a["input"], w, {"weight": weight}, "rms_norm", node=node)
             ctor = dict(
                 normalized_shape=shape,
                 eps=float(a["eps"]),
@@ -881,7 +874,7 @@ class _Rebuilder:
             )
             return self._conv(
                 nn.LayerNorm, ctor, a["input"], w, {"weight": weight, "bias": bias}, "layer_norm",
-                tuple_output=name == "native_layer_norm",
+                tuple_output=name == "native_layer_norm", node=node,
             )  # fmt: skip
 
         if name in ("group_norm", "native_group_norm"):
@@ -949,6 +942,7 @@ class _Rebuilder:
         tensors: dict[str, Any],
         kind: str,
         tuple_output: bool = False,
+        node: fx.Node | None = None,
     ) -> _Conversion:
         def make() -> nn.Module:
             module = torch.nn.utils.skip_init(cls, **ctor)
@@ -958,8 +952,9 @@ class _Rebuilder:
             return module
 
         ids = tuple((k, id(v)) for k, v in sorted(tensors.items()) if v is not None)
-        key = (cls, tuple(sorted((k, repr(v)) for k, v in ctor.items())), ids)
-        return _Conversion(kind, data, make, key, self._fqn(anchor), tuple_output)
+        # calls of one weight with one configuration share a module; parameter-less layers never do
+        key = (cls, tuple(sorted((k, repr(v)) for k, v in ctor.items())), ids or (id(node),))
+        return _Conversion(kind, data, make, key, self._fqn(anchor) if anchor is not None else "", tuple_output)
 
     # -- building the new graph --------------------------------------------------------------------------
 
@@ -1018,7 +1013,7 @@ class _Rebuilder:
             if node.op == "placeholder":
                 if self.sources[node].kind == "input":
                     new = graph.placeholder(node.name)
-                    new.meta = dict(node.meta)
+                    new.meta = _kept_meta(node)
                     env[node] = new
                 continue
             if node.op == "output":
@@ -1033,13 +1028,13 @@ class _Rebuilder:
             if node in plans:
                 plan = plans[node]
                 if plan.key not in modules:
-                    base = _sanitize(plan.weight_fqn.rpartition(".")[0]) or plan.kind
+                    base = _module_base(plan.weight_fqn) or plan.kind
                     name = _unique_module(base, used_names)
                     _install(root, name, plan.make())
                     modules[plan.key] = name
                 data = lookup(plan.data, node)
                 new = graph.call_module(modules[plan.key], (data,))
-                new.meta = {"val": node.meta.get("val")}
+                new.meta = _kept_meta(node)
                 env[node] = new
                 continue
             if node.target is operator.getitem and node.args[0] in plans:
@@ -1055,6 +1050,7 @@ class _Rebuilder:
             if _aten_name(node.target) in _ASSERT_OPS and not node.users:
                 continue
             new = graph.node_copy(node, lambda n, user=node: lookup(n, user))  # type: ignore[misc]
+            new.meta = _kept_meta(node)
             env[node] = new
 
         outs = [fx.node.map_arg(v, lambda n: lookup(n, self.graph.output_node())) for v in self.outputs]
@@ -1071,9 +1067,15 @@ def _flat_nodes(values: Any) -> Iterator[fx.Node]:
     yield from found
 
 
+def _kept_meta(node: fx.Node) -> dict[str, Any]:
+    # shape metadata only: FX pastes e.g. stack traces into generated code comments
+    return {k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta}
+
+
 def _sanitize(fqn: str) -> str:
-    parts = [re.sub(r"\W", "_", p) for p in fqn.split(".") if p]
-    return ".".join(p if p.isdigit() or p.isidentifier() else f"m_{p}" for p in parts)
+    """A dotted attribute path safe to paste into FX-generated code (names come from the uploaded file)."""
+    parts = [re.sub(r"\W", "_", p, flags=re.ASCII) for p in fqn.split(".") if p]
+    return ".".join(p if p.isdigit() or (p.isidentifier() and not keyword.iskeyword(p)) else f"m_{p}" for p in parts)
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -1092,11 +1094,23 @@ def _unique_module(name: str, used: set[str]) -> str:
         prefixes = {".".join(parts[:i]) for i in range(1, len(parts))}
         return candidate in used or bool(prefixes & used) or any(u.startswith(candidate + ".") for u in used)
 
-    candidate, i = name, 1
+    candidate, flat, i = name, name.replace(".", "_"), 0
     while clashes(candidate):
-        candidate, i = f"{name}_{i}", i + 1
+        candidate, i = (flat if i == 0 else f"{flat}_{i}"), i + 1
     used.add(candidate)
     return candidate
+
+
+def _module_base(weight_fqn: str) -> str:
+    """``layer1.0.conv1`` for ``layer1.0.conv1.weight``; ``mha.in_proj`` for ``mha.in_proj_weight``."""
+    prefix, _, last = weight_fqn.rpartition(".")
+    if last in ("weight", "bias", "running_mean", "running_var"):
+        return _sanitize(prefix)
+    for suffix in ("_weight", "_bias"):
+        if last.endswith(suffix) and len(last) > len(suffix):
+            last = last[: -len(suffix)]
+            break
+    return _sanitize(f"{prefix}.{last}" if prefix else last)
 
 
 def _install(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,121 @@
+"""The CLI as a user runs it (a real subprocess) and the export round trips."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from autoprune.errors import ExportError, InvalidConfigError
+from autoprune.export import export_model, load_pruned, verify_onnx
+from autoprune.latency import LatencyConfig
+from autoprune.plan import Plan
+from autoprune.pruning import analyze, apply_plan
+from autoprune.runtime import onnx_bytes
+from autoprune.workloads import load_workload
+
+FAST_LATENCY = ["--threads", "1"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "autoprune.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return load_workload("cnn1d-mnist1d")
+
+
+def test_prune_reports_and_exports_a_verified_model(tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    result = cli(
+        "prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "0.5", "--out", str(out), "--json", *FAST_LATENCY
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    base, pruned = report["baseline"], report["pruned"]
+    assert pruned["params"] < base["params"] and pruned["macs"] < base["macs"]
+    assert pruned["latency"]["protocol"]["threads"] == 1 and pruned["latency"]["protocol"]["interleaved"]
+    assert set(report["export"]["files"]) == {"onnx", "safetensors", "plan", "pt2"}
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 1, 40), dtype=np.float32)})[0]
+    assert y.shape == (1, 10)
+    assert report["export"]["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("prune", "--model", "resnet2O", "--data", "digits", "--ratio", "0.5"), "resnet20"),
+        (("prune", "--model", "cnn1d", "--data", "nope", "--ratio", "0.5"), "nope"),
+        (("prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "1.5"), "ratio"),
+        (("prune", "--model", "cnn1d", "--data", "mnist1d"), "--ratio or --plan"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], needle: str) -> None:
+    result = cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_naming_missing_group_is_refused(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"ratios": {"no.such.layer": 0.5}}))
+    result = cli("prune", "--model", "cnn1d", "--data", "mnist1d", "--plan", str(plan))
+    assert result.returncode == 2 and "no.such.layer" in result.stderr
+
+
+def test_measure_prints_protocol() -> None:
+    result = cli("measure", "--model", "mlp", "--data", "digits", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["latency"]["median_ms"] > 0 and data["latency"]["protocol"]["runtime"] == "torch"
+    assert data["cost"]["params"] > 0
+
+
+def test_export_round_trips(workload, tmp_path: Path) -> None:
+    names = analyze(workload.model, workload.example_inputs).names
+    plan = Plan.uniform(names, 0.5, round_to=8)
+    pruned = apply_plan(workload.model, plan, workload.example_inputs)
+    report = export_model(
+        pruned,
+        workload.example_inputs,
+        tmp_path,
+        plan=plan,
+        base=workload.model,
+        latency=LatencyConfig(runtime="onnxruntime", warmup=1, min_repeats=3, max_repeats=6, block=3),
+    )
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert report.latency is not None and report.latency.protocol.interleaved and report.speedup
+    rebuilt = load_pruned(workload.model, workload.example_inputs, report.files["plan"], report.files["safetensors"])
+    x = workload.dataset.x_val[:8]
+    assert torch.equal(rebuilt(x), pruned(x))
+    program = torch.export.load(report.files["pt2"])  # our own file: trusted here
+    ex = workload.example_inputs
+    assert torch.allclose(program.module()(ex), pruned(ex), atol=1e-5)
+
+
+def test_export_refuses_unknown_format_and_plan_less_safetensors(workload, tmp_path: Path) -> None:
+    with pytest.raises(InvalidConfigError):
+        export_model(workload.model, workload.example_inputs, tmp_path, formats=("tflite",))
+    with pytest.raises(InvalidConfigError):
+        export_model(workload.model, workload.example_inputs, tmp_path, formats=("safetensors",))
+    assert not any(tmp_path.iterdir())
+
+
+def test_verify_onnx_catches_a_wrong_model(workload) -> None:
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10)).eval()
+    wrong = onnx_bytes(other, workload.example_inputs, dynamo=False)
+    with pytest.raises(ExportError):
+        verify_onnx(workload.model, wrong, workload.example_inputs)
