@@ -228,10 +228,8 @@ def prune(
     """Apply a plan (or a uniform ratio) to a model and report quality, measured latency and size."""
     from autoprune.latency import LatencyConfig
     from autoprune.objective import Objective
-    from autoprune.plan import Plan
+    from autoprune.plan import MAX_RATIO, Plan
     from autoprune.recovery import RecoveryConfig
-
-    from autoprune.plan import MAX_RATIO
 
     if (ratio is None) == (plan is None):
         _fail("give exactly one of --ratio or --plan")
