@@ -29,6 +29,7 @@ from autoprune.pruning.structured import apply_structured
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN:UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
 ]
 
 ARCHS: dict[str, dict[str, int]] = {
