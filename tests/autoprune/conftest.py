@@ -1,10 +1,13 @@
 """Shared fixtures: the shipped ResNet-20 digits workload and an Objective over it (deterministic meter).
 
-Imports of the library stay inside the fixtures: collecting the service tests must not import torch.
+This file lives in tests/autoprune, not tests/: a tests/conftest.py makes pytest (prepend import mode) put
+tests/ on sys.path, and then ``import autoprune`` finds the directory tests/autoprune as a namespace package
+before the editable install's finder, so autoprune/__init__.py never runs (no ENV_ID, env not registered).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -33,3 +36,17 @@ def digits_objective(digits_workload: Workload) -> Objective:
 
     wl = digits_workload
     return Objective(wl.model, wl.example_inputs, wl.dataset.subset(256, 128), latency=DeterministicMeter())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Pin torch to one intra-op thread for a module (restored after): on a loaded 2-core machine two spinning
+    OpenMP threads can make small-model tests an order of magnitude slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
