@@ -78,13 +78,14 @@ def as_tuple(example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[t
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
-    was_training = model.training
+    """Put ``model`` in eval mode for the block and restore each module's own previous mode after."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:

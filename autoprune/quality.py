@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprune.cost import eval_mode
 from autoprune.data import Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError, ShapeMismatchError
 
@@ -63,18 +63,6 @@ class QualityMetric(Protocol):
         reference: nn.Module | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> float: ...
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore each module's own previous mode after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def model_outputs(model: nn.Module, dataset: Dataset, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
