@@ -1,0 +1,320 @@
+"""One strategy protocol and one loop that runs it against an :class:`~autoprune.objective.Objective`.
+
+Black-box strategies implement ``ask() -> {group: ratio}`` and ``tell(ratios, evaluation)``; :func:`run_search`
+turns ask/tell into a search with a budget (evaluations and/or seconds), a stop signal, progress callbacks and a
+seed, the way Optuna builds ``optimize`` on ask/tell. RL strategies implement ``run(session)`` themselves (they
+drive the gymnasium env, whose objective is the session's recording objective), so every strategy's evaluations
+go through the same :class:`SearchSession` and look the same.
+
+The session also *replays*: given evaluations recorded earlier for the same job (``history``), a plan that was
+already evaluated is answered from the record instead of being pruned and measured again. A seeded strategy
+asks the same plans in the same order, so a resumed job redoes none of its completed evaluations, and a
+recorded run can be replayed exactly, latency noise included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from autoprune.errors import InvalidConfigError
+from autoprune.pareto import pareto_front
+
+if TYPE_CHECKING:
+    from agents.result import SearchResult
+    from autoprune.objective import Evaluation, Objective
+    from autoprune.plan import Plan
+
+Ratios = dict[str, float]
+StopSignal = threading.Event | Callable[[], bool] | None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a search stops: after ``evaluations`` candidates and/or ``seconds`` of wall time (first reached).
+
+    The wall-clock limit is checked between evaluations; an evaluation in progress always completes.
+    """
+
+    evaluations: int | None = None
+    """Number of candidate evaluations (the unpruned baseline is not counted)."""
+    seconds: float | None = None
+    """Wall-clock limit in seconds."""
+
+    def __post_init__(self) -> None:
+        if self.evaluations is None and self.seconds is None:
+            raise InvalidConfigError("a budget needs a number of evaluations and/or a time limit in seconds")
+        if self.evaluations is not None and (
+            isinstance(self.evaluations, bool) or not isinstance(self.evaluations, int) or self.evaluations < 1
+        ):
+            raise InvalidConfigError(f"budget evaluations must be an integer >= 1, got {self.evaluations!r}")
+        if self.seconds is not None and (
+            isinstance(self.seconds, bool)
+            or not isinstance(self.seconds, int | float)
+            or not math.isfinite(self.seconds)
+            or self.seconds <= 0
+        ):
+            raise InvalidConfigError(f"budget seconds must be a positive number, got {self.seconds!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a strategy chooses: one ratio in ``[0, max_ratio]`` per prunable group, in forward order."""
+
+    groups: tuple[str, ...]
+    max_ratio: float = 0.8
+    macs: tuple[int, ...] = ()
+    """MACs of each group in the unpruned model (same order), for strategies that use layer features."""
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise InvalidConfigError("the model has no prunable groups to search over")
+        if not 0.0 < self.max_ratio <= 0.95:
+            raise InvalidConfigError(f"max_ratio must be in (0, 0.95], got {self.max_ratio}")
+
+    @classmethod
+    def from_objective(cls, objective: Objective, max_ratio: float = 0.8) -> SearchSpace:
+        groups = objective.structure.groups
+        return cls(tuple(g.name for g in groups), max_ratio, tuple(int(g.macs) for g in groups))
+
+    def clip(self, ratios: Mapping[str, float]) -> Ratios:
+        """Ratios for every group, clipped to ``[0, max_ratio]`` and rounded to 1e-6 (stable plans, stable JSON)."""
+        return {g: round(min(max(float(ratios.get(g, 0.0)), 0.0), self.max_ratio), 6) for g in self.groups}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sent to progress callbacks after every evaluation."""
+
+    done: int
+    total: int | None
+    evaluation: Evaluation
+    best: Evaluation
+    """Highest reward so far."""
+    front_size: int
+    elapsed: float
+    replayed: bool
+    """True when the evaluation came from the recorded history instead of being run again."""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class SearchStopped(Exception):
+    """Raised inside a strategy's run when the budget is spent or a stop was requested."""
+
+
+class SearchSession:
+    """The live state of one search: budget, stop signal, callbacks, history replay and every evaluation."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        space: SearchSpace,
+        budget: Budget,
+        *,
+        seed: int = 0,
+        stop: StopSignal = None,
+        callbacks: Sequence[ProgressCallback] = (),
+        history: Iterable[Evaluation] = (),
+    ) -> None:
+        self.objective = objective
+        self.space = space
+        self.budget = budget
+        self.seed = seed
+        self._stop = stop
+        self.callbacks = list(callbacks)
+        self.evaluations: list[Evaluation] = []
+        self._history: dict[Plan, list[Evaluation]] = {}
+        for e in history:
+            if e.stage == "search" and e.index > 0:
+                self._history.setdefault(e.plan, []).append(e)
+        self.replayed = 0
+        self.started = time.perf_counter()
+        self.stop_reason: str | None = None
+
+    # -- budget and stop ----------------------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def remaining(self) -> int | None:
+        if self.budget.evaluations is None:
+            return None
+        return max(self.budget.evaluations - len(self.evaluations), 0)
+
+    def should_stop(self) -> bool:
+        """True (and ``stop_reason`` set) once the budget is spent or a stop was requested."""
+        if self.stop_reason is not None:
+            return True
+        if self.budget.evaluations is not None and len(self.evaluations) >= self.budget.evaluations:
+            self.stop_reason = "budget"
+        elif self.budget.seconds is not None and self.elapsed >= self.budget.seconds:
+            self.stop_reason = "time"
+        elif self._stop_requested():
+            self.stop_reason = "stopped"
+        return self.stop_reason is not None
+
+    def _stop_requested(self) -> bool:
+        if self._stop is None:
+            return False
+        if isinstance(self._stop, threading.Event):
+            return self._stop.is_set()
+        return bool(self._stop())
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def plan(self, ratios: Mapping[str, float]) -> Plan:
+        return self.objective.plan(self.space.clip(ratios))
+
+    def evaluate(self, ratios_or_plan: Mapping[str, float] | Plan) -> Evaluation:
+        """Evaluate one candidate (or answer it from the history); raises :class:`SearchStopped` when done."""
+        if self.should_stop():
+            raise SearchStopped(self.stop_reason)
+        from autoprune.plan import Plan
+
+        plan = ratios_or_plan if isinstance(ratios_or_plan, Plan) else self.plan(ratios_or_plan)
+        recorded = self._history.get(plan)
+        replayed = bool(recorded)
+        if recorded:
+            evaluation = recorded.pop(0)
+            self.replayed += 1
+        else:
+            evaluation = self.objective.evaluate(plan)
+        evaluation = dataclasses.replace(evaluation, index=len(self.evaluations) + 1)
+        self.evaluations.append(evaluation)
+        best = max(self.evaluations, key=lambda e: e.reward)
+        front = pareto_front([self.objective.baseline, *self.evaluations])
+        progress = Progress(
+            done=len(self.evaluations),
+            total=self.budget.evaluations,
+            evaluation=evaluation,
+            best=best,
+            front_size=len(front),
+            elapsed=self.elapsed,
+            replayed=replayed,
+        )
+        for callback in self.callbacks:
+            callback(progress)
+        return evaluation
+
+    def recording_objective(self) -> RecordingObjective:
+        """An Objective stand-in for the env: same structure, plans and reward, evaluations through the session."""
+        return RecordingObjective(self)
+
+
+class RecordingObjective:
+    """Looks like the session's :class:`Objective` to the gymnasium env; ``__call__`` goes through the session."""
+
+    def __init__(self, session: SearchSession) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session.objective, name)
+
+    def __call__(self, plan: Plan | Mapping[str, float]) -> Evaluation:
+        return self._session.evaluate(plan)
+
+    evaluate = __call__
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RecordingObjective:
+        return self
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What :func:`run_search` needs: a name and ``run(session)``.
+
+    Black-box strategies subclass :class:`AskTellStrategy` and get ``run`` from the shared loop.
+    """
+
+    name: str
+
+    def run(self, session: SearchSession) -> None: ...
+
+
+class AskTellStrategy(ABC):
+    """Base for black-box strategies: implement :meth:`setup`, :meth:`ask` and :meth:`tell`."""
+
+    name = "ask-tell"
+
+    def setup(self, space: SearchSpace, budget: Budget, seed: int) -> None:  # noqa: B027 - optional hook
+        """Called once before the first ``ask``."""
+
+    @abstractmethod
+    def ask(self) -> Ratios | None:
+        """The next candidate: a ratio per group (missing groups are 0); ``None`` when nothing is left to try."""
+
+    @abstractmethod
+    def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
+        """The result of the candidate last asked with ``ratios``."""
+
+    def run(self, session: SearchSession) -> None:
+        self.setup(session.space, session.budget, session.seed)
+        while not session.should_stop():
+            asked = self.ask()
+            if asked is None:
+                session.interrupt("exhausted")
+                break
+            ratios = session.space.clip(asked)
+            evaluation = session.evaluate(ratios)
+            self.tell(ratios, evaluation)
+
+
+def run_search(
+    objective: Objective,
+    strategy: Strategy | str,
+    budget: Budget | int,
+    *,
+    seed: int = 0,
+    max_ratio: float = 0.8,
+    stop: StopSignal = None,
+    callbacks: Sequence[ProgressCallback] = (),
+    history: Iterable[Evaluation] = (),
+    options: Mapping[str, Any] | None = None,
+) -> SearchResult:
+    """Run ``strategy`` against ``objective`` until the budget is spent or ``stop`` is set.
+
+    ``strategy`` is a strategy object or a registered name (``options`` are passed to its constructor).
+    Ctrl-C stops the search cleanly: what was evaluated is kept and returned (``result.stop_reason ==
+    "interrupted"``). ``history`` holds evaluations recorded earlier for this job; plans found there are not
+    evaluated again.
+    """
+    from agents import make_strategy
+    from agents.result import SearchResult
+
+    if isinstance(budget, int):
+        budget = Budget(evaluations=budget)
+    if isinstance(strategy, str):
+        strategy = make_strategy(strategy, **(options or {}))
+    elif options:
+        raise InvalidConfigError("options are for strategies given by name")
+    space = SearchSpace.from_objective(objective, max_ratio)
+    session = SearchSession(objective, space, budget, seed=seed, stop=stop, callbacks=callbacks, history=history)
+    try:
+        strategy.run(session)
+    except SearchStopped:
+        pass
+    except KeyboardInterrupt:
+        session.interrupt("interrupted")
+    session.should_stop()
+    return SearchResult(
+        strategy=strategy.name,
+        seed=seed,
+        baseline=objective.baseline,
+        evaluations=list(session.evaluations),
+        stop_reason=session.stop_reason or "finished",
+        wall_s=session.elapsed,
+        replayed=session.replayed,
+        objective=objective,
+    )

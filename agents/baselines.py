@@ -1,0 +1,74 @@
+"""Honest baselines: one uniform ratio for every group (what Torch-Pruning users do by hand) and random search."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from agents.base import AskTellStrategy, Budget, Ratios, SearchSpace
+from autoprune.errors import InvalidConfigError
+
+if TYPE_CHECKING:
+    from autoprune.objective import Evaluation
+
+
+class UniformSweep(AskTellStrategy):
+    """The same ratio for every group, swept from low to high across the budget.
+
+    With ``ratios`` given, those are tried in order; otherwise ``n`` evenly spaced ratios in
+    ``(0, max_ratio]`` where ``n`` is the evaluation budget (steps of ``step`` for a time-only budget).
+    """
+
+    name = "uniform"
+
+    def __init__(self, ratios: tuple[float, ...] | list[float] | None = None, step: float = 0.05) -> None:
+        if ratios is not None and (not ratios or any(not 0.0 <= float(r) <= 0.95 for r in ratios)):
+            raise InvalidConfigError("uniform ratios must be a non-empty list of numbers in [0, 0.95]")
+        if not 0.0 < step <= 0.95:
+            raise InvalidConfigError(f"uniform step must be in (0, 0.95], got {step}")
+        self.ratios = None if ratios is None else [float(r) for r in ratios]
+        self.step = step
+        self._queue: list[float] = []
+        self._groups: tuple[str, ...] = ()
+
+    def setup(self, space: SearchSpace, budget: Budget, seed: int) -> None:
+        self._groups = space.groups
+        if self.ratios is not None:
+            self._queue = [min(r, space.max_ratio) for r in self.ratios]
+        elif budget.evaluations is not None:
+            self._queue = [float(r) for r in np.linspace(0.0, space.max_ratio, budget.evaluations + 1)[1:]]
+        else:
+            n = int(space.max_ratio / self.step + 1e-9)
+            self._queue = [self.step * (i + 1) for i in range(n)]
+
+    def ask(self) -> Ratios | None:
+        if not self._queue:
+            return None
+        ratio = self._queue.pop(0)
+        return dict.fromkeys(self._groups, ratio)
+
+    def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
+        pass
+
+
+class RandomSearch(AskTellStrategy):
+    """Independent ratios per group, uniform in ``[0, max_ratio]``, from a seeded generator."""
+
+    name = "random"
+
+    def __init__(self) -> None:
+        self._rng = np.random.default_rng(0)
+        self._space: SearchSpace | None = None
+
+    def setup(self, space: SearchSpace, budget: Budget, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._space = space
+
+    def ask(self) -> Ratios:
+        assert self._space is not None
+        values = self._rng.uniform(0.0, self._space.max_ratio, size=len(self._space.groups))
+        return dict(zip(self._space.groups, (float(v) for v in values), strict=True))
+
+    def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
+        pass

@@ -1,0 +1,167 @@
+"""The result of a search: every evaluation, the Pareto front, the best point, and the final fine-tuning stage."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from autoprune.errors import InvalidConfigError
+from autoprune.pareto import hypervolume, pareto_front
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autoprune.objective import Evaluation, Objective
+    from autoprune.recovery import RecoveryConfig
+
+SELECT_KEYS = ("reward", "latency", "quality")
+
+
+@dataclass
+class SearchResult:
+    """What a search produced. ``objective`` is the live handle used to rebuild any point as a model."""
+
+    strategy: str
+    seed: int
+    baseline: Evaluation
+    evaluations: list[Evaluation]
+    stop_reason: str
+    """``budget``, ``time``, ``stopped`` (stop signal), ``interrupted`` (Ctrl-C), ``exhausted`` or ``finished``."""
+    wall_s: float
+    replayed: int = 0
+    """How many evaluations were answered from a recorded history instead of being run again."""
+    finetuned: list[Evaluation] = field(default_factory=list)
+    """Front points after the final fine-tuning stage (``stage == "finetuned"``), re-evaluated and re-measured."""
+    objective: Objective | None = field(default=None, repr=False, compare=False)
+
+    # -- the front ----------------------------------------------------------------------------------------
+    @property
+    def all_evaluations(self) -> list[Evaluation]:
+        """Baseline, search evaluations and fine-tuned evaluations."""
+        return [self.baseline, *self.evaluations, *self.finetuned]
+
+    def front(self, *, stage: str | None = None, with_size: bool = True) -> list[Evaluation]:
+        """Non-dominated points (max quality, min measured latency, min size), baseline included.
+
+        ``stage="search"`` restricts to the search's own figures; by default fine-tuned points take part and
+        carry ``stage == "finetuned"``.
+        """
+        pool = [self.baseline, *self.evaluations] if stage == "search" else self.all_evaluations
+        if stage == "finetuned":
+            pool = [self.baseline, *self.finetuned]
+        return pareto_front(pool, with_size=with_size)
+
+    def hypervolume(self, *, stage: str | None = "search") -> float:
+        pool = [self.baseline, *self.evaluations] if stage == "search" else self.all_evaluations
+        return hypervolume(pool)
+
+    def best(
+        self,
+        key: str = "reward",
+        *,
+        max_quality_drop: float = 0.01,
+        max_latency_ratio: float = 0.5,
+    ) -> Evaluation:
+        """The best point under a named objective (the baseline when nothing qualifies).
+
+        * ``reward``: highest reward.
+        * ``latency``: lowest measured latency with relative quality loss <= ``max_quality_drop``.
+        * ``quality``: highest quality with latency <= ``max_latency_ratio`` x the unpruned model's.
+        """
+        if key not in SELECT_KEYS:
+            raise InvalidConfigError(f"unknown selection {key!r}; choose one of {', '.join(SELECT_KEYS)}")
+        pool = self.all_evaluations
+        if key == "reward":
+            return max(pool, key=lambda e: (e.reward, e.stage == "finetuned"))
+        if key == "latency":
+            ok = [e for e in pool if e.quality_drop <= max_quality_drop]
+            return min(ok, key=lambda e: (e.latency_ratio, -e.quality)) if ok else self.baseline
+        ok = [e for e in pool if e.latency_ratio <= max_latency_ratio]
+        return max(ok, key=lambda e: (e.quality, -e.latency_ratio)) if ok else self.baseline
+
+    def point(self, index: int, *, stage: str = "search") -> Evaluation:
+        for e in self.all_evaluations:
+            if e.index == index and (e.stage == stage or (index == 0 and stage == "search")):
+                return e
+        raise InvalidConfigError(f"no {stage} evaluation with index {index}")
+
+    # -- rebuilding models --------------------------------------------------------------------------------
+    def _objective(self) -> Objective:
+        if self.objective is None:
+            raise InvalidConfigError("this result was loaded without its objective; it cannot rebuild models")
+        return self.objective
+
+    def materialize(self, point: Evaluation | int) -> nn.Module:
+        """The pruned (and recovered, or fine-tuned for fine-tuned points) model of a point, rebuilt from its plan."""
+        evaluation = self.point(point) if isinstance(point, int) else point
+        recovery = recovery_from_extra(evaluation.extra)
+        return self._objective().materialize(evaluation.plan, recovery=recovery)
+
+    # -- the final stage ----------------------------------------------------------------------------------
+    def finetune_front(
+        self,
+        k: int,
+        recovery: RecoveryConfig,
+        *,
+        key: str = "reward",
+        progress: Callable[[int, int, Evaluation], None] | None = None,
+    ) -> list[Evaluation]:
+        """Fine-tune the top ``k`` front points (by ``key``), re-evaluate and re-measure them.
+
+        The new evaluations have ``stage == "finetuned"`` and their recovery recipe in ``extra["recovery"]``;
+        they join the front next to the search figures. Returns them.
+        """
+        if k < 0:
+            raise InvalidConfigError(f"the number of points to fine-tune must be >= 0, got {k}")
+        objective = self._objective()
+        candidates = [e for e in self.front(stage="search") if e.index != 0]
+        order: dict[str, Callable[[Evaluation], Any]] = {
+            "reward": lambda e: -e.reward,
+            "latency": lambda e: (e.latency_ratio, -e.quality),
+            "quality": lambda e: (-e.quality, e.latency_ratio),
+        }
+        if key not in order:
+            raise InvalidConfigError(f"unknown selection {key!r}; choose one of {', '.join(SELECT_KEYS)}")
+        chosen = sorted(candidates, key=order[key])[:k]
+        out = []
+        for i, e in enumerate(chosen):
+            tuned = objective.evaluate(e.plan, recovery=recovery, stage="finetuned")
+            tuned = dataclasses.replace(
+                tuned,
+                index=e.index,
+                extra={**tuned.extra, "recovery": dataclasses.asdict(recovery), "search_quality": e.quality},
+            )
+            out.append(tuned)
+            if progress is not None:
+                progress(i + 1, len(chosen), tuned)
+        self.finetuned.extend(out)
+        return out
+
+    # -- JSON ---------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        best = self.best()
+        return {
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "evaluations": len(self.evaluations),
+            "finetuned": len(self.finetuned),
+            "replayed": self.replayed,
+            "stop_reason": self.stop_reason,
+            "wall_s": self.wall_s,
+            "front_size": len(self.front()),
+            "hypervolume": self.hypervolume(),
+            "best": {"index": best.index, "stage": best.stage, "reward": best.reward},
+        }
+
+
+def recovery_from_extra(extra: dict[str, Any]) -> RecoveryConfig | None:
+    """The recovery recipe recorded in an evaluation's ``extra`` (fine-tuned points), if any."""
+    data = extra.get("recovery")
+    if not data:
+        return None
+    from autoprune.recovery import RecoveryConfig
+
+    names = {f.name for f in dataclasses.fields(RecoveryConfig)}
+    return RecoveryConfig(**{k: v for k, v in data.items() if k in names})
