@@ -23,6 +23,8 @@ _LAZY = {
     "load_dataset": "autoprune.data",
     "RecoveryConfig": "autoprune.recovery",
     "RewardConfig": "autoprune.reward",
+    "search": "autoprune.job",
+    "JobSpec": "autoprune.job",
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]

@@ -65,40 +65,9 @@ def _parse_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 def _load(model: str, kwargs: dict[str, Any], weights: Path | None, data: str | None, train_epochs: int = 0) -> Any:
     """(model, example_inputs, dataset, note) from the command-line options."""
-    import torch
+    from autoprune.job import resolve_inputs
 
-    from autoprune.data import load_dataset
-    from autoprune.models.registry import example_inputs
-    from autoprune.models.weights import load_weights
-    from autoprune.workloads import WORKLOADS, build_for_dataset, load_workload, shipped_workload_for, train_classifier
-
-    dataset = load_dataset(data) if data else None
-    note = ""
-    if model.endswith(".pt2"):
-        from autoprune.models.pt2 import load_pt2
-
-        program, ex = load_pt2(Path(model))
-        return program, ex[0] if len(ex) == 1 else ex, dataset, note
-    if weights is None and train_epochs == 0 and dataset is not None:
-        shipped = shipped_workload_for(model, dataset.name, kwargs)
-        if shipped is not None:
-            wl = load_workload(shipped)
-            return wl.model, wl.example_inputs, dataset, f"using the shipped {shipped} reference weights"
-    torch.manual_seed(0)
-    net = build_for_dataset(model, dataset, **kwargs)
-    if weights is not None:
-        load_weights(net, weights)
-    elif train_epochs > 0:
-        if dataset is None:
-            _fail("--train-epochs needs --data")
-        assert dataset is not None
-        train_classifier(net, dataset, epochs=train_epochs, lr=3e-3, batch_size=64, seed=0)
-        note = f"trained for {train_epochs} epochs"
-    else:
-        note = "no --weights: the model is randomly initialised (quality figures are meaningless)"
-        if dataset is not None and any(s.dataset == dataset.name for s in WORKLOADS.values()):
-            note += "; pass --train-epochs N to train it first"
-    return net.eval(), example_inputs(net), dataset, note
+    return resolve_inputs(model, kwargs, weights, data, train_epochs)
 
 
 def _guard(fn: Any) -> Any:
@@ -311,6 +280,227 @@ def _print_comparison(base: Any, ev: Any) -> None:
         f"load average {ev.latency.protocol.load_before}->{ev.latency.protocol.load_after}",
         highlight=False,
     )
+
+
+def _opt(help_text: str, *names: str) -> Any:
+    return typer.Option(*names, help=help_text, show_default=False)
+
+
+@app.command()
+@_guard
+def search(
+    model: Annotated[
+        str | None, _opt("Built-in architecture (see `autoprune architectures`) or a .pt2 file.", "--model", "-m")
+    ] = None,
+    data: Annotated[
+        str | None, _opt("Built-in dataset (digits, mnist1d) or a .npz/.safetensors file.", "--data", "-d")
+    ] = None,
+    kw: KwOpt = None,
+    weights: Annotated[str | None, _opt("Weights for the architecture (.safetensors).", "--weights", "-w")] = None,
+    strategy: Annotated[
+        str | None, _opt("Search strategy (see `autoprune strategies`). Default: random.", "--strategy", "-s")
+    ] = None,
+    option: Annotated[list[str] | None, _opt("Strategy option KEY=VALUE (JSON value), repeatable.", "--option")] = None,
+    budget: Annotated[int | None, _opt("Number of candidate evaluations. Default: 20.", "--budget", "-n")] = None,
+    seconds: Annotated[
+        float | None, _opt("Wall-clock limit in seconds (checked between evaluations).", "--seconds")
+    ] = None,
+    seed: Annotated[int | None, _opt("Seed. Default: 0.", "--seed")] = None,
+    metric: Annotated[str | None, _opt("accuracy, agreement, kl or cosine. Default: accuracy.", "--metric")] = None,
+    objective: Annotated[
+        str | None, _opt("Reward: mnasnet, budget or weighted. Default: mnasnet.", "--objective")
+    ] = None,
+    target: Annotated[
+        float | None, _opt("Target latency as a fraction of the unpruned model's. Default: 0.5.", "--target")
+    ] = None,
+    select: Annotated[
+        str | None,
+        _opt(
+            "Best point: reward, latency (fastest within --max-quality-drop) or quality. Default: reward.", "--select"
+        ),
+    ] = None,
+    max_quality_drop: Annotated[
+        float | None, _opt("Relative quality loss allowed by --select latency. Default: 0.01.", "--max-quality-drop")
+    ] = None,
+    max_ratio: Annotated[float | None, _opt("Largest ratio per group. Default: 0.8.", "--max-ratio")] = None,
+    criterion: Annotated[str | None, _opt("l1, l2, taylor, bn_scale or random. Default: l1.", "--criterion")] = None,
+    round_to: Annotated[int | None, _opt("Round kept widths to a multiple of this. Default: 8.", "--round-to")] = None,
+    val_samples: Annotated[
+        int | None, _opt("Evaluate candidates on this many validation samples. Default: all.", "--val-samples")
+    ] = None,
+    finetune_top: Annotated[
+        int | None, _opt("Fine-tune the top K front points after the search. Default: 0.", "--finetune-top")
+    ] = None,
+    finetune_steps: Annotated[
+        int | None, _opt("Steps of that fine-tune (distilled). Default: 200.", "--finetune-steps")
+    ] = None,
+    train_epochs: Annotated[
+        int | None, _opt("Train the model first when there are no weights. Default: 0.", "--train-epochs")
+    ] = None,
+    runtime: Annotated[str | None, _opt("Latency runtime: torch or onnxruntime. Default: torch.", "--runtime")] = None,
+    threads: Annotated[int | None, _opt("Threads pinned while timing. Default: 1.", "--threads")] = None,
+    batch_size: Annotated[int | None, _opt("Batch size of the timed input. Default: 1.", "--batch-size")] = None,
+    spec: Annotated[
+        Path | None, _opt("A JSON/YAML job spec (same keys as these flags); flags override it.", "--spec")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("out/search"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the search recorded in --out (nothing evaluated is redone).")
+    ] = False,
+) -> None:
+    """Search per-group pruning ratios; write every evaluation, the Pareto front, a plot, a report and the best model.
+
+    Every candidate is pruned for real, recovered (BatchNorm re-estimation), evaluated, and its latency measured
+    interleaved with the unpruned model. Ctrl-C stops cleanly and keeps what was evaluated.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autoprune.job import JobSpec, run_job, write_outputs
+
+    base: dict[str, Any] = {}
+    if spec is not None:
+        base = JobSpec.from_file(spec).to_json()
+    flags = {
+        "model": model,
+        "data": data,
+        "weights": weights,
+        "strategy": strategy,
+        "budget": budget,
+        "seconds": seconds,
+        "seed": seed,
+        "metric": metric,
+        "objective": objective,
+        "target": target,
+        "select": select,
+        "max_quality_drop": max_quality_drop,
+        "max_ratio": max_ratio,
+        "criterion": criterion,
+        "round_to": round_to,
+        "val_samples": val_samples,
+        "finetune_top": finetune_top,
+        "finetune_steps": finetune_steps,
+        "train_epochs": train_epochs,
+        "runtime": runtime,
+        "threads": threads,
+        "batch_size": batch_size,
+    }
+    merged = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    if kw:
+        merged["kwargs"] = {**merged.get("kwargs", {}), **_parse_kwargs(kw)}
+    if option:
+        merged["strategy_options"] = {**merged.get("strategy_options", {}), **_parse_kwargs(option)}
+    if "model" not in merged:
+        _fail("give --model (or a --spec file with 'model')")
+    job = JobSpec.from_mapping(merged)  # validates everything before any work starts
+
+    log_path = out / "evaluations.jsonl"
+    history = []
+    if log_path.exists() and not resume:
+        _fail(f"{out} already holds a search; pass --resume to continue it, or choose another --out")
+    if resume and log_path.exists():
+        from autoprune.objective import Evaluation
+
+        for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    history.append(Evaluation.from_json(json.loads(line)))
+                except (ValueError, KeyError, TypeError) as exc:
+                    _fail(f"{log_path}:{n} is not an evaluation record ({exc})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps(job.to_json(), indent=2), encoding="utf-8")
+
+    console.print(f"[bold]autoprune search[/] {job.model} on {job.data} with {job.strategy}", highlight=False)
+    with console.status("loading the model and measuring the unpruned baseline..."):
+        obj = job.build_objective(log=lambda m: err_console.print(f"note: {m}", highlight=False))
+    b = obj.baseline
+    console.print(
+        f"unpruned: {b.metric} {b.quality:.4f}, {b.latency.median_ms:.3f} ms ({b.latency.protocol.runtime}, "
+        f"{b.latency.protocol.threads} thread, batch {b.latency.protocol.batch_size}), {b.macs:,} MACs; "
+        f"{len(obj.group_names)} prunable groups",
+        highlight=False,
+    )
+    if history:
+        console.print(f"resuming: {len(history)} recorded evaluations will be replayed, not redone", highlight=False)
+
+    log = log_path.open("w", encoding="utf-8")
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[best]}"),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task("searching", total=job.budget, best="")
+
+    def on_progress(p: Any) -> None:
+        log.write(json.dumps(p.evaluation.to_json()) + "\n")
+        log.flush()
+        best = p.best
+        progress.update(
+            task,
+            completed=p.done,
+            best=f"best: reward {best.reward:.3f} ({best.metric} {best.quality:.3f}, {best.speedup:.2f}x) | front {p.front_size}",
+        )
+
+    try:
+        with progress:
+            result = run_job(job, objective=obj, callbacks=[on_progress], history=history)
+    finally:
+        log.close()
+    if result.stop_reason == "interrupted":
+        err_console.print(f"interrupted: keeping the {len(result.evaluations)} evaluations done", highlight=False)
+    if result.finetuned:
+        console.print(f"fine-tuned the top {len(result.finetuned)} front points ({job.finetune_steps} steps)")
+    with console.status("exporting the best model (ONNX verified and re-measured in ONNX Runtime)..."):
+        files = write_outputs(
+            result,
+            out,
+            example_inputs=obj.example_inputs,
+            select=job.select,
+            max_quality_drop=job.max_quality_drop,
+            max_latency_ratio=job.max_latency_ratio,
+            export_formats=job.export_formats,
+        )
+    _print_front(result, job.select, job.max_quality_drop, job.max_latency_ratio)
+    console.print(
+        f"wrote {', '.join(sorted(str(Path(p).relative_to(out)) for p in files.values()))} in {out}/", highlight=False
+    )
+    if result.stop_reason == "interrupted":
+        raise typer.Exit(130)
+
+
+def _print_front(result: Any, select: str, max_quality_drop: float, max_latency_ratio: float) -> None:
+    best = result.best(select, max_quality_drop=max_quality_drop, max_latency_ratio=max_latency_ratio)
+    table = Table(
+        title=f"Pareto front ({len(result.evaluations)} evaluations, {result.strategy}, stop: {result.stop_reason})"
+    )
+    for col in ("#", "stage", "quality", "drop", "latency", "speed-up", "MACs", "params", ""):
+        table.add_column(col)
+    for e in result.front():
+        table.add_row(
+            str(e.index),
+            "unpruned" if e.index == 0 else e.stage,
+            f"{e.quality:.4f}",
+            f"{100 * e.quality_drop:.1f}%",
+            f"{e.latency_ms:.3f} ms",
+            f"{e.speedup:.2f}x",
+            f"{e.macs:,}",
+            f"{e.params:,}",
+            "best" if e is best else "",
+        )
+    console.print(table)
+
+
+@app.command()
+@_guard
+def strategies() -> None:
+    """List the search strategies."""
+    from autoprune.job import strategy_summaries
+
+    for name, summary in strategy_summaries():
+        console.print(f"{name:<14} {summary}", highlight=False)
 
 
 @app.command()
