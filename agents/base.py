@@ -136,6 +136,7 @@ class SearchSession:
             if e.stage == "search" and e.index > 0:
                 self._history.setdefault(e.plan, []).append(e)
         self.replayed = 0
+        self._front: list[Evaluation] = []
         self.started = time.perf_counter()
         self.stop_reason: str | None = None
 
@@ -177,9 +178,12 @@ class SearchSession:
     def plan(self, ratios: Mapping[str, float]) -> Plan:
         return self.objective.plan(self.space.clip(ratios))
 
-    def evaluate(self, ratios_or_plan: Mapping[str, float] | Plan) -> Evaluation:
-        """Evaluate one candidate (or answer it from the history); raises :class:`SearchStopped` when done."""
-        if self.should_stop():
+    def evaluate(self, ratios_or_plan: Mapping[str, float] | Plan, *, checked: bool = False) -> Evaluation:
+        """Evaluate one candidate (or answer it from the history); raises :class:`SearchStopped` when done.
+
+        ``checked=True`` skips the stop check (the caller has just made it, between its ask and this call).
+        """
+        if not checked and self.should_stop():
             raise SearchStopped(self.stop_reason)
         from autoprune.plan import Plan
 
@@ -194,7 +198,9 @@ class SearchSession:
         evaluation = dataclasses.replace(evaluation, index=len(self.evaluations) + 1)
         self.evaluations.append(evaluation)
         best = max(self.evaluations, key=lambda e: e.reward)
-        front = pareto_front([self.objective.baseline, *self.evaluations])
+        # incremental: a point dominated once stays dominated, so the new front comes from the old one
+        self._front = pareto_front([*(self._front or [self.objective.baseline]), evaluation])
+        front = self._front
         progress = Progress(
             done=len(self.evaluations),
             total=self.budget.evaluations,
@@ -221,6 +227,10 @@ class RecordingObjective:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session.objective, name)
+
+    def plan(self, ratios: Mapping[str, float], **extra: Any) -> Plan:
+        """Plans through the session's space: clipped to ``[0, max_ratio]`` and rounded like every strategy's."""
+        return self._session.plan(ratios)
 
     def __call__(self, plan: Plan | Mapping[str, float]) -> Evaluation:
         return self._session.evaluate(plan)
@@ -267,7 +277,7 @@ class AskTellStrategy(ABC):
                 session.interrupt("exhausted")
                 break
             ratios = session.space.clip(asked)
-            evaluation = session.evaluate(ratios)
+            evaluation = session.evaluate(ratios, checked=True)  # every asked candidate is evaluated and told
             self.tell(ratios, evaluation)
 
 
