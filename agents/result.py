@@ -48,14 +48,20 @@ class SearchResult:
         ``stage="search"`` restricts to the search's own figures; by default fine-tuned points take part and
         carry ``stage == "finetuned"``.
         """
-        pool = [self.baseline, *self.evaluations] if stage == "search" else self.all_evaluations
+        return pareto_front(self._pool(stage), with_size=with_size)
+
+    def _pool(self, stage: str | None) -> list[Evaluation]:
+        if stage is None:
+            return self.all_evaluations
+        if stage == "search":
+            return [self.baseline, *self.evaluations]
         if stage == "finetuned":
-            pool = [self.baseline, *self.finetuned]
-        return pareto_front(pool, with_size=with_size)
+            return [self.baseline, *self.finetuned]
+        raise InvalidConfigError(f"unknown stage {stage!r}; choose search or finetuned (or None for all)")
 
     def hypervolume(self, *, stage: str | None = "search") -> float:
-        pool = [self.baseline, *self.evaluations] if stage == "search" else self.all_evaluations
-        return hypervolume(pool)
+        """Hypervolume of (quality, latency ratio) over the baseline and the ``stage`` points (None: all)."""
+        return hypervolume(self._pool(stage))
 
     def best(
         self,
@@ -82,6 +88,7 @@ class SearchResult:
         return max(ok, key=lambda e: (e.quality, -e.latency_ratio)) if ok else self.baseline
 
     def point(self, index: int, *, stage: str = "search") -> Evaluation:
+        """The evaluation with this index and stage (fine-tuned points keep their search point's index)."""
         for e in self.all_evaluations:
             if e.index == index and (e.stage == stage or (index == 0 and stage == "search")):
                 return e
@@ -96,6 +103,10 @@ class SearchResult:
     def materialize(self, point: Evaluation | int) -> nn.Module:
         """The pruned (and recovered, or fine-tuned for fine-tuned points) model of a point, rebuilt from its plan."""
         evaluation = self.point(point) if isinstance(point, int) else point
+        if evaluation.index == 0 and evaluation.stage == "search":
+            import copy
+
+            return copy.deepcopy(self._objective().base).eval()  # the unpruned model exactly as measured
         recovery = recovery_from_extra(evaluation.extra)
         return self._objective().materialize(evaluation.plan, recovery=recovery)
 

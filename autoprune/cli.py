@@ -394,7 +394,7 @@ def search(
     job = JobSpec.from_mapping(merged)  # validates everything before any work starts
 
     log_path = out / "evaluations.jsonl"
-    history = []
+    history: list[Any] = []
     if log_path.exists() and not resume:
         _fail(f"{out} already holds a search; pass --resume to continue it, or choose another --out")
     if resume and log_path.exists():
@@ -403,12 +403,11 @@ def search(
         for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    history.append(Evaluation.from_json(json.loads(line)))
+                    recorded = Evaluation.from_json(json.loads(line))
                 except (ValueError, KeyError, TypeError) as exc:
                     _fail(f"{log_path}:{n} is not an evaluation record ({exc})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.json").write_text(json.dumps(job.to_json(), indent=2), encoding="utf-8")
-
+                if recorded.stage == "search" and recorded.index > 0:  # the baseline is re-measured, not replayed
+                    history.append(recorded)
     console.print(f"[bold]autoprune search[/] {job.model} on {job.data} with {job.strategy}", highlight=False)
     with console.status("loading the model and measuring the unpruned baseline..."):
         obj = job.build_objective(log=lambda m: err_console.print(f"note: {m}", highlight=False))
@@ -419,6 +418,8 @@ def search(
         f"{len(obj.group_names)} prunable groups",
         highlight=False,
     )
+    out.mkdir(parents=True, exist_ok=True)  # only now: a job that cannot start leaves nothing behind
+    (out / "job.json").write_text(json.dumps(job.to_json(), indent=2), encoding="utf-8")
     if history:
         console.print(f"resuming: {len(history)} recorded evaluations will be replayed, not redone", highlight=False)
 
