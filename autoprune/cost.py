@@ -4,14 +4,21 @@ MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), which s
 convolutions a forward runs, including those inside recurrent layers (Torch-Pruning's counter over-counts
 LSTMs ~65x). The fused fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` hides its
 matmuls from the counter, so it is disabled while counting (it is not while measuring latency).
+
+Counting runs a forward under the counter, which costs several times the forward itself. For the many pruned
+candidates of one base model, :class:`MacProfile` gives the same figure without any forward when every MAC of
+the base model is done by plain convolution / linear layers (whose MACs are proportional to their weight's
+size at fixed input and spatial size, which channel pruning does not change); the safetensors size is
+likewise computed from the tensors' shapes (:func:`weights_size`) instead of serializing the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +123,112 @@ def serialize_weights(model: nn.Module) -> bytes:
         return safetensors_save({k: v.clone() for k, v in state.items()})
 
 
+_SAFETENSORS_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    dtype: (name, rank)
+    for rank, (dtype, name) in enumerate(
+        [
+            (torch.bool, "BOOL"),
+            (torch.uint8, "U8"),
+            (torch.int8, "I8"),
+            (torch.float8_e5m2, "F8_E5M2"),
+            (torch.float8_e4m3fn, "F8_E4M3"),
+            (torch.int16, "I16"),
+            (torch.uint16, "U16"),
+            (torch.float16, "F16"),
+            (torch.bfloat16, "BF16"),
+            (torch.int32, "I32"),
+            (torch.uint32, "U32"),
+            (torch.float32, "F32"),
+            (torch.complex64, "C64"),
+            (torch.float64, "F64"),
+            (torch.int64, "I64"),
+            (torch.uint64, "U64"),
+        ]
+    )
+}
+"""Torch dtype -> (safetensors dtype name, rank in safetensors' ``Dtype`` order, which sorts the header)."""
+
+
+def weights_size(model: nn.Module) -> int:
+    """``len(serialize_weights(model))`` computed from the state dict's shapes, without copying any data.
+
+    A safetensors file is an 8-byte length, a JSON header padded with spaces to a multiple of 8, then the
+    tensors' bytes; the header lists the tensors by descending dtype then name, each with its byte offsets.
+    Falls back to serializing for anything unusual (a dtype not in the table, a value that is not a dense
+    tensor). ``tests/autoprune/test_objective.py`` checks the two agree.
+    """
+    entries: list[tuple[int, str, str, list[int], int]] = []
+    for name, value in model.state_dict().items():
+        known = isinstance(value, torch.Tensor) and value.layout == torch.strided
+        spec = _SAFETENSORS_DTYPES.get(value.dtype) if known else None
+        if spec is None:
+            return len(serialize_weights(model))
+        entries.append((-spec[1], name, spec[0], list(value.shape), value.numel() * value.element_size()))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for _, name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + text + (-text) % 8 + offset
+
+
+_PROPORTIONAL_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+"""Exact layer types whose MACs are ``weight.numel()`` times a factor that channel pruning does not change
+(batch x output positions for convolutions and linear layers, input positions for transposed ones)."""
+
+
+@dataclass(frozen=True)
+class MacProfile:
+    """MACs of pruned variants of one base model, derived from the base model's count without a forward.
+
+    Valid only when plain conv / linear layers (exact types) account for every MAC the counter saw in the base
+    model: the pruned model's MACs are then each layer's base MACs scaled by its weight's new size. Build it
+    with :meth:`of`, which returns ``None`` for models it cannot describe (attention, recurrent layers, matmuls
+    in a custom forward), and count those with :func:`count_macs`.
+    """
+
+    layers: tuple[tuple[str, int, int], ...]
+    """``(qualified name, base MACs, base weight numel)`` of every layer that does MACs."""
+
+    @classmethod
+    def of(cls, model: nn.Module, total: int, per_module: Mapping[str, int]) -> MacProfile | None:
+        """The profile of ``model`` from its :func:`count_macs` result, or ``None`` if it does not apply."""
+        modules = dict(model.named_modules())
+        layers = []
+        for name, macs in per_module.items():
+            module = modules.get(name)
+            if macs and module is not None and type(module) in _PROPORTIONAL_LAYERS:
+                numel = module.weight.numel()
+                if not numel or macs % numel:
+                    return None
+                layers.append((name, macs, numel))
+        if not layers or sum(macs for _, macs, _ in layers) != total:
+            return None
+        return cls(tuple(layers))
+
+    def macs(self, model: nn.Module) -> int | None:
+        """MACs of ``model`` (a pruned copy of the base model), or ``None`` if its layers do not match."""
+        modules = dict(model.named_modules())
+        total = 0
+        for name, macs, numel in self.layers:
+            module = modules.get(name)
+            weight = getattr(module, "weight", None) if type(module) in _PROPORTIONAL_LAYERS else None
+            if not isinstance(weight, torch.Tensor):
+                return None
+            total += macs // numel * weight.numel()
+        return total
+
+
 def measure_cost(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -123,17 +236,15 @@ def measure_cost(
     macs: int | None = None,
     compress: bool = True,
 ) -> Cost:
-    """Static cost of ``model``. Pass ``macs`` if already counted; ``compress=False`` skips the zlib pass
-    (``compressed_bytes`` is then the plain size: dense weights do not compress much)."""
+    """Static cost of ``model``. Pass ``macs`` if already counted; ``compress=False`` skips serializing and the
+    zlib pass (``compressed_bytes`` is then the plain size: dense weights do not compress much)."""
     if macs is None:
         macs, _ = count_macs(model, example_inputs)
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    blob = serialize_weights(model)
-    return Cost(
-        macs=macs,
-        params=params,
-        nonzero_params=nonzero,
-        size_bytes=len(blob),
-        compressed_bytes=len(zlib.compress(blob, 1)) if compress else len(blob),
-    )
+    if compress:
+        blob = serialize_weights(model)
+        size, compressed = len(blob), len(zlib.compress(blob, 1))
+    else:
+        size = compressed = weights_size(model)
+    return Cost(macs=macs, params=params, nonzero_params=nonzero, size_bytes=size, compressed_bytes=compressed)

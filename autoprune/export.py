@@ -2,8 +2,9 @@
 
 Formats:
 
-* ``onnx``: exported with torch's exporter, loaded in ONNX Runtime and its outputs compared with torch's
-  within a tolerance (an :class:`ExportError` otherwise);
+* ``onnx``: exported with torch's exporter with a dynamic ``batch`` axis (any batch size runs), loaded in
+  ONNX Runtime and its outputs compared with torch's within a tolerance, at the example inputs' batch size
+  and at another one (an :class:`ExportError` otherwise);
 * ``safetensors`` (+ ``plan.json``): the pruned weights and the plan; :func:`load_pruned` rebuilds the model
   by re-applying the plan to the base model and loading the weights (no pickle, no Python class needed
   beyond the base architecture);
@@ -32,7 +33,7 @@ from autoprune.latency import Latency, LatencyConfig, Meter, batched
 from autoprune.models.weights import load_weights, weights_to_bytes
 from autoprune.plan import Plan
 from autoprune.pruning import apply_plan
-from autoprune.runtime import onnx_bytes, ort_feed, ort_session
+from autoprune.runtime import onnx_bytes, onnx_has_dynamic_batch, ort_feed, ort_session
 
 FORMATS = ("onnx", "safetensors", "pt2")
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -73,24 +74,61 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def verify_onnx(model: nn.Module, model_bytes: bytes, example_inputs: Inputs, *, atol: float = 1e-4) -> float:
-    """Run the ONNX model in ONNX Runtime and compare with torch; returns the max abs difference."""
-    session = ort_session(model_bytes, threads=1)
+def _other_batch(example_inputs: Inputs, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``batch_size`` samples cycled from the example inputs. Values are not perturbed: inputs may encode
+    token ids or other values a model only accepts as they are."""
+    return tuple(
+        t.repeat(-(-batch_size // t.shape[0]), *([1] * (t.ndim - 1)))[:batch_size] for t in as_tuple(example_inputs)
+    )
+
+
+def _torch_output(model: nn.Module, inputs: Inputs) -> np.ndarray:
     with eval_mode(model), torch.no_grad():
-        expected = model(*as_tuple(example_inputs))
-    expected_t = expected[0] if isinstance(expected, tuple) else expected
-    got = session.run(None, ort_feed(session, example_inputs))[0]
-    diff = float(np.max(np.abs(got - expected_t.detach().cpu().numpy()))) if got.size else 0.0
+        out = model(*as_tuple(inputs))
+    out_t = out[0] if isinstance(out, tuple) else out
+    return out_t.detach().cpu().numpy()
+
+
+def _compare(session: Any, expected: np.ndarray, inputs: Inputs, atol: float) -> float:
+    got = session.run(None, ort_feed(session, inputs))[0]
+    if got.shape != expected.shape:
+        raise ExportError(f"ONNX Runtime output has shape {got.shape}, torch's {expected.shape}")
+    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     scale = float(np.max(np.abs(got))) if got.size else 0.0
     if not np.isfinite(diff) or diff > atol * max(1.0, scale):
         raise ExportError(f"ONNX Runtime output differs from torch by {diff:.3g} (tolerance {atol:g})")
     return diff
 
 
+def verify_onnx(
+    model: nn.Module, model_bytes: bytes, example_inputs: Inputs, *, atol: float = 1e-4, other_batch: int = 3
+) -> float:
+    """Run the ONNX model in ONNX Runtime and compare with torch; returns the max abs difference.
+
+    A file with a dynamic batch axis is also checked at ``other_batch`` samples (0 skips it), which catches a
+    batch size baked into the graph by tracing; skipped if the torch model itself does not run at that size."""
+    session = ort_session(model_bytes, threads=1)
+    diff = _compare(session, _torch_output(model, example_inputs), example_inputs, atol)
+    if other_batch and onnx_has_dynamic_batch(session):
+        inputs = _other_batch(example_inputs, other_batch)
+        try:
+            expected = _torch_output(model, inputs)
+        except Exception:  # the first dimension is not a batch for the model itself: nothing to compare with
+            return diff
+        try:
+            diff = max(diff, _compare(session, expected, inputs, atol))
+        except ExportError as exc:
+            raise ExportError(f"at batch size {other_batch}: {exc}") from exc
+        except Exception as exc:  # ONNX Runtime rejects shapes baked into the graph with its own errors
+            raise ExportError(f"ONNX Runtime cannot run the model at batch size {other_batch}: {exc}") from exc
+    return diff
+
+
 def export_onnx(
-    model: nn.Module, example_inputs: Inputs, *, atol: float = 1e-4, dynamo: bool = True
+    model: nn.Module, example_inputs: Inputs, *, atol: float = 1e-4, dynamo: bool = True, dynamic_batch: bool = True
 ) -> tuple[bytes, float]:
-    data = onnx_bytes(model, example_inputs, dynamo=dynamo)
+    """ONNX bytes of ``model`` (by default with a dynamic batch axis), verified in ONNX Runtime."""
+    data = onnx_bytes(model, example_inputs, dynamo=dynamo, dynamic_batch=dynamic_batch)
     return data, verify_onnx(model, data, example_inputs, atol=atol)
 
 
@@ -154,15 +192,19 @@ def export_model(
     diff: float | None = None
     measured: Latency | None = None
     base_ms: float | None = None
+    notes: list[str] = []
     if "onnx" in formats:
         data, diff = export_onnx(model, example_inputs, atol=atol)
         _atomic_write(out / f"{stem}.onnx", data)
         files["onnx"] = str(out / f"{stem}.onnx")
+        if not onnx_has_dynamic_batch(ort_session(data, 1)):
+            notes.append(f"{stem}.onnx has a fixed batch size: the model did not export with a dynamic one")
         if base is not None:
             cfg = latency or LatencyConfig(runtime="onnxruntime")
             if cfg.runtime != "onnxruntime":
                 cfg = LatencyConfig(**{**asdict(cfg), "runtime": "onnxruntime"})
-            base_bytes = onnx_bytes(base, example_inputs, dynamo=True)
+            # exported the same way as the candidate, so that both files are timed on equal terms
+            base_bytes = onnx_bytes(base, example_inputs, dynamo=True, dynamic_batch=True)
             inputs = batched(example_inputs, cfg.batch_size)
             cand = ort_session(data, cfg.threads)
             ref = ort_session(base_bytes, cfg.threads)
@@ -175,4 +217,4 @@ def export_model(
     if "pt2" in formats:
         export_pt2(model, example_inputs, out / f"{stem}.pt2")
         files["pt2"] = str(out / f"{stem}.pt2")
-    return ExportReport(files=files, max_abs_diff=diff, latency=measured, base_latency_ms=base_ms)
+    return ExportReport(files=files, max_abs_diff=diff, latency=measured, base_latency_ms=base_ms, notes=notes)

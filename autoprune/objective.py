@@ -10,6 +10,7 @@ stage. Every strategy (RL, Optuna, baselines) evaluates candidates through this 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.cost import Cost, measure_cost
+from autoprune.cost import Cost, MacProfile, count_macs, measure_cost
 from autoprune.data import Dataset, check_compatible
 from autoprune.errors import InvalidConfigError
-from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter
+from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter, shape_signature
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
@@ -167,7 +168,15 @@ class Objective:
             self._context = PruningContext(self.base, example_inputs, keep=self.keep, calibration=calibration)
             self.structure = self._context.structure
         self._count = 0
-        self.base_cost: Cost = measure_cost(self.base, example_inputs)
+        base_macs, per_module = count_macs(self.base, example_inputs)
+        self.base_cost: Cost = measure_cost(self.base, example_inputs, macs=base_macs)
+        # MACs of candidates: scaled from the base's per-layer count when the model allows it (no forward),
+        # else counted once per pruned shape (unstructured plans keep the base's shape, hence its MACs)
+        self._mac_profile = MacProfile.of(self.base, base_macs, per_module)
+        self._macs_by_shape: dict[str, int] = {}
+        if self._mac_profile is None:
+            self._macs_by_shape[shape_signature(self.base, example_inputs)] = base_macs
+        self._kept: dict[tuple[str, RecoveryConfig], nn.Module] = {}
         self.base_quality = self._quality(self.base)
         self.baseline = self._evaluate_model(self.base, self.plan({}), {}, index=0)
 
@@ -213,11 +222,34 @@ class Objective:
         return apply_plan(self.base, plan, self.example_inputs, keep=self.keep, calibration=calibration)
 
     def materialize(self, plan: Plan, *, recovery: RecoveryConfig | None = None) -> nn.Module:
-        """Rebuild the pruned and recovered model for ``plan`` (deterministic)."""
+        """Rebuild the pruned and recovered model for ``plan`` (deterministic).
+
+        If ``evaluate(plan, recovery=..., keep_model=True)`` kept the model it evaluated, that model is handed
+        over (once) instead of pruning and recovering again: recovery is deterministic, so the weights are the
+        same, and a fine-tune is not paid twice.
+        """
+        kept = self._kept.pop(self._kept_key(plan, recovery or self.recovery), None)
+        if kept is not None:
+            return kept.eval()
         model = self.prune(plan)
         if self.dataset is not None:
             recover(model, self.dataset, recovery or self.recovery, teacher=self.base)
         return model.eval()
+
+    @staticmethod
+    def _kept_key(plan: Plan, recovery: RecoveryConfig) -> tuple[str, RecoveryConfig]:
+        return json.dumps(plan.to_json(), sort_keys=True), recovery  # a plan's extra may hold unhashable values
+
+    def _macs(self, model: nn.Module) -> int:
+        """MACs of a pruned copy of the base model (the same figure :func:`count_macs` gives)."""
+        if self._mac_profile is not None:
+            macs = self._mac_profile.macs(model)
+            if macs is not None:
+                return macs
+        key = shape_signature(model, self.example_inputs)
+        if key not in self._macs_by_shape:
+            self._macs_by_shape[key] = count_macs(model, self.example_inputs)[0]
+        return self._macs_by_shape[key]
 
     def _quality(self, model: nn.Module) -> float:
         return float(self.metric(model, self.dataset, reference=self.base, batch_size=self.eval_batch_size))  # type: ignore[arg-type]
@@ -237,19 +269,30 @@ class Objective:
         *,
         recovery: RecoveryConfig | None = None,
         stage: str = "search",
+        keep_model: bool = False,
     ) -> Evaluation:
+        """Prune, recover, evaluate and measure ``plan``.
+
+        ``keep_model=True`` keeps the recovered model so that the next ``materialize(plan, recovery=...)``
+        returns it instead of rebuilding it (worth it after a long fine-tune; the objective holds the model
+        until then).
+        """
         if not isinstance(plan, Plan):
             plan = self.plan(plan)
+        recovery = recovery or self.recovery
         timings: dict[str, float] = {}
         start = time.perf_counter()
         model = self.prune(plan)
         timings["prune"] = time.perf_counter() - start
         t = time.perf_counter()
         if self.dataset is not None:
-            recover(model, self.dataset, recovery or self.recovery, teacher=self.base)
+            recover(model, self.dataset, recovery, teacher=self.base)
         timings["recover"] = time.perf_counter() - t
         self._count += 1
-        return self._evaluate_model(model, plan, timings, index=self._count, stage=stage, start=start)
+        evaluation = self._evaluate_model(model, plan, timings, index=self._count, stage=stage, start=start)
+        if keep_model:
+            self._kept[self._kept_key(plan, recovery)] = model
+        return evaluation
 
     def evaluate_model(self, model: nn.Module, plan: Plan, *, stage: str) -> Evaluation:
         """Evaluate an already pruned model (e.g. after a longer fine-tune) as ``plan``."""
@@ -278,7 +321,9 @@ class Objective:
         cost = (
             self.base_cost
             if index == 0
-            else measure_cost(model, self.example_inputs, compress=plan.method == "unstructured")
+            else measure_cost(
+                model, self.example_inputs, macs=self._macs(model), compress=plan.method == "unstructured"
+            )
         )
         timings["cost"] = time.perf_counter() - t
         base_ms = self.baseline.latency.median_ms if index else latency.median_ms

@@ -36,27 +36,44 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def onnx_bytes(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...], *, dynamo: bool) -> bytes:
+def onnx_bytes(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    dynamo: bool,
+    dynamic_batch: bool = False,
+) -> bytes:
     """Export ``model`` to an in-memory ONNX model.
 
     ``dynamo=False`` uses the TorchScript exporter (~0.2 s a small model, used inside the search loop);
     ``dynamo=True`` the torch.export-based one (2-5 s, used for the exported artefact). If the preferred
     exporter fails the other one is tried before giving up.
+
+    ``dynamic_batch=True`` names the first dimension of every input and of the output ``batch`` so that the
+    file runs at any batch size. The model is then traced at batch 2 (torch.export specialises a batch of 1
+    to a constant, and tracing at another size than the example's lets a verification at the example's size
+    catch a batch size baked into the graph). If neither exporter manages a dynamic batch, a fixed-batch
+    export is returned: check with :func:`onnx_has_dynamic_batch`.
     """
     args = as_tuple(example_inputs)
     names = [f"input_{i}" if i else "input" for i in range(len(args))]
+    attempts = [(dynamo, True), (not dynamo, True)] if dynamic_batch else []
+    attempts += [(dynamo, False), (not dynamo, False)]
     errors: list[str] = []
-    for use_dynamo in (dynamo, not dynamo):
+    for use_dynamo, dynamic in attempts:
+        traced = tuple(t[:1].expand(2, *t.shape[1:]).contiguous() for t in args) if dynamic else args
         try:
             with warnings.catch_warnings(), _quiet_onnx_logs(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 if use_dynamo:
+                    batch = torch.export.Dim("batch")
                     program = torch.onnx.export(
                         model.eval(),
-                        args,
+                        traced,
                         dynamo=True,
                         input_names=names,
                         output_names=["output"],
+                        dynamic_shapes=tuple({0: batch} for _ in traced) if dynamic else None,
                         verbose=False,
                     )
                     assert program is not None
@@ -64,16 +81,23 @@ def onnx_bytes(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tens
                 buffer = io.BytesIO()
                 torch.onnx.export(  # the TorchScript exporter writes to file objects too
                     model.eval(),
-                    args,
+                    traced,
                     buffer,  # type: ignore[arg-type]
                     dynamo=False,
                     input_names=names,
                     output_names=["output"],
+                    dynamic_axes={n: {0: "batch"} for n in [*names, "output"]} if dynamic else None,
                 )
                 return buffer.getvalue()
         except Exception as exc:  # exporters raise a variety of internal errors
-            errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+            kind = ("dynamo" if use_dynamo else "torchscript") + (" (dynamic batch)" if dynamic else "")
+            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
     raise ExportError("ONNX export failed: " + " | ".join(e.splitlines()[0] for e in errors))
+
+
+def onnx_has_dynamic_batch(session: Any) -> bool:
+    """Whether every input of an ONNX Runtime session takes any batch size (a named or unknown first axis)."""
+    return all(spec.shape and not isinstance(spec.shape[0], int) for spec in session.get_inputs())
 
 
 @contextlib.contextmanager
@@ -123,7 +147,8 @@ def make_runner(
     """A callable running one forward of ``model`` on ``example_inputs`` in the given runtime."""
     if runtime == "torch":
         args = as_tuple(example_inputs)
-        model = model.eval()
+        if any(m.training for m in model.modules()):  # cheaper than eval() on a model that is already in eval
+            model.eval()
 
         def run_torch() -> Any:
             with torch.inference_mode():

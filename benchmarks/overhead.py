@@ -6,6 +6,10 @@ with the *floor*: the forward passes that cannot be avoided (BatchNorm re-estima
 pass over the validation split, re-timed bare on the same pruned model) plus the timing runs themselves
 (warm-up and repeats of the candidate and of the interleaved unpruned model). Overhead = total - floor.
 
+The floor is conservative: its forward passes are re-timed *after* the evaluation, on warm caches (oneDNN
+creates a primitive per new layer shape and batch size on first use, ~0.5-1 ms a forward here), so that
+first-use cost of each new pruned shape counts as overhead; the timing runs are counted at their medians.
+
     .venv/bin/python benchmarks/overhead.py [--candidates 6]
 """
 

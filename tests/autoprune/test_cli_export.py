@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -119,3 +120,58 @@ def test_verify_onnx_catches_a_wrong_model(workload) -> None:
     wrong = onnx_bytes(other, workload.example_inputs, dynamo=False)
     with pytest.raises(ExportError):
         verify_onnx(workload.model, wrong, workload.example_inputs)
+
+
+def test_exported_onnx_has_a_dynamic_batch_axis(workload, tmp_path: Path) -> None:
+    names = analyze(workload.model, workload.example_inputs).names
+    plan = Plan.uniform(names, 0.5, round_to=8)
+    pruned = apply_plan(workload.model, plan, workload.example_inputs)
+    report = export_model(pruned, workload.example_inputs, tmp_path, plan=plan, formats=("onnx",))
+    assert report.notes == []
+    session = ort.InferenceSession(report.files["onnx"], providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    assert session.get_outputs()[0].shape[0] == "batch"
+    for batch in (1, 3):
+        x = workload.dataset.x_val[:batch]
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = pruned(x).numpy()
+        assert got.shape == expected.shape == (batch, 10)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_onnx_bytes_keeps_a_fixed_batch_unless_asked(workload) -> None:
+    fixed = onnx_bytes(workload.model, workload.example_inputs, dynamo=False)
+    session = ort.InferenceSession(fixed, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 1
+    dynamic = onnx_bytes(workload.model, workload.example_inputs, dynamo=False, dynamic_batch=True)
+    session = ort.InferenceSession(dynamic, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    assert verify_onnx(workload.model, dynamic, workload.example_inputs) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python integer:torch.jit.TracerWarning")
+def test_verify_onnx_catches_a_batch_size_baked_into_the_graph(workload) -> None:
+    class Baked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(40, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(int(x.shape[0]), -1))  # the tracer records the int as a constant
+
+    model = Baked().eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (workload.example_inputs,),
+        buffer,
+        dynamo=False,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+    )
+    assert verify_onnx(model, buffer.getvalue(), workload.example_inputs, other_batch=0) < 1e-4
+    with pytest.raises(ExportError, match="batch size 3"):
+        verify_onnx(model, buffer.getvalue(), workload.example_inputs)

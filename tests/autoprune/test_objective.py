@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from autoprune.cost import count_macs, serialize_weights, weights_size
 from autoprune.data import Dataset, load_dataset
 from autoprune.errors import DatasetError, InvalidConfigError, InvalidPlanError
 from autoprune.latency import DeterministicMeter
 from autoprune.models.registry import build_model, example_inputs
 from autoprune.objective import Evaluation, Objective
 from autoprune.pareto import ParetoArchive, hypervolume, pareto_front
+from autoprune.recovery import RecoveryConfig
 from autoprune.reward import FORMS, RewardConfig, compute_reward
 
 STAGES = {"prune", "recover", "evaluate", "measure", "cost", "total"}
@@ -168,6 +170,67 @@ def test_evaluate_model_takes_an_already_pruned_model(digits_objective: Objectiv
     assert e.stage == "finetuned"
     assert e.index > half.index
     assert e.quality == half.quality and e.macs == half.macs
+
+
+def test_kept_model_is_handed_to_materialize_once(digits_objective: Objective, half: Evaluation) -> None:
+    obj = digits_objective
+    tuned = RecoveryConfig(finetune_steps=2, distill=True)
+    e = obj.evaluate(half.plan, recovery=tuned, stage="finetuned", keep_model=True)
+    kept = obj.materialize(half.plan, recovery=tuned)
+    rebuilt = obj.materialize(half.plan, recovery=tuned)  # handed over once: this one is rebuilt
+    assert kept is not rebuilt
+    assert _same_weights(kept, rebuilt)  # recovery is deterministic: the kept model is the rebuilt one
+    assert not kept.training
+    assert obj.metric(kept, obj.dataset, reference=obj.base, batch_size=obj.eval_batch_size) == e.quality
+    assert not _same_weights(kept, obj.materialize(half.plan))  # other recovery: not the kept model
+
+
+# ------------------------------------------------------------------------------------- static costs
+
+COST_ARCHS: dict[str, dict[str, int]] = {
+    "resnet20": {"image_size": 8, "in_channels": 1},
+    "mobilenetv2": {"image_size": 8},
+    "mlp": {},
+    "cnn1d": {"in_channels": 1, "seq_len": 40},
+    "transformer": {"in_channels": 1, "seq_len": 40},
+    "lstm": {"in_channels": 1, "seq_len": 40},
+}
+
+
+@pytest.mark.parametrize("arch", COST_ARCHS)
+def test_candidate_costs_are_those_counted_and_serialized(arch: str) -> None:
+    """MACs without a forward (scaled per layer, or cached per shape) and the safetensors size without
+    serializing give exactly the figures of FlopCounterMode and of the written file."""
+    torch.manual_seed(0)
+    model = build_model(arch, **COST_ARCHS[arch]).eval()
+    x = example_inputs(model)
+    obj = Objective(model, x, None, metric=lambda m: 1.0, latency=DeterministicMeter())
+    # plain conv / linear models are scaled; attention and recurrent layers are counted
+    assert (obj._mac_profile is not None) == (arch not in {"transformer", "lstm"})
+    assert weights_size(obj.base) == len(serialize_weights(obj.base)) == obj.base_cost.size_bytes
+    for ratios in (dict.fromkeys(obj.group_names, 0.25), dict.fromkeys(obj.group_names[::2], 0.6)):
+        e = obj(ratios)
+        pruned = obj.prune(e.plan)
+        assert e.macs == count_macs(pruned, x)[0] < e.base_macs
+        assert e.size_bytes == len(serialize_weights(pruned)) == e.compressed_bytes
+        assert obj(ratios).macs == e.macs  # a shape seen before
+
+
+def test_weights_size_matches_safetensors_for_mixed_dtypes_and_shared_tensors() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+            self.b = self.a  # shared: written twice
+            self.half = nn.Conv1d(2, 4, 3).to(torch.float16)
+            self.register_buffer("steps", torch.tensor(7))
+            self.register_buffer("flags", torch.ones(3, dtype=torch.bool))
+            self.register_buffer("wide", torch.zeros(2, 2, dtype=torch.float64))
+            self.register_buffer("empty", torch.zeros(0, 4))
+            self.register_buffer("bf", torch.zeros(11, dtype=torch.bfloat16))
+
+    for model in (Mixed(), nn.ReLU(), nn.BatchNorm2d(3)):
+        assert weights_size(model) == len(serialize_weights(model))
 
 
 # ----------------------------------------------------------------------------------------------- rewards
