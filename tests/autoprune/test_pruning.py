@@ -620,3 +620,35 @@ def test_unstructured_refuses_unknown_or_mixed_layers(cnn: tuple[nn.Module, torc
         apply_plan(model, Plan({"classifier": 0.5}, method="unstructured"), x)
     with pytest.raises(InvalidPlanError, match="cannot also name layers"):
         apply_plan(model, Plan({GLOBAL: 0.5, "features.0": 0.1}, method="unstructured"), x)
+
+
+def test_clone_module_is_a_real_deep_copy() -> None:
+    import torch
+    from torch import nn
+
+    from autoprune.pruning.structured import _plainly_copyable, clone_module
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4), lin)
+    model[4].weight = lin.weight  # tied
+    calls: list[int] = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    assert _plainly_copyable(model)
+    clone = clone_module(model)
+    x = torch.randn(2, 1, 10)
+    assert torch.equal(model.eval()(x), clone.eval()(x))
+    assert clone[4].weight is clone[5].weight and clone[4].weight is not lin.weight
+    assert isinstance(clone[4].weight, nn.Parameter) and clone[4].weight.requires_grad
+    with torch.no_grad():
+        clone[0].weight.zero_()
+    clone[1].running_mean.add_(1.0)
+    assert model[0].weight.abs().sum() > 0 and torch.equal(model[1].running_mean, torch.zeros(4))
+    clone._forward_hooks.clear()
+    assert len(model._forward_hooks) == 1  # hook dicts are copied, not shared
+    clone[0].out_channels = 2
+    assert model[0].out_channels == 4
+    # RNNs keep flat-weight lists: they go through copy.deepcopy
+    assert not _plainly_copyable(nn.Sequential(nn.LSTM(4, 4)))
+    rnn = nn.LSTM(4, 4)
+    assert clone_module(rnn).weight_hh_l0 is not rnn.weight_hh_l0
