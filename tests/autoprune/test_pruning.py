@@ -630,16 +630,18 @@ def test_clone_module_is_a_real_deep_copy() -> None:
 
     torch.manual_seed(0)
     lin = nn.Linear(4, 4)
-    model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4), lin)
-    model[4].weight = lin.weight  # tied
+    model = nn.Sequential(
+        nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(32, 4), nn.Linear(4, 4), lin
+    )
+    model[5].weight = lin.weight  # tied
     calls: list[int] = []
     model.register_forward_hook(lambda *a: calls.append(1))
     assert _plainly_copyable(model)
     clone = clone_module(model)
     x = torch.randn(2, 1, 10)
     assert torch.equal(model.eval()(x), clone.eval()(x))
-    assert clone[4].weight is clone[5].weight and clone[4].weight is not lin.weight
-    assert isinstance(clone[4].weight, nn.Parameter) and clone[4].weight.requires_grad
+    assert clone[5].weight is clone[6].weight and clone[5].weight is not lin.weight
+    assert isinstance(clone[5].weight, nn.Parameter) and clone[5].weight.requires_grad
     with torch.no_grad():
         clone[0].weight.zero_()
     clone[1].running_mean.add_(1.0)
