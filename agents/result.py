@@ -119,7 +119,7 @@ class SearchResult:
         key: str = "reward",
         progress: Callable[[int, int, Evaluation], None] | None = None,
     ) -> list[Evaluation]:
-        """Fine-tune the top ``k`` front points (by ``key``), re-evaluate and re-measure them.
+        """Fine-tune the top ``k`` front points (by ``key``), re-evaluate and re-measure them (not from the cache).
 
         The new evaluations have ``stage == "finetuned"`` and their recovery recipe in ``extra["recovery"]``;
         they join the front next to the search figures. Returns them.
@@ -138,7 +138,7 @@ class SearchResult:
         chosen = sorted(candidates, key=order[key])[:k]
         out = []
         for i, e in enumerate(chosen):
-            tuned = objective.evaluate(e.plan, recovery=recovery, stage="finetuned")
+            tuned = objective.evaluate(e.plan, recovery=recovery, stage="finetuned", remeasure=True)
             tuned = dataclasses.replace(
                 tuned,
                 index=e.index,

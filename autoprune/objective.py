@@ -270,8 +270,12 @@ class Objective:
         recovery: RecoveryConfig | None = None,
         stage: str = "search",
         keep_model: bool = False,
+        remeasure: bool = False,
     ) -> Evaluation:
         """Prune, recover, evaluate and measure ``plan``.
+
+        ``remeasure=True`` times the model again even when its pruned shape is in the latency cache (the
+        new figure replaces the cached one).
 
         ``keep_model=True`` keeps the recovered model so that the next ``materialize(plan, recovery=...)``
         returns it instead of rebuilding it (worth it after a long fine-tune; the objective holds the model
@@ -289,7 +293,9 @@ class Objective:
             recover(model, self.dataset, recovery, teacher=self.base)
         timings["recover"] = time.perf_counter() - t
         self._count += 1
-        evaluation = self._evaluate_model(model, plan, timings, index=self._count, stage=stage, start=start)
+        evaluation = self._evaluate_model(
+            model, plan, timings, index=self._count, stage=stage, start=start, remeasure=remeasure
+        )
         if keep_model:
             self._kept[self._kept_key(plan, recovery)] = model
         return evaluation
@@ -308,6 +314,7 @@ class Objective:
         index: int,
         stage: str = "search",
         start: float | None = None,
+        remeasure: bool = False,
     ) -> Evaluation:
         start = time.perf_counter() if start is None else start
         t = time.perf_counter()
@@ -315,7 +322,12 @@ class Objective:
         timings["evaluate"] = time.perf_counter() - t
         t = time.perf_counter()
         # the base model is timed alone (its ratio is 1 by definition); candidates interleaved with it
-        latency = self.meter.measure(model, self.example_inputs, reference=self.base if index else None)
+        meter = self.meter
+        if remeasure and isinstance(meter, CachedMeter):
+            meter = CachedMeter(meter.meter, cache={})  # time it afresh ...
+        latency = meter.measure(model, self.example_inputs, reference=self.base if index else None)
+        if meter is not self.meter and isinstance(self.meter, CachedMeter) and isinstance(meter, CachedMeter):
+            self.meter.cache.update(meter.cache)  # ... and keep the newest figure for this shape
         timings["measure"] = time.perf_counter() - t
         t = time.perf_counter()
         cost = (

@@ -86,7 +86,9 @@ QUICK_SIZES = {
 }
 
 
-def build_objective(name: str, sizes: Sizes, latency: LatencyConfig, criterion: str) -> tuple[Objective, str]:
+def build_objective(
+    name: str, sizes: Sizes, latency: LatencyConfig, criterion: str, recovery_steps: int = 0
+) -> tuple[Objective, str]:
     """The shared Objective of one workload and a one-line description of it."""
     if name == "minilm":
         import minilm  # benchmarks/minilm.py: this script's directory is on sys.path
@@ -100,7 +102,7 @@ def build_objective(name: str, sizes: Sizes, latency: LatencyConfig, criterion: 
             mw.dataset,
             metric=mw.metric,
             latency=latency,
-            recovery=RecoveryConfig(bn_recalibration_batches=0),  # no BatchNorm in BERT
+            recovery=RecoveryConfig(bn_recalibration_batches=0),  # no BatchNorm in BERT; no labels to fine-tune on
             keep=mw.keep,
             criterion=criterion,
         )
@@ -113,10 +115,14 @@ def build_objective(name: str, sizes: Sizes, latency: LatencyConfig, criterion: 
 
     wl = load_workload(name)
     dataset = wl.dataset.subset(sizes.n_train, sizes.n_val, seed=0)
-    objective = Objective(wl.model, wl.example_inputs, dataset, metric="accuracy", latency=latency, criterion=criterion)
+    recovery = RecoveryConfig(finetune_steps=recovery_steps, distill=True, finetune_lr=2e-3)
+    objective = Objective(
+        wl.model, wl.example_inputs, dataset, metric="accuracy", latency=latency, criterion=criterion, recovery=recovery
+    )
     desc = (
         f"{name}, {dataset.num_val} validation samples, metric accuracy, BatchNorm re-estimated on "
         f"{objective.recovery.bn_recalibration_batches} batches"
+        + (f", {recovery_steps} distilled fine-tune steps per candidate" if recovery_steps else "")
     )
     return objective, desc
 
@@ -297,6 +303,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(names), help=f"comma-separated ({', '.join(names)})")
     p.add_argument("--criterion", default="l1", help="channel importance criterion of every objective (l1)")
     p.add_argument("--max-ratio", type=float, default=0.8, help="largest per-group ratio a strategy may pick")
+    p.add_argument(
+        "--recovery-steps",
+        type=int,
+        default=0,
+        help="distilled fine-tune steps per candidate on the labelled workloads (default 0: BatchNorm only)",
+    )
     p.add_argument("--out", type=Path, help="write every evaluation as JSON lines (replayable with --replay)")
     p.add_argument("--replay", type=Path, help="answer plans recorded in this --out file instead of re-running")
     p.add_argument("--quick", action="store_true", help="smoke mode: budget 3, 2 seeds, small data, 1 s timings")
@@ -328,7 +340,7 @@ def run_workload(
     sizes = (QUICK_SIZES if args.quick else FULL_SIZES)[workload]
     t = time.perf_counter()
     try:
-        objective, desc = build_objective(workload, sizes, latency, args.criterion)
+        objective, desc = build_objective(workload, sizes, latency, args.criterion, args.recovery_steps)
     except ModuleNotFoundError as exc:
         print(f"\n## {workload}\n\nskipped: {exc}\n", flush=True)
         return None

@@ -306,3 +306,21 @@ def test_search_facade_with_a_module_and_an_evaluate_function() -> None:
     pruned = result.materialize(point)
     assert pruned(torch.randn(2, 16)).shape == (2, 4)
     assert sum(p.numel() for p in pruned.parameters()) == point.params
+
+
+def test_finetuned_points_are_timed_again_not_read_from_the_shape_cache(objective: Objective) -> None:
+    from autoprune.latency import CachedMeter, DeterministicMeter
+    from autoprune.objective import Objective as Obj
+    from autoprune.recovery import RecoveryConfig
+
+    cached = Obj(
+        objective.base,
+        objective.example_inputs,
+        objective.dataset,
+        latency=CachedMeter(DeterministicMeter()),
+    )
+    result = run_search(cached, "uniform", 2, max_ratio=0.5)
+    again = cached.evaluate(result.evaluations[-1].plan)
+    assert again.latency.cached  # same shape: the search's figure
+    tuned = result.finetune_front(1, RecoveryConfig(finetune_steps=2))
+    assert not tuned[0].latency.cached  # the final stage measures again
