@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "SearchSpace",
     "Strategy",
     "StrategyInfo",
+    "check_options",
     "check_strategy",
     "list_strategies",
     "make_strategy",
@@ -43,7 +45,24 @@ class StrategyInfo:
     summary: str
     defaults: tuple[tuple[str, Any], ...] = ()
     """Constructor keywords fixed by this name (e.g. the SB3 algorithm)."""
+    options: tuple[str, ...] = ()
+    """Options a user may set (constructor keywords); declared here so that validating them imports nothing.
+    A test checks them against the constructors."""
 
+
+_SB3_OPTIONS = (
+    "baseline_alpha",
+    "batch_size",
+    "episodes_per_update",
+    "gamma",
+    "learning_rate",
+    "n_epochs",
+    "net_arch",
+    "noise_decay",
+    "noise_sigma",
+    "reward_baseline",
+    "warmup_episodes",
+)
 
 STRATEGIES: dict[str, StrategyInfo] = {
     s.name: s
@@ -52,18 +71,37 @@ STRATEGIES: dict[str, StrategyInfo] = {
             "uniform",
             "agents.baselines:UniformSweep",
             "one ratio for every group, swept low to high (the Torch-Pruning user's baseline)",
+            options=("ratios", "step"),
         ),
         StrategyInfo("random", "agents.baselines:RandomSearch", "independent uniform ratios per group"),
-        StrategyInfo("optuna-tpe", "agents.optuna_search:OptunaTPE", "Optuna TPE on the scalar reward"),
         StrategyInfo(
-            "optuna-nsga2", "agents.optuna_search:OptunaNSGA2", "Optuna NSGA-II on (quality, measured latency)"
+            "optuna-tpe",
+            "agents.optuna_search:OptunaTPE",
+            "Optuna TPE on the scalar reward",
+            options=("n_startup_trials", "storage", "study_name"),
         ),
         StrategyInfo(
-            "sb3-ddpg", "agents.rl:SB3Strategy", "DDPG as in AMC, on the LayerPrune env", (("algorithm", "ddpg"),)
+            "optuna-nsga2",
+            "agents.optuna_search:OptunaNSGA2",
+            "Optuna NSGA-II on (quality, measured latency)",
+            options=("population_size", "storage", "study_name"),
         ),
-        StrategyInfo("sb3-td3", "agents.rl:SB3Strategy", "TD3 on the LayerPrune env", (("algorithm", "td3"),)),
-        StrategyInfo("sb3-sac", "agents.rl:SB3Strategy", "SAC on the LayerPrune env", (("algorithm", "sac"),)),
-        StrategyInfo("sb3-ppo", "agents.rl:SB3Strategy", "PPO on the LayerPrune env", (("algorithm", "ppo"),)),
+        StrategyInfo(
+            "sb3-ddpg",
+            "agents.rl:SB3Strategy",
+            "DDPG as in AMC, on the LayerPrune env",
+            (("algorithm", "ddpg"),),
+            _SB3_OPTIONS,
+        ),
+        StrategyInfo(
+            "sb3-td3", "agents.rl:SB3Strategy", "TD3 on the LayerPrune env", (("algorithm", "td3"),), _SB3_OPTIONS
+        ),
+        StrategyInfo(
+            "sb3-sac", "agents.rl:SB3Strategy", "SAC on the LayerPrune env", (("algorithm", "sac"),), _SB3_OPTIONS
+        ),
+        StrategyInfo(
+            "sb3-ppo", "agents.rl:SB3Strategy", "PPO on the LayerPrune env", (("algorithm", "ppo"),), _SB3_OPTIONS
+        ),
     )
 }
 
@@ -85,8 +123,17 @@ def _load(info: StrategyInfo) -> type:
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """:class:`InvalidConfigError` for options the strategy does not have (imports nothing)."""
+    info = check_strategy(name)
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        choices = ", ".join(info.options) or "none"
+        raise InvalidConfigError(f"strategy {name!r} has no option(s) {', '.join(unknown)}; options: {choices}")
+
+
 def strategy_options(name: str) -> dict[str, Any]:
-    """Constructor options a strategy accepts (name -> default), without the ones its name fixes."""
+    """Constructor options a strategy accepts (name -> default), without the ones its name fixes (imports it)."""
     info = check_strategy(name)
     params = inspect.signature(_load(info)).parameters
     fixed = dict(info.defaults)
@@ -100,11 +147,7 @@ def strategy_options(name: str) -> dict[str, Any]:
 def make_strategy(name: str, **options: Any) -> Strategy:
     """Build the strategy called ``name`` with ``options`` (unknown options are an error)."""
     info = check_strategy(name)
-    allowed = strategy_options(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        choices = ", ".join(sorted(allowed)) or "none"
-        raise InvalidConfigError(f"strategy {name!r} has no option(s) {', '.join(unknown)}; options: {choices}")
+    check_options(name, options)
     strategy = _load(info)(**dict(info.defaults), **options)
     strategy.name = name
     return strategy  # type: ignore[no-any-return]

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from autoprune.reward import RewardConfig
 
 SELECTIONS = ("reward", "latency", "quality")
+METRICS = ("accuracy", "agreement", "kl", "cosine")
+"""The quality metrics a job spec may name (``autoprune.quality.metric_names()``; kept here torch-free)."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,8 @@ class JobSpec:
         return data
 
     def validate(self) -> None:
-        """Check every field without loading anything heavy (no torch model, no data)."""
-        from agents import check_strategy, strategy_options
+        """Check every field without loading anything heavy: no torch, no model, no data (the API uses it)."""
+        from agents import check_options
 
         def _int(name: str, lo: int, allow_none: bool = False) -> None:
             v = getattr(self, name)
@@ -154,24 +156,17 @@ class JobSpec:
             raise InvalidConfigError("model must be an architecture name or a .pt2 path")
         if not isinstance(self.kwargs, Mapping) or not isinstance(self.strategy_options, Mapping):
             raise InvalidConfigError("kwargs and strategy_options must be mappings")
-        check_strategy(self.strategy)
-        allowed = strategy_options(self.strategy)
-        unknown = sorted(set(self.strategy_options) - set(allowed))
-        if unknown:
-            raise InvalidConfigError(
-                f"strategy {self.strategy!r} has no option(s) {', '.join(unknown)}; "
-                f"options: {', '.join(sorted(allowed)) or 'none'}"
-            )
+        check_options(self.strategy, self.strategy_options)
         if self.budget is None and self.seconds is None:
             raise InvalidConfigError("give a budget (evaluations) and/or seconds")
         _int("budget", 1, allow_none=True)
         _num("seconds", 0.0, 1e9, allow_none=True)
         _int("seed", 0)
         _int("train_epochs", 0)
-        from autoprune.quality import get_metric
         from autoprune.reward import RewardConfig
 
-        get_metric(self.metric)
+        if self.metric not in METRICS:
+            raise InvalidConfigError(f"unknown quality metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         RewardConfig(form=self.objective, target=self.target)
         if self.select not in SELECTIONS:
             raise InvalidConfigError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")

@@ -324,3 +324,10 @@ def test_finetuned_points_are_timed_again_not_read_from_the_shape_cache(objectiv
     assert again.latency.cached  # same shape: the search's figure
     tuned = result.finetune_front(1, RecoveryConfig(finetune_steps=2))
     assert not tuned[0].latency.cached  # the final stage measures again
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_declared_options_match_the_constructors(name: str) -> None:
+    from agents import strategy_options
+
+    assert set(STRATEGIES[name].options) == set(strategy_options(name))
