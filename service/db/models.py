@@ -1,0 +1,156 @@
+"""SQLAlchemy 2.0 typed models. Schema changes go through Alembic migrations (service/db/migrations).
+
+Files never live in the database: uploads and exported models are content-addressed files in the artefact
+directory, referenced here by their SHA-256.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
+
+
+class Artefact(Base):
+    """A file in the artefact directory, named by its content hash."""
+
+    __tablename__ = "artefacts"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    media_type: Mapped[str] = mapped_column(String(100))
+    suffix: Mapped[str] = mapped_column(String(20), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelRow(Base):
+    """An uploaded model: an architecture (+ kwargs) with safetensors weights, or a ``.pt2`` program."""
+
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # "architecture" | "pt2"
+    architecture: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    artefact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artefacts.sha256"), nullable=True)
+    """Weights (.safetensors) or program (.pt2); None: an architecture with the shipped/initial weights."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetRow(Base):
+    """An uploaded dataset file (.npz / .safetensors) or a built-in one by name."""
+
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # "builtin" | "file"
+    builtin: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    artefact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artefacts.sha256"), nullable=True)
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """What the API could read without torch: array names, shapes, dtypes, sample count."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    state: Mapped[str] = mapped_column(String(20), default=JobState.queued.value, index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    """The search settings: :class:`autoprune.job.JobSpec` fields other than model/data/weights/kwargs."""
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Hash of the creating request body: the same Idempotency-Key with a different body is a conflict."""
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """Summary of the best evaluation so far (index, stage, quality, latency ratio, reward)."""
+    front_size: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """How many times a worker claimed it (> 1: resumed after a worker died or was stopped)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class JobEvent(Base):
+    """One row per state transition and per recorded evaluation: the job's history and the SSE feed."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # "state" | "evaluation" | "log"
+    from_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    to_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EvaluationRow(Base):
+    """Every evaluation of a job: the plan and all metrics; ``record`` is ``Evaluation.to_json()``."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("job_id", "stage", "index", name="uq_evaluation_job_stage_index"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(20))  # "search" | "finetuned"
+    quality: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    latency_ratio: Mapped[float] = mapped_column(Float)
+    macs: Mapped[int] = mapped_column(BigInteger)
+    params: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    reward: Mapped[float] = mapped_column(Float)
+    on_front: Mapped[bool] = mapped_column(Boolean, default=False)
+    plan: Mapped[dict[str, Any]] = mapped_column()
+    record: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportRow(Base):
+    """An exported model of one front point (or the best) of a job, in one format."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("job_id", "stage", "index", "format", name="uq_export_point_format"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(20))
+    format: Mapped[str] = mapped_column(String(20))  # "onnx" | "safetensors" (a zip with the plan) | "pt2"
+    artefact_sha256: Mapped[str] = mapped_column(ForeignKey("artefacts.sha256"))
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The export report: verification (max abs diff), re-measured latency and speed-up, the evaluation."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
