@@ -48,9 +48,13 @@ class Plan:
         for item in raw:
             try:
                 name, ratio = item
-                ratio = float(ratio)
             except (TypeError, ValueError) as exc:
                 raise InvalidPlanError(f"plan entry {item!r} is not a (group, ratio) pair") from exc
+            if isinstance(ratio, bool) or not isinstance(ratio, int | float):  # "0.5" or True is a mistake
+                raise InvalidPlanError(
+                    f"plan entry ({name!r}, {ratio!r}) is not a (group, ratio) pair: the ratio must be a number"
+                )
+            ratio = float(ratio)
             if not isinstance(name, str) or not name:
                 raise InvalidPlanError(f"plan group names must be non-empty strings, got {name!r}")
             if name in pairs:
@@ -65,7 +69,7 @@ class Plan:
             raise InvalidPlanError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.criterion not in CRITERIA:
             raise InvalidPlanError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise InvalidPlanError(f"round_to must be a positive integer, got {self.round_to!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):  # else torch.manual_seed fails later
             raise InvalidPlanError(f"seed must be an integer, got {self.seed!r}")

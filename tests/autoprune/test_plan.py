@@ -247,3 +247,14 @@ def test_validate_against_truncates_long_group_lists() -> None:
     many = [f"features.{i}" for i in range(30)]
     with pytest.raises(InvalidPlanError, match=r" \.\.\.$"):
         Plan({"nope": 0.1}).validate_against(many)
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, None, [0.5]])
+def test_ratios_must_be_numbers(bad: object) -> None:
+    with pytest.raises(InvalidPlanError, match="must be a number"):
+        Plan(ratios=(("conv1", bad),))  # type: ignore[arg-type]
+
+
+def test_round_to_true_is_not_one() -> None:
+    with pytest.raises(InvalidPlanError, match="round_to"):
+        Plan(round_to=True)
