@@ -345,6 +345,7 @@ class PruningContext:
         self.groups = _groups(self.graph, model, self.kept, example_inputs)
         self._scores: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._plain: bool | None = None
+        self._unscorable: dict[tuple[tuple[str, int], str], str] = {}
         self.structure = self._describe()
 
     # -- description ----------------------------------------------------------------------------------------
@@ -392,14 +393,17 @@ class PruningContext:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     for name, group in self.groups:
+                        # a group that cannot be scored only fails the plans that prune it (see operations)
                         try:
                             imp = importance(group)
                         except Exception as exc:  # tp fails on couplings it mis-traced (e.g. zero-pad shortcuts)
-                            raise PruningError(
+                            self._unscorable[(key, name)] = (
                                 f"criterion {criterion!r} cannot score group {name!r}: {type(exc).__name__}: {exc}"
-                            ) from exc
+                            )
+                            continue
                         if imp is None:
-                            raise PruningError(f"criterion {criterion!r} cannot score group {name!r}")
+                            self._unscorable[(key, name)] = f"criterion {criterion!r} cannot score group {name!r}"
+                            continue
                         result[name] = imp.detach().float().cpu()
             finally:
                 if criterion == "taylor":
@@ -421,6 +425,9 @@ class PruningContext:
             ratio = ratios.get(name, 0.0)
             if ratio <= 0.0:
                 continue
+            if name not in scores:
+                key = (plan.criterion, plan.seed if plan.criterion == "random" else 0)
+                raise PruningError(self._unscorable[(key, name)])
             idxs, new_heads = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
             if not idxs:
                 continue

@@ -654,3 +654,31 @@ def test_clone_module_is_a_real_deep_copy() -> None:
     assert not _plainly_copyable(nn.Sequential(nn.LSTM(4, 4)))
     rnn = nn.LSTM(4, 4)
     assert clone_module(rnn).weight_hh_l0 is not rnn.weight_hh_l0
+
+
+def test_a_group_that_cannot_be_scored_only_fails_plans_that_prune_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.plan import Plan
+    from autoprune.pruning import structured
+    from autoprune.pruning.structured import PruningContext
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    ctx = PruningContext(model, torch.randn(1, 8))
+    first, second = ctx.structure.names[:2]
+    real = structured._importance
+
+    def flaky(criterion: str) -> object:
+        inner = real(criterion)
+
+        def score(group: object) -> object:
+            if group[0].dep.target.module is model[0]:  # type: ignore[index]
+                raise IndexError("mis-traced coupling")
+            return inner(group)
+
+        return score
+
+    monkeypatch.setattr(structured, "_importance", flaky)
+    pruned = ctx.apply(Plan(ratios={second: 0.5}))
+    assert pruned(torch.randn(2, 8)).shape == (2, 4)
+    with pytest.raises(PruningError, match=rf"cannot score group '{re.escape(first)}'.*mis-traced"):
+        ctx.apply(Plan(ratios={first: 0.5}))
