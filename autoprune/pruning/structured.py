@@ -426,8 +426,8 @@ class PruningContext:
             if ratio <= 0.0:
                 continue
             if name not in scores:
-                key = (plan.criterion, plan.seed if plan.criterion == "random" else 0)
-                raise PruningError(self._unscorable[(key, name)])
+                score_key = (plan.criterion, plan.seed if plan.criterion == "random" else 0)
+                raise PruningError(self._unscorable[(score_key, name)])
             idxs, new_heads = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
             if not idxs:
                 continue
