@@ -1,33 +1,76 @@
 """Every query and every state transition of the service, in one module (the API and workers call only this).
 
-CONTRACT (signatures fixed; bodies being implemented). Rows returned are detached snapshots (expire_on_commit
-off) so callers can read them after the session closes. All timestamps are timezone-aware UTC.
+CONTRACT (signatures fixed). Rows returned are detached snapshots (expire_on_commit off) so callers can read
+them after the session closes. All timestamps are timezone-aware UTC.
+
+How it works:
+
+* **One state machine.** Every change of ``jobs.state`` goes through :meth:`Repository._transition` (reached
+  from :meth:`~Repository.transition`, :meth:`~Repository.request_cancel`, :meth:`~Repository.claim_job` and
+  :meth:`~Repository.release_job`): it checks :data:`ALLOWED`, updates the row (worker, lease, attempts,
+  timestamps, error, best) and writes a ``state`` :class:`JobEvent` in the same transaction.
+* **Write transactions lock the job row** (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite every write
+  transaction is ``BEGIN IMMEDIATE``, one writer at a time), so the events of one job get increasing ids in
+  commit order and an SSE reader following :meth:`~Repository.events_after` never skips one.
+* **Claims.** PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` of the oldest claimable job; SQLite: the same
+  query inside ``BEGIN IMMEDIATE``. A running job whose lease expired is claimable: the reclaim writes two
+  events (running -> queued with ``reason: lease expired``, then queued -> running). A reclaimed job on which a
+  cancel was requested is cancelled instead of handed out.
+* **Fencing.** :meth:`~Repository.renew_lease`, :meth:`~Repository.record_evaluation`,
+  :meth:`~Repository.release_job`, :meth:`~Repository.add_export` (with ``worker_id``) and
+  :meth:`~Repository.transition` (with ``worker_id``, from running) raise :class:`LeaseLost` unless the job is
+  running and held by that worker. Lease times come from the clock of the process that writes them: hosts
+  sharing one PostgreSQL need synchronised clocks (NTP), and the lease should be several heartbeats long.
+* **Evaluations** are idempotent on (job, stage, index): recording one that is already stored changes
+  nothing (a resumed worker replays its history through the same callback). ``on_front`` flags, ``front_size``,
+  ``progress_done`` and ``best`` are kept on the rows as the worker reports them.
+* **Exports and "best".** ``exports`` rows exist per (front point, format) — the unpruned baseline included when
+  it is on the front — and for the best point under the job's ``select`` rule (usually a front point already).
+  ``jobs.best`` holds the best point's summary (:func:`evaluation_summary` plus ``select``); its
+  ``(stage, index)`` is the key to download "best": ``get_export(job, stage=best["stage"],
+  index=best["index"], format=...)``. Each export's ``meta`` has ``best: true`` for that point.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, and_, func, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import DatasetRow, EvaluationRow, ExportRow, JobEvent, JobRow, JobState, ModelRow
+from service.db.engine import IMMEDIATE
+from service.db.models import (
+    Artefact,
+    DatasetRow,
+    EvaluationRow,
+    ExportRow,
+    JobEvent,
+    JobRow,
+    JobState,
+    ModelRow,
+    new_id,
+    utcnow,
+)
 
 
 class RepositoryError(Exception):
     """Base of the repository's typed errors (the API maps them to problem+json)."""
 
 
-class NotFound(RepositoryError):  # noqa: N818
+class NotFound(RepositoryError):
     pass
 
 
-class Conflict(RepositoryError):  # noqa: N818
+class Conflict(RepositoryError):
     """E.g. an Idempotency-Key reused with a different body, cancelling a finished job, an invalid transition."""
 
 
-class LeaseLost(RepositoryError):  # noqa: N818
+class LeaseLost(RepositoryError):
     """The worker no longer holds the job's lease (it expired and another worker claimed the job)."""
 
 
@@ -49,31 +92,186 @@ class Page:
     limit: int
 
 
+def evaluation_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of an ``Evaluation.to_json()`` record (event payloads, ``jobs.best``)."""
+    derived = record.get("derived") or {}
+    latency = record.get("latency") or {}
+    return {
+        "index": int(record["index"]),
+        "stage": str(record.get("stage", "search")),
+        "quality": float(record["quality"]),
+        "metric": record.get("metric"),
+        "latency_ms": float(derived.get("latency_ms", latency.get("median_ms", 0.0))),
+        "latency_ratio": float(derived.get("latency_ratio", 1.0)),
+        "speedup": derived.get("speedup"),
+        "quality_drop": derived.get("quality_drop"),
+        "reward": float(record["reward"]),
+        "macs": int(record["macs"]),
+        "params": int(record["params"]),
+        "size_bytes": int(derived.get("storage_bytes", record.get("size_bytes", 0))),
+    }
+
+
 class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._pg = engine.dialect.name == "postgresql"
+
+    # -- sessions -----------------------------------------------------------------------------------------
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction: ``BEGIN IMMEDIATE`` on SQLite (takes the write lock first)."""
+        with self._sessions() as s, s.begin():
+            s.connection(execution_options={IMMEDIATE: True})
+            yield s
+
+    def _lock_job(self, s: Session, job_id: str) -> JobRow:
+        job = s.scalars(select(JobRow).where(JobRow.id == job_id).with_for_update()).one_or_none()
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    @staticmethod
+    def _require_job(s: Session, job_id: str) -> None:
+        if s.scalar(select(JobRow.id).where(JobRow.id == job_id)) is None:
+            raise NotFound(f"no job {job_id!r}")
+
+    @staticmethod
+    def _check_owner(job: JobRow, worker_id: str) -> None:
+        if job.state != JobState.running.value or job.worker_id != worker_id:
+            raise LeaseLost(
+                f"worker {worker_id} does not hold job {job.id} (state {job.state}, worker {job.worker_id})"
+            )
+
+    @staticmethod
+    def _transition(s: Session, job: JobRow, to: JobState, worker_id: str | None, data: dict[str, Any]) -> None:
+        """The one place a job changes state (see the module docstring); the caller holds the row lock."""
+        frm = JobState(job.state)
+        if to not in ALLOWED[frm]:
+            raise Conflict(f"job {job.id} cannot go from {frm.value} to {to.value}")
+        now = utcnow()
+        data = dict(data)
+        if to is JobState.running:
+            if worker_id is None:
+                raise ValueError("a job goes to running only with the claiming worker's id")
+            lease = float(data.get("lease_seconds", 30.0))
+            data["lease_seconds"] = lease
+            job.worker_id = worker_id
+            job.lease_expires_at = now + timedelta(seconds=lease)
+            job.attempts = (job.attempts or 0) + 1
+            job.started_at = job.started_at or now
+            data["attempt"] = job.attempts
+        elif to is JobState.queued:
+            job.worker_id = None
+            job.lease_expires_at = None
+        else:
+            job.lease_expires_at = None
+            job.finished_at = now
+        if "error" in data:
+            job.error = None if data["error"] is None else str(data["error"])
+        if "best" in data:
+            job.best = data["best"]
+        job.state = to.value
+        job.updated_at = now
+        if worker_id is not None:
+            data["worker_id"] = worker_id
+        s.add(JobEvent(job_id=job.id, kind="state", from_state=frm.value, to_state=to.value, data=data, created_at=now))
 
     # -- artefacts, models, datasets --------------------------------------------------------------------
     def add_artefact(self, sha256: str, size_bytes: int, media_type: str, suffix: str = "") -> None:
         """Record a stored file (idempotent: the same hash twice is one row)."""
-        raise NotImplementedError
+        if self._pg:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(Artefact)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(Artefact)
+        stmt = stmt.values(
+            sha256=sha256, size_bytes=size_bytes, media_type=media_type, suffix=suffix, created_at=utcnow()
+        ).on_conflict_do_nothing(index_elements=["sha256"])
+        with self._write() as s:
+            s.execute(stmt)
+
+    def get_artefact(self, sha256: str) -> Artefact:
+        with self._read() as s:
+            row = s.get(Artefact, sha256)
+        if row is None:
+            raise NotFound(f"no artefact {sha256!r}")
+        return row
 
     def create_model(
         self, *, name: str, kind: str, architecture: str | None, kwargs: dict[str, Any], artefact_sha256: str | None
     ) -> ModelRow:
-        raise NotImplementedError
+        row = ModelRow(
+            id=new_id(),
+            name=name,
+            kind=kind,
+            architecture=architecture,
+            kwargs=dict(kwargs),
+            artefact_sha256=artefact_sha256,
+            created_at=utcnow(),
+        )
+        with self._write() as s:
+            if artefact_sha256 is not None and s.get(Artefact, artefact_sha256) is None:
+                raise NotFound(f"no artefact {artefact_sha256!r}")
+            s.add(row)
+        return row
 
     def get_model(self, model_id: str) -> ModelRow:
         """NotFound if absent."""
-        raise NotImplementedError
+        with self._read() as s:
+            row = s.get(ModelRow, model_id)
+        if row is None:
+            raise NotFound(f"no model {model_id!r}")
+        return row
+
+    def list_models(self, *, offset: int = 0, limit: int = 50) -> Page:
+        """Newest first."""
+        return self._page(select(ModelRow), (ModelRow.created_at.desc(), ModelRow.id.desc()), offset, limit)
 
     def create_dataset(
         self, *, name: str, kind: str, builtin: str | None, artefact_sha256: str | None, info: dict[str, Any]
     ) -> DatasetRow:
-        raise NotImplementedError
+        row = DatasetRow(
+            id=new_id(),
+            name=name,
+            kind=kind,
+            builtin=builtin,
+            artefact_sha256=artefact_sha256,
+            info=dict(info),
+            created_at=utcnow(),
+        )
+        with self._write() as s:
+            if artefact_sha256 is not None and s.get(Artefact, artefact_sha256) is None:
+                raise NotFound(f"no artefact {artefact_sha256!r}")
+            s.add(row)
+        return row
 
     def get_dataset(self, dataset_id: str) -> DatasetRow:
-        raise NotImplementedError
+        with self._read() as s:
+            row = s.get(DatasetRow, dataset_id)
+        if row is None:
+            raise NotFound(f"no dataset {dataset_id!r}")
+        return row
+
+    def list_datasets(self, *, offset: int = 0, limit: int = 50) -> Page:
+        """Newest first."""
+        return self._page(select(DatasetRow), (DatasetRow.created_at.desc(), DatasetRow.id.desc()), offset, limit)
+
+    def _page(self, query: Any, order: Sequence[Any], offset: int, limit: int) -> Page:
+        offset, limit = max(int(offset), 0), max(int(limit), 0)
+        with self._read() as s:
+            total = int(s.scalar(select(func.count()).select_from(query.subquery())) or 0)
+            items = list(s.scalars(query.order_by(*order).offset(offset).limit(limit)).all())
+        return Page(items=items, total=total, offset=offset, limit=limit)
 
     # -- jobs ---------------------------------------------------------------------------------------------
     def create_job(
@@ -88,40 +286,168 @@ class Repository:
     ) -> tuple[JobRow, bool]:
         """(job, created). With an Idempotency-Key already used: the existing job and False if the request hash
         matches, Conflict otherwise. Writes the job row and a 'state' event (None -> queued) in one transaction."""
-        raise NotImplementedError
+        try:
+            return self._create_job(model_id, dataset_id, spec, progress_total, idempotency_key, request_hash)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            # a concurrent request with the same key won the race (PostgreSQL): answer as if it came first
+            return self._create_job(model_id, dataset_id, spec, progress_total, idempotency_key, request_hash)
+
+    def _create_job(
+        self,
+        model_id: str,
+        dataset_id: str,
+        spec: dict[str, Any],
+        progress_total: int | None,
+        idempotency_key: str | None,
+        request_hash: str | None,
+    ) -> tuple[JobRow, bool]:
+        now = utcnow()
+        with self._write() as s:
+            if idempotency_key is not None:
+                existing = s.scalars(select(JobRow).where(JobRow.idempotency_key == idempotency_key)).first()
+                if existing is not None:
+                    if existing.request_hash != request_hash:
+                        raise Conflict("this Idempotency-Key was already used with a different request")
+                    return existing, False
+            if s.get(ModelRow, model_id) is None:
+                raise NotFound(f"no model {model_id!r}")
+            if s.get(DatasetRow, dataset_id) is None:
+                raise NotFound(f"no dataset {dataset_id!r}")
+            job = JobRow(
+                id=new_id(),
+                state=JobState.queued.value,
+                model_id=model_id,
+                dataset_id=dataset_id,
+                spec=dict(spec),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                progress_done=0,
+                progress_total=progress_total,
+                best=None,
+                front_size=0,
+                error=None,
+                cancel_requested=False,
+                worker_id=None,
+                lease_expires_at=None,
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(job)
+            s.flush()
+            s.add(JobEvent(job_id=job.id, kind="state", from_state=None, to_state=job.state, data={}, created_at=now))
+        return job, True
 
     def get_job(self, job_id: str) -> JobRow:
-        raise NotImplementedError
+        with self._read() as s:
+            job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
 
     def list_jobs(self, *, state: str | None = None, offset: int = 0, limit: int = 50) -> Page:
         """Newest first."""
-        raise NotImplementedError
+        query = select(JobRow)
+        if state is not None:
+            query = query.where(JobRow.state == state)
+        return self._page(query, (JobRow.created_at.desc(), JobRow.id.desc()), offset, limit)
 
     def transition(self, job_id: str, to: JobState, *, worker_id: str | None = None, **data: Any) -> JobRow:
         """THE state-machine function: checks ALLOWED, updates the row (timestamps, lease, error, worker) and
-        writes an event row (kind 'state', from/to, data) in one transaction. Conflict on an invalid move."""
-        raise NotImplementedError
+        writes an event row (kind 'state', from/to, data) in one transaction. Conflict on an invalid move.
+
+        ``data`` goes to the event; some keys also set the row: ``error`` (failed), ``best`` (a summary),
+        ``lease_seconds`` (to running). With ``worker_id``, leaving 'running' requires holding the job
+        (:class:`LeaseLost` otherwise)."""
+        to = JobState(to)
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            if worker_id is not None and job.state == JobState.running.value and to is not JobState.running:
+                self._check_owner(job, worker_id)
+            self._transition(s, job, to, worker_id, data)
+        return job
 
     def request_cancel(self, job_id: str) -> JobRow:
         """queued -> cancelled at once; running -> cancel_requested=True (the worker stops within one
         evaluation and moves it to cancelled); already cancelled -> unchanged; succeeded/failed -> Conflict."""
-        raise NotImplementedError
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            state = JobState(job.state)
+            if state is JobState.queued:
+                job.cancel_requested = True
+                self._transition(s, job, JobState.cancelled, None, {"reason": "cancel requested"})
+            elif state is JobState.running:
+                if not job.cancel_requested:
+                    job.cancel_requested = True
+                    job.updated_at = utcnow()
+                    s.add(
+                        JobEvent(job_id=job.id, kind="log", data={"message": "cancel requested"}, created_at=utcnow())
+                    )
+            elif state is not JobState.cancelled:
+                raise Conflict(f"job {job_id} already {state.value}: it cannot be cancelled")
+        return job
+
+    def add_event(self, job_id: str, kind: str = "log", **data: Any) -> JobEvent:
+        """A non-state event (e.g. a 'log' line from the worker: an export that failed, a note)."""
+        with self._write() as s:
+            self._lock_job(s, job_id)
+            event = JobEvent(job_id=job_id, kind=kind, data=data, created_at=utcnow())
+            s.add(event)
+        return event
 
     # -- workers ------------------------------------------------------------------------------------------
     def claim_job(self, worker_id: str, lease_seconds: float) -> JobRow | None:
         """Claim one job: the oldest queued one, or a running one whose lease expired (its worker died).
         PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED; SQLite: BEGIN IMMEDIATE (one writer at a time).
         Sets state running (event), worker_id, lease_expires_at = now + lease, attempts += 1, started_at."""
-        raise NotImplementedError
+
+        def claimable() -> Any:
+            return or_(
+                JobRow.state == JobState.queued.value,
+                and_(JobRow.state == JobState.running.value, JobRow.lease_expires_at < utcnow()),
+            )
+
+        with self._read() as s:  # idle workers poll: look before taking a lock (SQLite's is database-wide)
+            if s.scalar(select(JobRow.id).where(claimable()).limit(1)) is None:
+                return None
+        with self._write() as s:
+            while True:
+                query = select(JobRow).where(claimable()).order_by(JobRow.created_at, JobRow.id).limit(1)
+                if self._pg:
+                    query = query.with_for_update(skip_locked=True)
+                job = s.scalars(query).first()
+                if job is None:
+                    return None
+                if job.state == JobState.running.value:
+                    self._transition(
+                        s, job, JobState.queued, None, {"reason": "lease expired", "previous_worker": job.worker_id}
+                    )
+                    if job.cancel_requested:
+                        self._transition(s, job, JobState.cancelled, None, {"reason": "cancel requested"})
+                        s.flush()
+                        continue
+                self._transition(s, job, JobState.running, worker_id, {"lease_seconds": float(lease_seconds)})
+                return job
 
     def renew_lease(self, job_id: str, worker_id: str, lease_seconds: float) -> JobRow:
         """Extend the lease; LeaseLost if another worker holds it or the job left 'running'. Returns the row
         (the worker reads cancel_requested from it)."""
-        raise NotImplementedError
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            self._check_owner(job, worker_id)
+            now = utcnow()
+            job.lease_expires_at = now + timedelta(seconds=float(lease_seconds))
+            job.updated_at = now
+        return job
 
     def release_job(self, job_id: str, worker_id: str) -> None:
         """running -> queued (graceful stop, e.g. SIGTERM): lease cleared; the next claim resumes the job."""
-        raise NotImplementedError
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            self._check_owner(job, worker_id)
+            self._transition(s, job, JobState.queued, worker_id, {"reason": "released"})
 
     def record_evaluation(
         self,
@@ -136,32 +462,174 @@ class Repository:
         """Store one evaluation (``Evaluation.to_json()``), update progress/best/front flags (``front`` holds
         (stage, index) of the current front points), and write an 'evaluation' event, in one transaction.
         Idempotent on (job, stage, index). LeaseLost if ``worker_id`` no longer holds the job."""
-        raise NotImplementedError
+        summary = evaluation_summary(record)
+        stage, index = summary["stage"], summary["index"]
+        keys = sorted({(str(st), int(i)) for st, i in front})
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            self._check_owner(job, worker_id)
+            stored = s.scalar(
+                select(EvaluationRow.id).where(
+                    EvaluationRow.job_id == job_id, EvaluationRow.stage == stage, EvaluationRow.index == index
+                )
+            )
+            if stored is not None:
+                return  # already recorded (a resumed job replaying its history)
+            s.execute(
+                update(EvaluationRow)
+                .where(EvaluationRow.job_id == job_id, EvaluationRow.on_front.is_(True))
+                .values(on_front=False)
+            )
+            if keys:
+                s.execute(
+                    update(EvaluationRow)
+                    .where(EvaluationRow.job_id == job_id, tuple_(EvaluationRow.stage, EvaluationRow.index).in_(keys))
+                    .values(on_front=True)
+                )
+            now = utcnow()
+            s.add(
+                EvaluationRow(
+                    job_id=job_id,
+                    index=index,
+                    stage=stage,
+                    quality=summary["quality"],
+                    latency_ms=summary["latency_ms"],
+                    latency_ratio=summary["latency_ratio"],
+                    macs=summary["macs"],
+                    params=summary["params"],
+                    size_bytes=int(record.get("size_bytes", summary["size_bytes"])),
+                    reward=summary["reward"],
+                    on_front=(stage, index) in keys,
+                    plan=record["plan"],
+                    record=record,
+                    created_at=now,
+                )
+            )
+            job.progress_done = max(job.progress_done or 0, int(done))
+            job.best = best
+            job.front_size = len(keys)
+            job.updated_at = now
+            data = {
+                "evaluation": summary,
+                "done": job.progress_done,
+                "total": job.progress_total,
+                "best": best,
+                "front_size": job.front_size,
+            }
+            s.add(JobEvent(job_id=job_id, kind="evaluation", data=data, created_at=now))
 
-    def evaluations(
-        self, job_id: str, *, stage: str | None = None, offset: int = 0, limit: int = 100
-    ) -> Page:
+    def evaluations(self, job_id: str, *, stage: str | None = None, offset: int = 0, limit: int = 100) -> Page:
         """Ordered by (stage == 'finetuned', index)."""
-        raise NotImplementedError
+        with self._read() as s:
+            self._require_job(s, job_id)
+        query = select(EvaluationRow).where(EvaluationRow.job_id == job_id)
+        if stage is not None:
+            query = query.where(EvaluationRow.stage == stage)
+        order = (EvaluationRow.stage == "finetuned", EvaluationRow.index, EvaluationRow.id)
+        return self._page(query, order, offset, limit)
 
     def all_records(self, job_id: str) -> list[dict[str, Any]]:
         """Every stored evaluation's record, in order (what a resuming worker replays)."""
-        raise NotImplementedError
+        with self._read() as s:
+            self._require_job(s, job_id)
+            return list(
+                s.scalars(
+                    select(EvaluationRow.record)
+                    .where(EvaluationRow.job_id == job_id)
+                    .order_by(EvaluationRow.stage == "finetuned", EvaluationRow.index, EvaluationRow.id)
+                ).all()
+            )
 
     def front(self, job_id: str) -> list[EvaluationRow]:
-        raise NotImplementedError
+        """The current front points (``on_front``), fastest first."""
+        with self._read() as s:
+            self._require_job(s, job_id)
+            return list(
+                s.scalars(
+                    select(EvaluationRow)
+                    .where(EvaluationRow.job_id == job_id, EvaluationRow.on_front.is_(True))
+                    .order_by(EvaluationRow.latency_ratio, EvaluationRow.quality.desc(), EvaluationRow.id)
+                ).all()
+            )
 
     def events_after(self, job_id: str, after_id: int = 0, limit: int = 500) -> list[JobEvent]:
-        raise NotImplementedError
+        """The job's events with ``id > after_id``, oldest first (the SSE feed)."""
+        with self._read() as s:
+            self._require_job(s, job_id)
+            return list(
+                s.scalars(
+                    select(JobEvent)
+                    .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+                    .order_by(JobEvent.id)
+                    .limit(max(int(limit), 0))
+                ).all()
+            )
 
     # -- exports ------------------------------------------------------------------------------------------
     def add_export(
-        self, *, job_id: str, index: int, stage: str, format: str, artefact_sha256: str, meta: dict[str, Any]
+        self,
+        *,
+        job_id: str,
+        index: int,
+        stage: str,
+        format: str,
+        artefact_sha256: str,
+        meta: dict[str, Any],
+        worker_id: str | None = None,
     ) -> ExportRow:
-        raise NotImplementedError
+        """Store (or replace: a resumed job exports again) the export of one point in one format.
+        With ``worker_id``: LeaseLost unless that worker holds the job."""
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            if worker_id is not None:
+                self._check_owner(job, worker_id)
+            if s.get(Artefact, artefact_sha256) is None:
+                raise NotFound(f"no artefact {artefact_sha256!r}")
+            row = s.scalars(
+                select(ExportRow).where(
+                    ExportRow.job_id == job_id,
+                    ExportRow.stage == stage,
+                    ExportRow.index == index,
+                    ExportRow.format == format,
+                )
+            ).first()
+            if row is None:
+                row = ExportRow(
+                    job_id=job_id,
+                    index=index,
+                    stage=stage,
+                    format=format,
+                    artefact_sha256=artefact_sha256,
+                    meta=dict(meta),
+                    created_at=utcnow(),
+                )
+                s.add(row)
+            else:
+                row.artefact_sha256 = artefact_sha256
+                row.meta = dict(meta)
+        return row
 
     def get_export(self, job_id: str, *, index: int, stage: str, format: str) -> ExportRow:
-        raise NotImplementedError
+        with self._read() as s:
+            row = s.scalars(
+                select(ExportRow).where(
+                    ExportRow.job_id == job_id,
+                    ExportRow.stage == stage,
+                    ExportRow.index == index,
+                    ExportRow.format == format,
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"job {job_id} has no {format} export of the {stage} point {index}")
+        return row
 
     def exports(self, job_id: str) -> list[ExportRow]:
-        raise NotImplementedError
+        with self._read() as s:
+            self._require_job(s, job_id)
+            return list(
+                s.scalars(
+                    select(ExportRow)
+                    .where(ExportRow.job_id == job_id)
+                    .order_by(ExportRow.stage == "finetuned", ExportRow.index, ExportRow.format)
+                ).all()
+            )

@@ -1,0 +1,521 @@
+"""The worker: claim a job, run its search, record every evaluation as it happens, export the results.
+
+``python -m service.worker`` (and ``autoprune worker``) runs :func:`main`: a loop that claims the oldest queued
+job (or one whose worker died: its lease expired), holds the job's lease with a heartbeat thread, and runs
+:func:`autoprune.job.run_job` with a progress callback that stores each evaluation
+(:meth:`Repository.record_evaluation`) and renews the lease, reading ``cancel_requested`` back.
+
+* **Resume.** The job's stored evaluations are the search's ``history``: a seeded strategy asks the same plans
+  again and they are answered from the records (``replayed``), so a job reclaimed after a crash (kill -9) or a
+  release (SIGTERM) redoes no completed evaluation; stored rows are never rewritten (recording is idempotent).
+* **Stop.** The stop signal between evaluations is: a cancel was requested (-> ``cancelled``), the worker is
+  shutting down (first SIGTERM/SIGINT, or the ``stop_event`` of :meth:`Worker.run_forever`; the current
+  evaluation finishes, then the job is released -> ``queued``), or the lease was lost (another worker owns the
+  job now: this one just stops). A second signal terminates at once (the lease then expires and another worker
+  resumes the job).
+* **Fine-tuning** (``finetune_top``) runs point by point after the search; points already fine-tuned in an
+  earlier attempt are taken from the records.
+* **Exports.** Every front point (the unpruned baseline too when on the front) and the best point under the
+  job's ``select`` rule, in each of the job's ``export_formats``: ``onnx`` (verified in ONNX Runtime; the best
+  one re-timed against the exported unpruned model), ``safetensors`` (a zip of ``model.safetensors``,
+  ``model.plan.json`` and ``evaluation.json``) and ``pt2``. Files go to the artefact store, rows to ``exports``
+  (``meta``: the export report, the evaluation summary and plan, ``best``); ``jobs.best`` names the best point.
+  A point that fails to export in one format leaves a ``log`` event and no row; the job still succeeds.
+* **Failure.** Any exception: the job goes to ``failed`` with ``"<Type>: <first line>"`` (traceback in the
+  event). A job is never left running without a live lease: if even that write fails, the lease expires.
+
+Not here yet: sharing one Optuna study across workers (RDB storage) so that one job uses many workers; each job
+runs on one worker at a time. A job that keeps killing its worker is retried until :data:`MAX_ATTEMPTS`.
+
+No API imports; torch is imported when a job runs (and pinned to one thread by :func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import tempfile
+import threading
+import traceback
+import uuid
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.artefacts import ArtefactStore
+from service.db.engine import ensure_schema, is_sqlite, make_engine
+from service.db.models import JobRow, JobState
+from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from agents.base import Progress
+    from agents.result import SearchResult
+    from autoprune.job import JobSpec
+    from autoprune.objective import Evaluation, Objective
+
+log = logging.getLogger("autoprune.worker")
+
+MAX_ATTEMPTS = 10
+"""A job claimed this many times without finishing (its worker keeps dying) is failed instead of retried."""
+_SPEC_INPUT_KEYS = ("model", "data", "weights", "kwargs")
+_MEDIA = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/octet-stream"}
+_SUFFIX = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
+
+
+class _Stop(Exception):  # control flow inside the worker
+    """Leave the job now: ``outcome`` is ``cancelled``, ``released`` or ``lost``."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class _Lease:
+    """Holds a job's lease: renewed by a heartbeat thread and after every evaluation; reads cancel back."""
+
+    def __init__(self, repo: Repository, job_id: str, worker_id: str, lease_s: float, every_s: float) -> None:
+        self.repo, self.job_id, self.worker_id = repo, job_id, worker_id
+        self.lease_s, self.every_s = lease_s, every_s
+        self.cancel_requested = False
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=max(self.every_s, 1.0) + 30)
+
+    def renew(self) -> None:
+        if self.lost:
+            return
+        try:
+            row = self.repo.renew_lease(self.job_id, self.worker_id, self.lease_s)
+        except (LeaseLost, NotFound):
+            self.lost = True
+            log.warning("job %s: lease lost", self.job_id)
+            return
+        self.cancel_requested = self.cancel_requested or bool(row.cancel_requested)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.every_s):
+            try:
+                self.renew()
+            except Exception:  # a database hiccup: try again at the next beat (the lease outlives a few)
+                log.exception("job %s: heartbeat failed", self.job_id)
+            if self.lost:
+                return
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}"[:2000] if text else type(exc).__name__
+
+
+def _finite(value: Any) -> Any:
+    """JSON for every database: non-finite floats become None (PostgreSQL's json rejects NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _key(e: Evaluation) -> tuple[str, int]:
+    return (e.stage, e.index)
+
+
+class Worker:
+    """Claims and runs jobs. ``run_once`` processes at most one job; ``run_forever`` loops until stopped."""
+
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.engine = make_engine(settings.db_url)
+        self.repo = Repository(self.engine)
+        self.store = ArtefactStore(settings.artefacts)
+        self.stop_event = threading.Event()
+        """Set to stop after the current evaluation and release the job (SIGTERM, the embedding app's shutdown)."""
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- loop ---------------------------------------------------------------------------------------------
+    def run_forever(self, stop_event: threading.Event | None = None, *, max_jobs: int | None = None) -> int:
+        """Claim and run jobs until ``stop_event`` is set (or ``max_jobs`` were processed); returns how many.
+
+        Setting ``stop_event`` while a job runs finishes the current evaluation and releases the job."""
+        if stop_event is not None:
+            self.stop_event = stop_event
+        processed = 0
+        while not self.stop_event.is_set() and (max_jobs is None or processed < max_jobs):
+            try:
+                worked = self.run_once()
+            except Exception:  # the database is unreachable, ...: keep the worker alive and try again
+                log.exception("worker %s: claiming a job failed", self.worker_id)
+                worked = False
+            if worked:
+                processed += 1
+            else:
+                self.stop_event.wait(self.settings.poll_seconds)
+        return processed
+
+    def run_once(self) -> bool:
+        """Claim one job and process it; False when there was nothing to claim."""
+        job = self.repo.claim_job(self.worker_id, self.settings.lease_seconds)
+        if job is None:
+            return False
+        log.info("worker %s: claimed job %s (attempt %d)", self.worker_id, job.id, job.attempts)
+        self.process(job)
+        return True
+
+    # -- one job ------------------------------------------------------------------------------------------
+    def process(self, job: JobRow) -> str:
+        """Run a claimed job to its next state; returns the outcome (succeeded, failed, cancelled, released,
+        lost)."""
+        lease = _Lease(self.repo, job.id, self.worker_id, self.settings.lease_seconds, self.settings.heartbeat_seconds)
+        lease.start()
+        try:
+            try:
+                outcome = self._run(job, lease)
+            except _Stop as stop:
+                outcome = stop.outcome
+            except LeaseLost:
+                outcome = "lost"
+            if outcome == "cancelled":
+                self.repo.transition(job.id, JobState.cancelled, worker_id=self.worker_id, reason="cancel requested")
+            elif outcome == "released":
+                self.repo.release_job(job.id, self.worker_id)
+            return outcome
+        except LeaseLost:
+            return "lost"
+        except (KeyboardInterrupt, SystemExit):
+            self._leave(job.id, "released")
+            raise
+        except BaseException as exc:
+            log.exception("job %s failed", job.id)
+            if lease.lost:
+                return "lost"
+            self._leave(job.id, "failed", exc)
+            if not isinstance(exc, Exception):
+                raise
+            return "failed"
+        finally:
+            lease.stop()
+            log.info("worker %s: job %s done", self.worker_id, job.id)
+
+    def _leave(self, job_id: str, outcome: str, exc: BaseException | None = None) -> None:
+        """Best effort: fail or release the job; if even that cannot be written, its lease expires."""
+        try:
+            if outcome == "released":
+                self.repo.release_job(job_id, self.worker_id)
+            else:
+                assert exc is not None
+                tb = "".join(traceback.format_exception(exc))[-4000:]
+                self.repo.transition(
+                    job_id, JobState.failed, worker_id=self.worker_id, error=_first_line(exc), traceback=tb
+                )
+        except (LeaseLost, Conflict):
+            pass
+        except Exception:
+            log.exception("job %s: could not record %s", job_id, outcome)
+
+    def _check(self, lease: _Lease) -> None:
+        if lease.lost:
+            raise _Stop("lost")
+        if lease.cancel_requested:
+            raise _Stop("cancelled")
+        if self.stop_event.is_set():
+            raise _Stop("released")
+
+    def build_spec(self, job: JobRow) -> JobSpec:
+        """The job's :class:`JobSpec`: inputs from its model and dataset rows, the rest from ``job.spec``."""
+        from autoprune.errors import InvalidConfigError
+        from autoprune.job import JobSpec
+
+        model = self.repo.get_model(job.model_id)
+        dataset = self.repo.get_dataset(job.dataset_id)
+        values: dict[str, Any] = {k: v for k, v in job.spec.items() if k not in _SPEC_INPUT_KEYS}
+        if model.kind == "pt2":
+            if model.artefact_sha256 is None:
+                raise InvalidConfigError(f"model {model.id} is a .pt2 model without a file")
+            path = self._artefact_path(model.artefact_sha256)
+            if path.suffix != ".pt2":
+                raise InvalidConfigError(f"model {model.id}'s file is not a .pt2 program")
+            values["model"] = str(path)
+        else:
+            if not model.architecture:
+                raise InvalidConfigError(f"model {model.id} has no architecture")
+            values["model"] = model.architecture
+            values["kwargs"] = dict(model.kwargs or {})
+            if model.artefact_sha256 is not None:
+                values["weights"] = str(self._artefact_path(model.artefact_sha256))
+        if dataset.kind == "builtin":
+            values["data"] = dataset.builtin
+        else:
+            if dataset.artefact_sha256 is None:
+                raise InvalidConfigError(f"dataset {dataset.id} has no file")
+            values["data"] = str(self._artefact_path(dataset.artefact_sha256))
+        return JobSpec.from_mapping(values)
+
+    def _artefact_path(self, sha256: str) -> Path:
+        row = self.repo.get_artefact(sha256)
+        path = self.store.path_for(sha256, row.suffix)
+        if not path.is_file():
+            raise FileNotFoundError(f"artefact {sha256}{row.suffix} is missing from {self.store.root}")
+        return path
+
+    def _run(self, job: JobRow, lease: _Lease) -> str:
+        from agents.result import SearchResult
+        from autoprune.job import run_job
+        from autoprune.objective import Evaluation
+        from autoprune.pareto import pareto_front
+
+        if job.cancel_requested:
+            raise _Stop("cancelled")
+        if job.attempts > MAX_ATTEMPTS:
+            raise RuntimeError(f"gave up after {job.attempts - 1} attempts: the job's worker kept stopping")
+        spec = self.build_spec(job)
+        history = [Evaluation.from_json(r) for r in self.repo.all_records(job.id)]
+        self._check(lease)
+        objective = spec.build_objective(log=lambda note: self._log(job.id, note))
+        baseline = objective.baseline
+        evaluations: list[Evaluation] = []
+
+        def best_of(search: list[Evaluation], finetuned: Sequence[Evaluation] = ()) -> dict[str, Any]:
+            snapshot = SearchResult(
+                strategy=spec.strategy,
+                seed=spec.seed,
+                baseline=baseline,
+                evaluations=search,
+                stop_reason="running",
+                wall_s=0.0,
+                finetuned=list(finetuned),
+            )
+            return self._best_summary(snapshot, spec)
+
+        def record(e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation]) -> None:
+            self.repo.record_evaluation(
+                job.id, self.worker_id, _finite(e.to_json()), done=done, best=best, front=[_key(p) for p in front]
+            )
+            lease.renew()  # after every evaluation: keeps the lease fresh and reads a cancel request back
+
+        record(baseline, 0, best_of([]), [baseline])
+        self._check(lease)
+
+        def on_progress(p: Progress) -> None:
+            evaluations.append(p.evaluation)
+            record(p.evaluation, p.done, best_of(list(evaluations)), pareto_front([baseline, *evaluations]))
+
+        def should_stop() -> bool:
+            return lease.lost or lease.cancel_requested or self.stop_event.is_set()
+
+        result = run_job(
+            dataclasses.replace(spec, finetune_top=0),
+            objective=objective,
+            callbacks=[on_progress],
+            stop=should_stop,
+            history=history,
+        )
+        self._check(lease)
+        if result.stop_reason == "interrupted":  # Ctrl-C reached the search: stop like SIGTERM
+            raise _Stop("released")
+        if spec.finetune_top > 0:
+            self._finetune(job, spec, result, history, lease, record, best_of)
+        self._export(job, spec, result, objective, lease)
+        if lease.cancel_requested:  # a shutdown now would only waste the finished exports: succeed instead
+            raise _Stop("cancelled")
+        best = self._best_summary(result, spec)
+        self.repo.transition(
+            job.id,
+            JobState.succeeded,
+            worker_id=self.worker_id,
+            best=best,
+            stop_reason=result.stop_reason,
+            evaluations=len(result.evaluations),
+            replayed=result.replayed,
+        )
+        return "succeeded"
+
+    def _log(self, job_id: str, message: str) -> None:
+        log.info("job %s: %s", job_id, message)
+        with contextlib.suppress(RepositoryError):
+            self.repo.add_event(job_id, "log", message=message)
+
+    @staticmethod
+    def _best_summary(result: SearchResult, spec: JobSpec) -> dict[str, Any]:
+        best = result.best(
+            spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
+        )
+        return _finite({**evaluation_summary(best.to_json()), "select": spec.select})
+
+    def _finetune(
+        self,
+        job: JobRow,
+        spec: JobSpec,
+        result: SearchResult,
+        history: list[Evaluation],
+        lease: _Lease,
+        record: Any,
+        best_of: Any,
+    ) -> None:
+        """``SearchResult.finetune_front`` one point at a time, between stop checks, reusing stored points."""
+        from agents.result import SearchResult
+
+        stored = {e.index: e for e in history if e.stage == "finetuned"}
+        order = {
+            "reward": lambda e: -e.reward,
+            "latency": lambda e: (e.latency_ratio, -e.quality),
+            "quality": lambda e: (-e.quality, e.latency_ratio),
+        }[spec.select]
+        chosen = sorted((e for e in result.front(stage="search") if e.index != 0), key=order)[: spec.finetune_top]
+        recovery = spec.finetune_recovery()
+        for point in chosen:
+            self._check(lease)
+            tuned = stored.get(point.index)
+            if tuned is None:
+                # a one-point result: finetune_front's own recipe (re-measured, recovery recorded in extra)
+                single = dataclasses.replace(result, evaluations=[point], finetuned=[])
+                assert isinstance(single, SearchResult)
+                tuned_list = single.finetune_front(1, recovery, key=spec.select)
+                if not tuned_list:
+                    continue
+                tuned = tuned_list[0]
+            result.finetuned.append(tuned)
+            record(tuned, len(result.evaluations), best_of(result.evaluations, result.finetuned), result.front())
+
+    # -- exports ------------------------------------------------------------------------------------------
+    def _export(self, job: JobRow, spec: JobSpec, result: SearchResult, objective: Objective, lease: _Lease) -> None:
+        from autoprune.errors import ExportError
+
+        best = result.best(
+            spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
+        )
+        points = list(result.front())
+        if not any(_key(p) == _key(best) for p in points):
+            points.append(best)
+        with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
+            for point in points:
+                self._check(lease)
+                lease.renew()
+                is_best = _key(point) == _key(best)
+                model = result.materialize(point)
+                for fmt in spec.export_formats:
+                    self._check(lease)
+                    out = Path(tmp) / f"{point.stage}-{point.index}-{fmt}"
+                    try:
+                        path, report = self._export_one(model, point, fmt, out, objective, spec, is_best)
+                    except ExportError as exc:
+                        self._log(job.id, f"export of {point.stage} point {point.index} as {fmt} failed: {exc}")
+                        continue
+                    sha, size = self.store.put_file(path, _SUFFIX[fmt])
+                    self.repo.add_artefact(sha, size, _MEDIA[fmt], _SUFFIX[fmt])
+                    meta = {
+                        "point": {"stage": point.stage, "index": point.index},
+                        "best": is_best,
+                        "select": spec.select,
+                        "filename": f"{job.id}-{point.stage}-{point.index}{_SUFFIX[fmt]}",
+                        "evaluation": evaluation_summary(point.to_json()),
+                        "plan": point.plan.to_json(),
+                        "export": report,
+                    }
+                    self.repo.add_export(
+                        job_id=job.id,
+                        index=point.index,
+                        stage=point.stage,
+                        format=fmt,
+                        artefact_sha256=sha,
+                        meta=_finite(meta),
+                        worker_id=self.worker_id,
+                    )
+
+    @staticmethod
+    def _export_one(
+        model: Any, point: Evaluation, fmt: str, out: Path, objective: Objective, spec: JobSpec, is_best: bool
+    ) -> tuple[Path, dict[str, Any]]:
+        from autoprune.export import export_model
+
+        report = export_model(
+            model,
+            objective.example_inputs,
+            out,
+            plan=point.plan,
+            base=objective.base if (fmt == "onnx" and is_best) else None,  # re-time the best one only
+            formats=(fmt,),
+            latency=spec.latency_config(),
+        )
+        data = report.to_json()
+        data["files"] = {name: Path(p).name for name, p in report.files.items()}
+        if fmt != "safetensors":
+            return Path(report.files[fmt]), data
+        archive = out / "model.zip"
+        members = {
+            "model.safetensors": Path(report.files["safetensors"]).read_bytes(),
+            "model.plan.json": Path(report.files["plan"]).read_bytes(),
+            "evaluation.json": json.dumps(point.to_json(), indent=2, sort_keys=True).encode(),
+        }
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, payload in members.items():  # fixed timestamps: the same model zips to the same hash
+                zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), payload, zipfile.ZIP_DEFLATED)
+        archive.write_bytes(buf.getvalue())
+        data["files"] = {"safetensors": "model.zip", "members": list(members)}
+        return archive, data
+
+
+# -- process main -------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service.worker``: run a worker until SIGTERM/SIGINT (the first finishes the current
+    evaluation and releases the job; a second one stops at once)."""
+    parser = argparse.ArgumentParser(prog="autoprune worker", description=main.__doc__)
+    parser.add_argument("--worker-id", default=None, help="name in the job's events (default host:pid:random)")
+    parser.add_argument("--database-url", default=None, help="overrides AUTOPRUNE_DATABASE_URL")
+    parser.add_argument("--max-jobs", type=int, default=None, help="exit after processing this many jobs")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(args.log_level.upper())  # the exporters' INFO chatter stays out
+
+    settings = Settings() if args.database_url is None else Settings(database_url=args.database_url)
+    if is_sqlite(settings.db_url):
+        ensure_schema(settings)  # the embedded default upgrades itself; PostgreSQL has its migrate step
+
+    import torch
+
+    torch.set_num_threads(1)  # stable latency figures: one intra-op thread per worker process
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current evaluation, then releasing the job", signum)
+        stop.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second signal stops at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker = Worker(settings, args.worker_id)
+    log.info("worker %s: polling %s", worker.worker_id, settings.db_url.split("@")[-1])
+    try:
+        worker.run_forever(stop, max_jobs=args.max_jobs)
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
