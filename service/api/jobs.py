@@ -1,0 +1,390 @@
+"""``/v1/jobs``: create (validated by ``JobSpec.validate()``, torch-free; ``Idempotency-Key`` honoured), list,
+get, cancel, live events (SSE), evaluations, the Pareto front and downloads of exported models."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from autoprune.errors import AutopruneError
+from autoprune.job import JobSpec
+from service.api import deps
+from service.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_responses
+from service.api.schemas import (
+    EvaluationOut,
+    EvaluationPage,
+    EventOut,
+    ExportOut,
+    JobCreate,
+    JobOut,
+    JobPage,
+    Pareto,
+)
+from service.artefacts import ArtefactStore
+from service.db.models import TERMINAL, EvaluationRow, ExportRow, JobRow, JobState
+from service.db.repository import NotFound, Repository
+
+router = APIRouter()
+
+JobId = Annotated[str, Path(min_length=1, max_length=64)]
+RepoDep = Annotated[Repository, Depends(deps.repo)]
+StateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Format = Literal["onnx", "safetensors", "pt2"]
+Stage = Literal["search", "finetuned"]
+
+MEDIA_TYPES = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/zip"}
+SUFFIXES = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
+SPEC_KEYS = tuple(k for k in JobCreate.model_fields if k not in ("model_id", "dataset_id"))
+
+
+def _terminal(state: str) -> bool:
+    return state in {s.value for s in TERMINAL}
+
+
+# --- create / list / get / cancel ------------------------------------------------------------------------------
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobOut,
+    summary="Create a search job",
+    responses={
+        200: {"description": "The job created earlier with the same Idempotency-Key and body", "model": JobOut},
+        **problem_responses(400, 401, 409, 422),
+    },
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    repo: RepoDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Repeat a request safely: the same key and body return the same job (200); "
+            "the same key with another body is a 409.",
+        ),
+    ] = None,
+) -> JobOut:
+    try:
+        model = repo.get_model(body.model_id)
+    except NotFound:
+        raise Problem(422, f"no model with id {body.model_id!r} (upload one with POST /v1/models)") from None
+    try:
+        dataset = repo.get_dataset(body.dataset_id)
+    except NotFound:
+        raise Problem(422, f"no dataset with id {body.dataset_id!r} (create one with POST /v1/datasets)") from None
+    knobs: dict[str, Any] = body.model_dump(include=set(SPEC_KEYS))
+    spec = JobSpec(
+        model=model.architecture or "model.pt2",
+        data=dataset.builtin or "dataset",
+        kwargs=dict(model.kwargs or {}),
+        **{**knobs, "export_formats": tuple(knobs["export_formats"])},
+    )
+    try:
+        spec.validate()
+    except AutopruneError as exc:
+        raise Problem(422, str(exc).splitlines()[0], slug="invalid-job") from None
+    if body.metric == "accuracy" and dataset.info.get("labelled") is False:
+        raise Problem(
+            422,
+            "metric 'accuracy' needs labels but the dataset has none; use agreement, kl or cosine",
+            slug="invalid-job",
+        )
+    # "the same request" is judged by content: the model and dataset by what they are (a client that retries a
+    # submit re-uploads the same files and gets new ids), the settings with their defaults filled in
+    same = {
+        "model": [model.kind, model.architecture, model.kwargs, model.artefact_sha256],
+        "dataset": [dataset.kind, dataset.builtin, dataset.artefact_sha256],
+        "spec": body.model_dump(mode="json", include=set(SPEC_KEYS)),
+    }
+    request_hash = hashlib.sha256(json.dumps(same, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    job, created = repo.create_job(
+        model_id=model.id,
+        dataset_id=dataset.id,
+        spec=knobs,
+        progress_total=body.budget,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.get("/jobs", response_model=JobPage, responses=problem_responses(401, 422))
+def list_jobs(
+    repo: RepoDep,
+    state: Annotated[StateName | None, Query(description="Only jobs in this state.")] = None,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobPage:
+    """Newest first."""
+    page = repo.list_jobs(state=state, offset=offset, limit=limit)
+    return JobPage(items=[JobOut.of(j) for j in page.items], total=page.total, offset=page.offset, limit=page.limit)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=problem_responses(401, 404))
+def get_job(job_id: JobId, repo: RepoDep) -> JobOut:
+    return JobOut.of(repo.get_job(job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=problem_responses(401, 404, 409))
+def cancel_job(job_id: JobId, repo: RepoDep) -> JobOut:
+    """A queued job is cancelled at once; a running one stops within one evaluation (``cancel_requested``
+    until its worker moves it to ``cancelled``); a finished one is a 409."""
+    return JobOut.of(repo.request_cancel(job_id))
+
+
+# --- live events -------------------------------------------------------------------------------------------------
+
+
+def _existing_job(job_id: JobId, repo: RepoDep) -> JobRow:
+    """Looked up in a dependency, so a 404 is answered before the event stream starts."""
+    return repo.get_job(job_id)
+
+
+def _event(row: Any) -> ServerSentEvent:
+    return ServerSentEvent(event=row.kind, id=str(row.id), data=EventOut.of(row).model_dump(mode="json"))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="Live progress (Server-Sent Events)",
+    responses=problem_responses(401, 404, 422),
+)
+async def job_events(
+    request: Request,
+    job: Annotated[JobRow, Depends(_existing_job)],
+    repo: RepoDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=20, description="Resume after this event id (set by EventSource)."),
+    ] = None,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this event id (like Last-Event-ID).")] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """First a ``snapshot`` event (the job as ``GET /v1/jobs/{id}`` returns it), then one event per stored job
+    event after ``Last-Event-ID`` (all of them without it): ``state`` (a transition) and ``evaluation`` (one
+    recorded evaluation, with progress). Event ids are the job-event ids. The stream ends after the event that
+    moves the job to a terminal state (or at once when the job already finished and nothing is left to send)."""
+    cursor = after or 0
+    if last_event_id is not None:
+        with contextlib.suppress(ValueError):  # a foreign id: ignore it
+            cursor = max(cursor, int(last_event_id))
+    poll: float = request.app.state.sse_poll_seconds
+    yield ServerSentEvent(event="snapshot", data=JobOut.of(job).model_dump(mode="json"), retry=2000)
+    finished = _terminal(job.state)
+    while True:
+        rows = await run_in_threadpool(repo.events_after, job.id, cursor)
+        for row in rows:
+            cursor = row.id
+            yield _event(row)
+            if row.kind == "state" and row.to_state is not None and _terminal(row.to_state):
+                return
+        if rows:
+            continue
+        if finished:
+            return
+        current = await run_in_threadpool(repo.get_job, job.id)
+        # the job may have finished between the two reads: drain once more, then stop
+        finished = _terminal(current.state)
+        if not finished:
+            await anyio.sleep(poll)
+
+
+# --- results -------------------------------------------------------------------------------------------------------
+
+
+@router.get("/jobs/{job_id}/evaluations", response_model=EvaluationPage, responses=problem_responses(401, 404, 422))
+def job_evaluations(
+    job_id: JobId,
+    repo: RepoDep,
+    stage: Annotated[Stage | None, Query()] = None,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EvaluationPage:
+    """Every evaluation of the job (search stage first, then the fine-tuned points), paginated."""
+    repo.get_job(job_id)
+    page = repo.evaluations(job_id, stage=stage, offset=offset, limit=limit)
+    return EvaluationPage(
+        items=[EvaluationOut.of(e) for e in page.items], total=page.total, offset=page.offset, limit=page.limit
+    )
+
+
+@router.get("/jobs/{job_id}/pareto", response_model=Pareto, responses=problem_responses(401, 404))
+def job_pareto(job_id: JobId, repo: RepoDep) -> Pareto:
+    """The current Pareto front (quality up, measured latency down) and the best point under the job's
+    ``select`` rule."""
+    job = repo.get_job(job_id)
+    return Pareto(
+        job_id=job.id, state=job.state, best=job.best, points=[EvaluationOut.of(e) for e in repo.front(job_id)]
+    )
+
+
+def _export_url(row: ExportRow) -> str:
+    return f"/v1/jobs/{row.job_id}/models/{row.index}?format={row.format}&stage={row.stage}"
+
+
+def _artefact_file(repo: Repository, store: ArtefactStore, row: ExportRow) -> tuple[Any, str]:
+    """(path or None, media type) of an export's stored file (named by hash + the suffix stored with it)."""
+    try:
+        artefact = repo.get_artefact(row.artefact_sha256)
+    except NotFound:
+        return None, ""
+    path = store.path_for(row.artefact_sha256, artefact.suffix or "")
+    return (path if path.is_file() else None), artefact.media_type or MEDIA_TYPES.get(row.format, "")
+
+
+def _size(repo: Repository, store: ArtefactStore, row: ExportRow) -> int | None:
+    path, _ = _artefact_file(repo, store, row)
+    return None if path is None else int(path.stat().st_size)
+
+
+@router.get("/jobs/{job_id}/models", response_model=list[ExportOut], responses=problem_responses(401, 404))
+def job_models(job_id: JobId, repo: RepoDep, store: Annotated[ArtefactStore, Depends(deps.store)]) -> list[ExportOut]:
+    """The exported models of the job (front points / the best, per format)."""
+    repo.get_job(job_id)
+    return [ExportOut.of(r, _size(repo, store, r), _export_url(r)) for r in repo.exports(job_id)]
+
+
+def _best_point(job: JobRow) -> tuple[int, str] | None:
+    best = job.best or {}
+    if not isinstance(best.get("index"), int):
+        return None
+    return best["index"], str(best.get("stage") or "search")
+
+
+def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stage: str | None) -> ExportRow:
+    job = repo.get_job(job_id)
+    if not _terminal(job.state):
+        raise Problem(
+            409,
+            f"job {job.id} is {job.state}: its models are exported when it finishes",
+            slug="job-not-finished",
+        )
+    exports = [e for e in repo.exports(job_id) if e.format == format]
+    if point == "best":
+        marked = [e for e in exports if (e.meta or {}).get("best") is True]
+        best = _best_point(job)
+        if marked:
+            found = marked[0]
+        elif best is not None:
+            found = next((e for e in exports if (e.index, e.stage) == best), None)  # type: ignore[assignment]
+        else:
+            found = None  # type: ignore[assignment]
+        if found is None:
+            why = "" if job.state == JobState.succeeded.value else f" (the job {job.state})"
+            raise Problem(404, f"job {job.id} has no {format} export of its best point{why}", slug="no-export")
+        return found
+    try:
+        index = int(point)
+        if index < 0:
+            raise ValueError
+    except ValueError:
+        raise Problem(422, f"point must be 'best' or an evaluation index, got {point!r}") from None
+    matches = [e for e in exports if e.index == index and (stage is None or e.stage == stage)]
+    if not matches:
+        have = sorted({f"{e.index} ({e.stage})" for e in exports})
+        raise Problem(
+            404,
+            f"point {index}{f' ({stage})' if stage else ''} of job {job.id} was not exported as {format}"
+            + (f"; exported points: {', '.join(have)}" if have else ""),
+            slug="no-export",
+        )
+    # the same plan after fine-tuning is the better model of that point
+    return sorted(matches, key=lambda e: e.stage != "finetuned")[0]
+
+
+def _find_evaluation(repo: Repository, job_id: str, index: int, stage: str) -> EvaluationRow | None:
+    for e in repo.front(job_id):
+        if (e.index, e.stage) == (index, stage):
+            return e
+    offset = 0
+    while True:
+        page = repo.evaluations(job_id, stage=stage, offset=offset, limit=500)
+        for e in page.items:
+            if e.index == index:
+                return e  # type: ignore[no-any-return]
+        offset += len(page.items)
+        if not page.items or offset >= page.total:
+            return None
+
+
+PointPath = Annotated[str, Path(description="`best` or an evaluation index.", max_length=20)]
+FormatQuery = Annotated[Format, Query(description="onnx, safetensors (a zip with the plan) or pt2.")]
+StageQuery = Annotated[Stage | None, Query(description="search or finetuned (default: finetuned if exported).")]
+
+
+@router.get(
+    "/jobs/{job_id}/models/{point}",
+    response_class=FileResponse,
+    summary="Download an exported model",
+    responses={
+        200: {
+            "description": "The model file",
+            "content": {"application/onnx": {}, "application/zip": {}, "application/octet-stream": {}},
+        },
+        **problem_responses(401, 404, 409, 422),
+    },
+)
+def download_model(
+    job_id: JobId,
+    point: PointPath,
+    repo: RepoDep,
+    store: Annotated[ArtefactStore, Depends(deps.store)],
+    format: FormatQuery = "onnx",
+    stage: StageQuery = None,
+) -> FileResponse:
+    """The stored export of a front point (or ``best``) in ``format``; its metadata at ``.../meta``. 409 while the
+    job has not finished; 404 when that point or format was not exported."""
+    row = _resolve_export(repo, job_id, point, format, stage)
+    path, media_type = _artefact_file(repo, store, row)
+    if path is None:
+        raise Problem(404, f"the stored file of this export is missing from the artefact store ({row.artefact_sha256})")
+    meta_url = f"/v1/jobs/{row.job_id}/models/{point}/meta?format={row.format}" + (f"&stage={stage}" if stage else "")
+    headers = {
+        "ETag": f'"{row.artefact_sha256}"',
+        "X-Autoprune-Sha256": row.artefact_sha256,
+        "X-Autoprune-Point": f"{row.stage}/{row.index}",
+        "Link": f'<{meta_url}>; rel="describedby"',
+    }
+    filename = f"job-{row.job_id[:12]}-{row.stage}-{row.index}{SUFFIXES[row.format]}"
+    return FileResponse(path, media_type=media_type or MEDIA_TYPES[row.format], filename=filename, headers=headers)
+
+
+class ModelMeta(ExportOut):
+    evaluation: EvaluationOut | None
+
+
+@router.get(
+    "/jobs/{job_id}/models/{point}/meta", response_model=ModelMeta, responses=problem_responses(401, 404, 409, 422)
+)
+def model_meta(
+    job_id: JobId,
+    point: PointPath,
+    repo: RepoDep,
+    store: Annotated[ArtefactStore, Depends(deps.store)],
+    format: FormatQuery = "onnx",
+    stage: StageQuery = None,
+) -> ModelMeta:
+    """What the export report recorded (verification, re-measured latency) and the point's evaluation."""
+    row = _resolve_export(repo, job_id, point, format, stage)
+    ev = _find_evaluation(repo, job_id, row.index, row.stage)
+    base = ExportOut.of(row, _size(repo, store, row), _export_url(row))
+    return ModelMeta(**base.model_dump(), evaluation=EvaluationOut.of(ev) if ev is not None else None)
+
+
+__all__ = ["PROBLEM_MEDIA_TYPE", "router"]
