@@ -1,5 +1,6 @@
 # One command to set up and run each job on a fresh clone (see README.md):
-#   make demo   - set up .venv and run the demo (prune the shipped ResNet-20, measure before/after, export)
+#   make demo   - set up .venv and run the main job: `autoprune serve --demo` (API + embedded worker on SQLite,
+#                 submit the bundled ResNet-20/digits job, watch it live, download the best model as ONNX)
 #   make test   - set up .venv and run lint, type checks and the whole test suite (what CI runs)
 # torch 2.13.0 (CPU build) is installed first and every version is pinned by constraints.txt, so pip never
 # pulls a different torch build.
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/autoprune demo
+	$(BIN)/autoprune serve --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SRC)
