@@ -123,8 +123,12 @@ class SearchSession:
         stop: StopSignal = None,
         callbacks: Sequence[ProgressCallback] = (),
         history: Iterable[Evaluation] = (),
+        next_index: Callable[[int], int] | None = None,
     ) -> None:
         self.objective = objective
+        self._next_index = next_index
+        """Maps the session's own count (1, 2, ...) to the index an evaluation gets; None: that count. Several
+        sessions feeding one job (workers sharing a study) take their indices from a common allocator."""
         self.space = space
         self.budget = budget
         self.seed = seed
@@ -195,7 +199,9 @@ class SearchSession:
             self.replayed += 1
         else:
             evaluation = self.objective.evaluate(plan)
-        evaluation = dataclasses.replace(evaluation, index=len(self.evaluations) + 1)
+        local = len(self.evaluations) + 1
+        index = local if self._next_index is None else self._next_index(local)
+        evaluation = dataclasses.replace(evaluation, index=index)
         self.evaluations.append(evaluation)
         best = max(self.evaluations, key=lambda e: e.reward)
         # incremental: a point dominated once stays dominated, so the new front comes from the old one
@@ -292,13 +298,14 @@ def run_search(
     callbacks: Sequence[ProgressCallback] = (),
     history: Iterable[Evaluation] = (),
     options: Mapping[str, Any] | None = None,
+    next_index: Callable[[int], int] | None = None,
 ) -> SearchResult:
     """Run ``strategy`` against ``objective`` until the budget is spent or ``stop`` is set.
 
     ``strategy`` is a strategy object or a registered name (``options`` are passed to its constructor).
     Ctrl-C stops the search cleanly: what was evaluated is kept and returned (``result.stop_reason ==
     "interrupted"``). ``history`` holds evaluations recorded earlier for this job; plans found there are not
-    evaluated again.
+    evaluated again. ``next_index`` numbers the evaluations (see :class:`SearchSession`).
     """
     from agents import make_strategy
     from agents.result import SearchResult
@@ -310,7 +317,9 @@ def run_search(
     elif options:
         raise InvalidConfigError("options are for strategies given by name")
     space = SearchSpace.from_objective(objective, max_ratio)
-    session = SearchSession(objective, space, budget, seed=seed, stop=stop, callbacks=callbacks, history=history)
+    session = SearchSession(
+        objective, space, budget, seed=seed, stop=stop, callbacks=callbacks, history=history, next_index=next_index
+    )
     try:
         strategy.run(session)
     except SearchStopped:

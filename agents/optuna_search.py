@@ -10,14 +10,23 @@ Same seed, same objective → same plans: the samplers are seeded and are the on
 Resuming a job relies on the session's history replay (same seed, same plans), so a study loaded from a
 storage that already holds trials would condition the sampler on them and ask different plans; give each
 job its own ``study_name``.
+
+**Sharing one study.** Several processes may run the same strategy against one ``storage``/``study_name``
+(the service does this for a job with ``workers > 1``): each asks and tells its own trials, and the sampler
+sees every process's COMPLETE trials. Give each process its own seed (identical seeds ask identical random
+start-up plans). ``trial_user_attrs`` are written on every asked trial (the service writes the worker id), so
+that :func:`fail_running_trials` can close the trials a dead process left ``RUNNING``. Optuna's heartbeat is
+for ``study.optimize`` only (``ask`` warns about it), so the owner of a trial is tracked this way instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -28,7 +37,9 @@ from autoprune.errors import InvalidConfigError
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation
 
-__all__ = ["OptunaNSGA2", "OptunaTPE"]
+__all__ = ["OptunaNSGA2", "OptunaTPE", "fail_running_trials"]
+
+T = TypeVar("T")
 
 
 def _quiet_optuna() -> None:
@@ -59,6 +70,8 @@ class _OptunaStrategy(AskTellStrategy):
         self._study: optuna.Study | None = None
         self._space: SearchSpace | None = None
         self._pending: list[tuple[Ratios, Trial]] = []
+        self.trial_user_attrs: dict[str, Any] = {}
+        """Set on every asked trial (e.g. who asked it, when several processes share the study)."""
 
     # -- what subclasses choose ---------------------------------------------------------------------------
     def _sampler(self, budget: Budget, seed: int) -> BaseSampler:
@@ -66,6 +79,10 @@ class _OptunaStrategy(AskTellStrategy):
 
     def _values(self, evaluation: Evaluation) -> list[float]:
         raise NotImplementedError
+
+    def told_values(self, evaluation: Evaluation) -> list[float]:
+        """What ``tell`` reports to the study for ``evaluation``."""
+        return self._values(evaluation)
 
     # -- the study ----------------------------------------------------------------------------------------
     @property
@@ -80,12 +97,16 @@ class _OptunaStrategy(AskTellStrategy):
         self._space = space
         self._pending = []
         wanted = [StudyDirection[d.upper()] for d in self.directions]
-        self._study = optuna.create_study(
-            storage=self.storage,
-            study_name=self.study_name,
-            sampler=self._sampler(budget, seed),
-            directions=wanted,
-            load_if_exists=True,
+        sampler = self._sampler(budget, seed)
+        self._study = _retry_shared(
+            self.storage,
+            lambda: optuna.create_study(
+                storage=self.storage,
+                study_name=self.study_name,
+                sampler=sampler,
+                directions=wanted,
+                load_if_exists=True,
+            ),
         )
         if list(self._study.directions) != wanted:
             found = ", ".join(d.name.lower() for d in self._study.directions)
@@ -97,6 +118,8 @@ class _OptunaStrategy(AskTellStrategy):
     def ask(self) -> Ratios:
         assert self._space is not None, "setup() must run before ask()"
         trial = self.study.ask()
+        for key, value in self.trial_user_attrs.items():
+            trial.set_user_attr(key, value)
         ratios = {g: trial.suggest_float(g, 0.0, self._space.max_ratio) for g in self._space.groups}
         # the loop tells the clipped ratios (rounded to 1e-6); remember the trial under those
         self._pending.append((self._space.clip(ratios), trial))
@@ -107,8 +130,11 @@ class _OptunaStrategy(AskTellStrategy):
             raise RuntimeError("tell() without a matching ask()")
         index = next((i for i, (asked, _) in enumerate(self._pending) if asked == ratios), 0)
         _, trial = self._pending.pop(index)
-        trial.set_user_attr("evaluation_index", evaluation.index)
-        self.study.tell(trial, self._values(evaluation))
+        try:
+            trial.set_user_attr("evaluation_index", evaluation.index)
+        except UpdateFinishedTrialError:  # a shared study: another process failed it as stale meanwhile
+            return
+        self.study.tell(trial, self._values(evaluation), skip_if_finished=True)
 
     def run(self, session: SearchSession) -> None:
         try:
@@ -116,8 +142,50 @@ class _OptunaStrategy(AskTellStrategy):
         finally:
             # asked but never evaluated (stop between ask and evaluate): close them in the storage
             for _, trial in self._pending:
-                self.study.tell(trial, state=TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             self._pending = []
+
+
+def fail_running_trials(
+    storage: str,
+    study_name: str,
+    keep: Callable[[FrozenTrial], bool] | None = None,
+    recorded: Callable[[FrozenTrial], Sequence[float] | None] | None = None,
+) -> list[int]:
+    """Close the study's ``RUNNING`` trials (except those ``keep`` accepts); their numbers. A trial whose
+    evaluation its dead process did record (``recorded`` returns the values to tell: it died between recording
+    and telling) is completed with them, any other one is marked ``FAIL``. A study that does not exist yet has
+    none."""
+    _quiet_optuna()
+    try:
+        study = _retry_shared(storage, lambda: optuna.load_study(study_name=study_name, storage=storage))
+    except KeyError:
+        return []
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if keep is None or not keep(trial):
+            values = None if recorded is None else recorded(trial)
+            if values is None:
+                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            else:
+                study.tell(trial.number, list(values), skip_if_finished=True)
+            failed.append(trial.number)
+    return failed
+
+
+def _retry_shared(storage: str | None, make: Callable[[], T]) -> T:
+    """``make()``, tried again twice for a database storage: processes sharing a study create Optuna's tables
+    and the study at the same moment, and one of them may lose the race (duplicate table or study)."""
+    for attempt in range(2):
+        try:
+            return make()
+        except KeyError:
+            raise  # no such study: not a race
+        except Exception:
+            if storage is None:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return make()
 
 
 class OptunaTPE(_OptunaStrategy):

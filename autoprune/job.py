@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from agents.base import ProgressCallback, StopSignal
+    from agents.base import ProgressCallback, StopSignal, Strategy
     from agents.result import SearchResult
     from autoprune.data import Dataset
     from autoprune.latency import LatencyConfig, LatencyMeter
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 SELECTIONS = ("reward", "latency", "quality")
 METRICS = ("accuracy", "agreement", "kl", "cosine")
+SHARED_STRATEGIES = ("optuna-tpe", "optuna-nsga2")
+"""Strategies whose search state lives in a database (an Optuna study), so several workers can share a job."""
 """The quality metrics a job spec may name (``autoprune.quality.metric_names()``; kept here torch-free)."""
 
 
@@ -89,6 +91,10 @@ class JobSpec:
     finetune_steps: int = 200
     distill: bool = True
     export_formats: tuple[str, ...] = ("onnx", "safetensors")
+    workers: int = 1
+    """How many service workers may run this job at once, sharing one Optuna study (``optuna-tpe`` /
+    ``optuna-nsga2`` only; the study needs a database both reach: the service's PostgreSQL or a ``storage``
+    URL). A local run ignores it."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -188,6 +194,12 @@ class JobSpec:
         _int("batch_size", 1)
         _int("finetune_top", 0)
         _int("finetune_steps", 1)
+        _int("workers", 1)
+        if self.workers > 1 and self.strategy not in SHARED_STRATEGIES:
+            raise InvalidConfigError(
+                f"workers > 1 needs a strategy that shares its state across workers ({', '.join(SHARED_STRATEGIES)}); "
+                f"{self.strategy!r} runs on one worker (workers=1)"
+            )
         unknown_formats = [f for f in self.export_formats if f not in ("onnx", "safetensors", "pt2")]
         if unknown_formats or not self.export_formats:
             raise InvalidConfigError(f"export_formats must be among onnx, safetensors, pt2; got {self.export_formats}")
@@ -289,22 +301,29 @@ def run_job(
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
     log: Callable[[str], None] | None = None,
+    strategy: Strategy | None = None,
+    next_index: Callable[[int], int] | None = None,
 ) -> SearchResult:
-    """Run a validated job spec: build the objective (unless given), search, then the final fine-tuning stage."""
+    """Run a validated job spec: build the objective (unless given), search, then the final fine-tuning stage.
+
+    ``strategy``: a strategy object to use instead of building ``spec.strategy`` from ``spec.strategy_options``
+    (a service worker sharing a study configures its own); ``next_index`` numbers the evaluations
+    (:class:`agents.base.SearchSession`)."""
     from agents import Budget, run_search
 
     spec.validate()
     objective = objective or spec.build_objective(log=log)
     result = run_search(
         objective,
-        spec.strategy,
+        spec.strategy if strategy is None else strategy,
         Budget(evaluations=spec.budget, seconds=spec.seconds),
         seed=spec.seed,
         max_ratio=spec.max_ratio,
         stop=stop,
         callbacks=callbacks,
         history=history,
-        options=dict(spec.strategy_options),
+        options=dict(spec.strategy_options) if strategy is None else None,
+        next_index=next_index,
     )
     if spec.finetune_top > 0 and result.stop_reason != "interrupted":
         result.finetune_front(spec.finetune_top, spec.finetune_recovery(), key=spec.select)

@@ -24,8 +24,22 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
 * **Failure.** Any exception: the job goes to ``failed`` with ``"<Type>: <first line>"`` (traceback in the
   event). A job is never left running without a live lease: if even that write fails, the lease expires.
 
-Not here yet: sharing one Optuna study across workers (RDB storage) so that one job uses many workers; each job
-runs on one worker at a time. A job that keeps killing its worker is retried until :data:`MAX_ATTEMPTS`.
+* **Shared jobs** (``workers`` = N > 1; ``optuna-tpe`` / ``optuna-nsga2``): up to N workers hold the job at
+  once (one ``job_slots`` row each, see the repository) and share one Optuna study in RDB storage
+  (:func:`shared_study_storage`: the strategy's ``storage`` option, else the service's PostgreSQL database in
+  schema ``optuna``; ``study_name`` defaults to ``autoprune-<job id>``). Each worker builds its own objective,
+  seeds its sampler by slot, and asks/tells its own trials; before each ask it reserves the next evaluation
+  index from the database (:meth:`Repository.reserve_index`), so the workers together stop at exactly
+  ``budget`` evaluations with indices 1..budget, and each evaluation row and event names its worker. Resume is
+  the study itself: there is no replay (the sampler already conditions on the stored COMPLETE trials), trials a
+  dead worker left ``RUNNING`` are failed when a worker starts and when the job finishes, and a dead worker's
+  reservation goes back to the pool when its slot lease expires. When the budget is spent, workers leave their
+  slots; the holder of slot 0 (a leaving worker takes slot 0 over if its holder is dead) waits until it is
+  alone, searches again if a dead worker's evaluation is missing, then fine-tunes, exports and succeeds. A
+  cancel, a failure or a lost job stops every holder; SIGTERM gives up one slot (the job goes back to
+  ``queued`` only when no holder is left).
+
+A job that keeps killing its worker is retried until :data:`MAX_ATTEMPTS`.
 
 No API imports; torch is imported when a job runs (and pinned to one thread by :func:`main`).
 """
@@ -44,20 +58,24 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.artefacts import ArtefactStore
-from service.db.engine import ensure_schema, is_sqlite, make_engine
+from service.db.engine import ensure_schema, is_sqlite, make_engine, normalize_url
 from service.db.models import JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
     from agents.base import Progress
     from agents.result import SearchResult
     from autoprune.job import JobSpec
@@ -70,6 +88,33 @@ MAX_ATTEMPTS = 10
 _SPEC_INPUT_KEYS = ("model", "data", "weights", "kwargs")
 _MEDIA = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/octet-stream"}
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
+OPTUNA_SCHEMA = "optuna"
+"""PostgreSQL schema of shared Optuna studies (created by migration 0002): Optuna's own ``alembic_version``
+table would clash with the service's in ``public``."""
+
+
+def shared_study_storage(db_url: str, strategy_options: Mapping[str, Any]) -> str | None:
+    """Where the workers of a shared job keep their Optuna study: the strategy's ``storage`` option, else the
+    service's own database when it is PostgreSQL (``search_path`` = :data:`OPTUNA_SCHEMA`); None when neither."""
+    storage = strategy_options.get("storage")
+    if storage:
+        return str(storage)
+    url = normalize_url(db_url)
+    if not url.startswith("postgresql"):
+        return None
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{OPTUNA_SCHEMA}"
+
+
+def check_job_workers(workers: int, strategy_options: Mapping[str, Any], db_url: str) -> None:
+    """:class:`InvalidConfigError` unless a job with ``workers`` can run here (torch-free: the API may call it
+    after ``JobSpec.validate()``, which checks the strategy)."""
+    from autoprune.errors import InvalidConfigError
+
+    if workers > 1 and shared_study_storage(db_url, strategy_options) is None:
+        raise InvalidConfigError(
+            "workers > 1 shares one Optuna study between the workers: it needs the service on PostgreSQL or a "
+            "strategy 'storage' database URL that every worker reaches (this service runs on SQLite)"
+        )
 
 
 class _Stop(Exception):  # control flow inside the worker
@@ -197,7 +242,13 @@ class Worker:
             except LeaseLost:
                 outcome = "lost"
             if outcome == "cancelled":
-                self.repo.transition(job.id, JobState.cancelled, worker_id=self.worker_id, reason="cancel requested")
+                try:
+                    self.repo.transition(
+                        job.id, JobState.cancelled, worker_id=self.worker_id, reason="cancel requested"
+                    )
+                except Conflict:
+                    if (job.workers or 1) <= 1:
+                        raise  # a shared job: another holder cancelled it first
             elif outcome == "released":
                 self.repo.release_job(job.id, self.worker_id)
             return outcome
@@ -290,6 +341,8 @@ class Worker:
         if job.attempts > MAX_ATTEMPTS:
             raise RuntimeError(f"gave up after {job.attempts - 1} attempts: the job's worker kept stopping")
         spec = self.build_spec(job)
+        if (job.workers or 1) > 1:
+            return self._run_shared(job, spec, lease)
         history = [Evaluation.from_json(r) for r in self.repo.all_records(job.id)]
         self._check(lease)
         objective = spec.build_objective(log=lambda note: self._log(job.id, note))
@@ -350,6 +403,168 @@ class Worker:
             replayed=result.replayed,
         )
         return "succeeded"
+
+    def _run_shared(self, job: JobRow, spec: JobSpec, lease: _Lease) -> str:
+        """A job several workers hold at once (see the module docstring); returns ``succeeded`` (this worker
+        finished it) or ``left`` (the search budget is spent and slot 0's holder finishes)."""
+        from agents import make_strategy
+        from agents.optuna_search import fail_running_trials
+        from agents.result import SearchResult
+        from autoprune.errors import InvalidConfigError
+        from autoprune.job import run_job
+        from autoprune.objective import Evaluation
+
+        storage = shared_study_storage(self.settings.db_url, spec.strategy_options)
+        if storage is None:
+            check_job_workers(job.workers, spec.strategy_options, self.settings.db_url)
+            raise InvalidConfigError("no storage for the shared study")  # unreachable: the check raised
+        study_name = str(spec.strategy_options.get("study_name") or f"autoprune-{job.id}")
+        objective = spec.build_objective(log=lambda note: self._log(job.id, note))
+        baseline = objective.baseline
+        self._check(lease)
+
+        def snapshot(records: list[dict[str, Any]]) -> SearchResult:
+            evaluations = [Evaluation.from_json(r) for r in records]
+            base = next((e for e in evaluations if e.stage == "search" and e.index == 0), baseline)
+            return SearchResult(
+                strategy=spec.strategy,
+                seed=spec.seed,
+                baseline=base,
+                evaluations=sorted(
+                    (e for e in evaluations if e.stage == "search" and e.index > 0), key=lambda e: e.index
+                ),
+                stop_reason="running",
+                wall_s=0.0,
+                finetuned=[e for e in evaluations if e.stage == "finetuned"],
+                objective=objective,
+            )
+
+        def derive(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+            """Best and front over every holder's evaluations (run by the repository under the job's lock)."""
+            result = snapshot(records)
+            return self._best_summary(result, spec), [_key(p) for p in result.front()]
+
+        def record_shared(e: Evaluation) -> None:
+            self.repo.record_evaluation(
+                job.id, self.worker_id, _finite(e.to_json()), done=0, best=None, front=(), derive=derive
+            )
+            lease.renew()
+
+        def new_strategy() -> Any:
+            strategy = make_strategy(
+                spec.strategy, **{**spec.strategy_options, "storage": storage, "study_name": study_name}
+            )
+            strategy.trial_user_attrs = {"worker_id": self.worker_id}  # type: ignore[attr-defined]
+            return strategy
+
+        def settle_stale(keep: Callable[[FrozenTrial], bool] | None) -> None:
+            """Close the trials dead holders left RUNNING: completed with the stored evaluation when it was
+            recorded (the holder died between recording and telling), failed otherwise."""
+            stored = {r.index: r for r in self.repo.evaluations(job.id, stage="search", limit=10**6).items}
+            told = new_strategy().told_values
+
+            def recorded(trial: FrozenTrial) -> list[float] | None:
+                row = stored.get(trial.user_attrs.get("evaluation_index", -1))
+                if row is None or row.worker_id != trial.user_attrs.get("worker_id"):
+                    return None  # never recorded, or its index went to another worker after this one died
+                return told(Evaluation.from_json(row.record))
+
+            closed = fail_running_trials(storage, study_name, keep=keep, recorded=recorded)
+            if closed:
+                self._log(job.id, f"closed trial(s) {closed} that a stopped worker left running")
+
+        record_shared(baseline)  # idempotent: the first holder's baseline is the job's
+        live = set(self.repo.live_workers(job.id))
+        settle_stale(lambda t: _trial_alive(t, live, self.settings.lease_seconds))
+
+        started = time.monotonic()
+        stop_reason = "budget"
+        while True:
+            slot = self.repo.slot_of(job.id, self.worker_id)
+            if slot is None:
+                raise _Stop("lost")
+            left_s = None if spec.seconds is None else spec.seconds - (time.monotonic() - started)
+            if left_s is not None and left_s <= 0:
+                stop_reason = "time"
+                break
+            strategy = new_strategy()
+            gate = _SharedBudget(self, job.id, lease, spec.budget, strategy.trial_user_attrs)
+            # each holder its own sampler seed: identical seeds would ask identical random start-up plans
+            seed = (spec.seed + 1_000_003 * (slot + 1) + 7919 * self.repo.search_count(job.id)) % 2**31
+
+            def on_progress(p: Progress, gate: _SharedBudget = gate) -> None:
+                record_shared(p.evaluation)
+                gate.reserved = None
+
+            result = run_job(
+                dataclasses.replace(spec, finetune_top=0, seed=seed, seconds=left_s),
+                objective=objective,
+                callbacks=[on_progress],
+                stop=gate.stop,
+                strategy=strategy,
+                next_index=gate.index,
+            )
+            self._check(lease)
+            if result.stop_reason == "interrupted":
+                raise _Stop("released")
+            stop_reason = "budget" if gate.exhausted else result.stop_reason
+            if slot != 0:
+                self._await_slot_0(job.id, lease)
+            if not self.repo.leave_slot(job.id, self.worker_id):
+                log.info("worker %s: job %s's search budget is spent; slot 0 finishes it", self.worker_id, job.id)
+                return "left"
+            # this worker finishes the job: wait until the others have recorded their last evaluations and left
+            # (or died: their leases expire), then search again if a dead worker's evaluation is missing
+            while len(self.repo.live_workers(job.id)) > 1:
+                self._check(lease)
+                self.stop_event.wait(self.settings.poll_seconds)
+            self._check(lease)
+            if not gate.exhausted or spec.budget is None or self.repo.search_count(job.id) >= spec.budget:
+                break
+
+        settle_stale(None)  # every other holder has gone: nothing of theirs still runs
+        history = [Evaluation.from_json(r) for r in self.repo.all_records(job.id)]
+        final = snapshot(self.repo.all_records(job.id))
+        final = dataclasses.replace(final, finetuned=[], stop_reason=stop_reason, wall_s=time.monotonic() - started)
+
+        def record(e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation]) -> None:
+            self.repo.record_evaluation(
+                job.id, self.worker_id, _finite(e.to_json()), done=done, best=best, front=[_key(p) for p in front]
+            )
+            lease.renew()
+
+        def best_of(search: list[Evaluation], finetuned: Sequence[Evaluation] = ()) -> dict[str, Any]:
+            return self._best_summary(dataclasses.replace(final, evaluations=search, finetuned=list(finetuned)), spec)
+
+        if spec.finetune_top > 0:
+            self._finetune(job, spec, final, history, lease, record, best_of)
+        self._export(job, spec, final, objective, lease)
+        if lease.cancel_requested:
+            raise _Stop("cancelled")
+        workers = sorted({str(r.worker_id) for r in self.repo.evaluations(job.id, limit=10**6).items if r.worker_id})
+        self.repo.transition(
+            job.id,
+            JobState.succeeded,
+            worker_id=self.worker_id,
+            best=self._best_summary(final, spec),
+            stop_reason=stop_reason,
+            evaluations=len(final.evaluations),
+            replayed=0,
+            workers=workers,
+            study=study_name,
+        )
+        return "succeeded"
+
+    def _await_slot_0(self, job_id: str, lease: _Lease) -> None:
+        """Before a holder leaves a shared job to slot 0's holder: wait until that one proves alive (its lease is
+        renewed) or dead (its lease runs out: :meth:`Repository.leave_slot` then moves this worker to slot 0)."""
+        seen = self.repo.slot_lease(job_id, 0)
+        while True:
+            current = self.repo.slot_lease(job_id, 0)
+            if current is None or current < datetime.now(UTC) or current != seen:
+                return
+            self._check(lease)
+            self.stop_event.wait(min(self.settings.poll_seconds, self.settings.heartbeat_seconds))
 
     def _log(self, job_id: str, message: str) -> None:
         log.info("job %s: %s", job_id, message)
@@ -475,6 +690,49 @@ class Worker:
         archive.write_bytes(buf.getvalue())
         data["files"] = {"safetensors": "model.zip", "members": list(members)}
         return archive, data
+
+
+class _SharedBudget:
+    """The stop signal of one holder of a shared job: besides stop/cancel/lost, it reserves the next evaluation
+    index before every ask (``exhausted`` once the job's budget is taken) and hands it to the session."""
+
+    def __init__(
+        self, worker: Worker, job_id: str, lease: _Lease, budget: int | None, trial_attrs: dict[str, Any]
+    ) -> None:
+        self.worker, self.job_id, self.lease, self.budget = worker, job_id, lease, budget
+        self.trial_attrs = trial_attrs
+        """The strategy's ``trial_user_attrs``: the next trial carries its reserved index from the ask on."""
+        self.reserved: int | None = None
+        self.exhausted = False
+
+    def stop(self) -> bool:
+        if self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set():
+            return True
+        if self.reserved is None:
+            try:
+                self.reserved = self.worker.repo.reserve_index(self.job_id, self.worker.worker_id, self.budget)
+            except LeaseLost:
+                self.lease.lost = True
+                return True
+            if self.reserved is None:
+                self.exhausted = True
+                return True
+            self.trial_attrs["evaluation_index"] = self.reserved
+        return False
+
+    def index(self, _local: int) -> int:
+        if self.reserved is None:
+            raise RuntimeError("an evaluation without a reserved index")
+        return self.reserved
+
+
+def _trial_alive(trial: FrozenTrial, live: set[str], grace_s: float) -> bool:
+    """A RUNNING trial of a live holder, or one just asked (its owner not written yet)."""
+    owner = trial.user_attrs.get("worker_id")
+    if owner is not None:
+        return owner in live
+    start = trial.datetime_start
+    return start is not None and (datetime.now() - start).total_seconds() < grace_s
 
 
 # -- process main -------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from service.api.schemas import (
 from service.artefacts import ArtefactStore
 from service.db.models import TERMINAL, EvaluationRow, ExportRow, JobRow, JobState
 from service.db.repository import NotFound, Repository
+from service.settings import Settings
+from service.worker import check_job_workers
 
 router = APIRouter()
 
@@ -67,6 +69,7 @@ def create_job(
     body: JobCreate,
     response: Response,
     repo: RepoDep,
+    settings: Annotated[Settings, Depends(deps.settings)],
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -95,6 +98,7 @@ def create_job(
     )
     try:
         spec.validate()
+        check_job_workers(body.workers, body.strategy_options, settings.db_url)
     except AutopruneError as exc:
         raise Problem(422, str(exc).splitlines()[0], slug="invalid-job") from None
     if body.metric == "accuracy" and dataset.info.get("labelled") is False:

@@ -64,6 +64,13 @@ class JobCreate(_Request):
     finetune_steps: int = Field(200, ge=1, le=10**7)
     distill: bool = True
     export_formats: list[ExportFormat] = Field(default_factory=_default_formats, min_length=1, max_length=3)
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Workers that may run this job at once, sharing one Optuna study (optuna-tpe / optuna-nsga2; "
+        "needs the service on PostgreSQL or a strategy_options.storage URL).",
+    )
 
 
 class DatasetBuiltin(_Request):

@@ -99,6 +99,10 @@ class JobRow(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """How many times a worker claimed it (> 1: resumed after a worker died or was stopped)."""
+    workers: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """How many workers may hold the job at once (``JobSpec.workers``). Above 1 the holders are rows of
+    :class:`JobSlot`; ``worker_id`` then names the holder of slot 0 and ``lease_expires_at`` the latest lease
+    of any slot (so the job is reclaimed as a whole only once every holder is gone)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -138,6 +142,8 @@ class EvaluationRow(Base):
     plan: Mapped[dict[str, Any]] = mapped_column()
     record: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    worker_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    """The worker that recorded it (several workers share one job when ``jobs.workers > 1``)."""
 
 
 class ExportRow(Base):
@@ -154,3 +160,20 @@ class ExportRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """The export report: verification (max abs diff), re-measured latency and speed-up, the evaluation."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobSlot(Base):
+    """One holder of a job that several workers share (``jobs.workers > 1``): slot 0 is taken by the claim that
+    starts the job, slots 1.. by workers that join it; each slot has its own lease, renewed by its heartbeat.
+
+    ``reserved_index`` is the evaluation index this holder is computing now: the shared budget counts stored
+    evaluations plus live reservations, so the holders together stop at exactly ``budget`` evaluations, and a
+    dead holder's reservation (lease expired) goes back to the pool."""
+
+    __tablename__ = "job_slots"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    worker_id: Mapped[str] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reserved_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -29,17 +29,27 @@ How it works:
   ``jobs.best`` holds the best point's summary (:func:`evaluation_summary` plus ``select``); its
   ``(stage, index)`` is the key to download "best": ``get_export(job, stage=best["stage"],
   index=best["index"], format=...)``. Each export's ``meta`` has ``best: true`` for that point.
+* **Shared jobs** (``jobs.workers`` = N > 1, from ``spec["workers"]``): up to N workers hold the job at once,
+  one :class:`JobSlot` row each. The claim that starts the job takes slot 0 (queued -> running, as above); a
+  worker with nothing queued to start *joins* a running shared job with a free or expired slot (no state change,
+  a ``log`` event). Each slot has its own lease; ``jobs.lease_expires_at`` is the latest of them, so the job is
+  reclaimed as a whole (running -> queued -> running, attempts + 1) only when every holder is gone. Fencing
+  checks the worker's slot instead of ``jobs.worker_id``. The shared budget: :meth:`~Repository.reserve_index`
+  hands out the next free evaluation index while stored + live reservations < budget (a dead holder's
+  reservation returns to the pool), and :meth:`~Repository.record_evaluation` accepts a search evaluation of a
+  shared job only under its holder's reservation. Leaving ``running`` deletes the job's slots; a holder that
+  stops alone (:meth:`~Repository.release_job`, :meth:`~Repository.leave_slot`) only gives its slot up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select, tuple_, update
+from sqlalchemy import Engine, and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,6 +61,7 @@ from service.db.models import (
     ExportRow,
     JobEvent,
     JobRow,
+    JobSlot,
     JobState,
     ModelRow,
     new_id,
@@ -112,6 +123,11 @@ def evaluation_summary(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _spec_workers(spec: dict[str, Any]) -> int:
+    value = spec.get("workers", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
 class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -150,6 +166,19 @@ class Repository:
             )
 
     @staticmethod
+    def _check_holder(s: Session, job: JobRow, worker_id: str) -> JobSlot | None:
+        """:meth:`_check_owner` for every job: a shared job's holder is the worker with a slot (returned)."""
+        if (job.workers or 1) <= 1:
+            Repository._check_owner(job, worker_id)
+            return None
+        slot = None
+        if job.state == JobState.running.value:
+            slot = s.scalars(select(JobSlot).where(JobSlot.job_id == job.id, JobSlot.worker_id == worker_id)).first()
+        if slot is None:
+            raise LeaseLost(f"worker {worker_id} holds no slot of job {job.id} (state {job.state})")
+        return slot
+
+    @staticmethod
     def _transition(s: Session, job: JobRow, to: JobState, worker_id: str | None, data: dict[str, Any]) -> None:
         """The one place a job changes state (see the module docstring); the caller holds the row lock."""
         frm = JobState(job.state)
@@ -167,12 +196,18 @@ class Repository:
             job.attempts = (job.attempts or 0) + 1
             job.started_at = job.started_at or now
             data["attempt"] = job.attempts
-        elif to is JobState.queued:
-            job.worker_id = None
-            job.lease_expires_at = None
+            if (job.workers or 1) > 1:  # the starting claim of a shared job holds slot 0
+                s.execute(delete(JobSlot).where(JobSlot.job_id == job.id))
+                s.add(JobSlot(job_id=job.id, slot=0, worker_id=worker_id, lease_expires_at=job.lease_expires_at))
+                data["slot"] = 0
         else:
+            if frm is JobState.running and (job.workers or 1) > 1:
+                s.execute(delete(JobSlot).where(JobSlot.job_id == job.id))
             job.lease_expires_at = None
-            job.finished_at = now
+            if to is JobState.queued:
+                job.worker_id = None
+            else:
+                job.finished_at = now
         if "error" in data:
             job.error = None if data["error"] is None else str(data["error"])
         if "best" in data:
@@ -325,6 +360,7 @@ class Repository:
                 request_hash=request_hash,
                 progress_done=0,
                 progress_total=progress_total,
+                workers=_spec_workers(spec),
                 best=None,
                 front_size=0,
                 error=None,
@@ -365,7 +401,7 @@ class Repository:
         with self._write() as s:
             job = self._lock_job(s, job_id)
             if worker_id is not None and job.state == JobState.running.value and to is not JobState.running:
-                self._check_owner(job, worker_id)
+                self._check_holder(s, job, worker_id)
             self._transition(s, job, to, worker_id, data)
         return job
 
@@ -401,7 +437,9 @@ class Repository:
     def claim_job(self, worker_id: str, lease_seconds: float) -> JobRow | None:
         """Claim one job: the oldest queued one, or a running one whose lease expired (its worker died).
         PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED; SQLite: BEGIN IMMEDIATE (one writer at a time).
-        Sets state running (event), worker_id, lease_expires_at = now + lease, attempts += 1, started_at."""
+        Sets state running (event), worker_id, lease_expires_at = now + lease, attempts += 1, started_at.
+        With nothing to start, joins a running shared job with a free or expired slot (see the module docstring):
+        the job row is returned unchanged in state, the worker's slot is :meth:`slot_of`."""
 
         def claimable() -> Any:
             return or_(
@@ -410,7 +448,7 @@ class Repository:
             )
 
         with self._read() as s:  # idle workers poll: look before taking a lock (SQLite's is database-wide)
-            if s.scalar(select(JobRow.id).where(claimable()).limit(1)) is None:
+            if s.scalar(select(JobRow.id).where(or_(claimable(), self._joinable(worker_id))).limit(1)) is None:
                 return None
         with self._write() as s:
             while True:
@@ -419,7 +457,7 @@ class Repository:
                     query = query.with_for_update(skip_locked=True)
                 job = s.scalars(query).first()
                 if job is None:
-                    return None
+                    return self._join(s, worker_id, lease_seconds)
                 if job.state == JobState.running.value:
                     self._transition(
                         s, job, JobState.queued, None, {"reason": "lease expired", "previous_worker": job.worker_id}
@@ -431,23 +469,205 @@ class Repository:
                 self._transition(s, job, JobState.running, worker_id, {"lease_seconds": float(lease_seconds)})
                 return job
 
+    @staticmethod
+    def _live_slots() -> Any:
+        """Correlated: how many live slots the outer ``jobs`` row has."""
+        return (
+            select(func.count())
+            .select_from(JobSlot)
+            .where(JobSlot.job_id == JobRow.id, JobSlot.lease_expires_at >= utcnow())
+            .scalar_subquery()
+        )
+
+    def _joinable(self, worker_id: str) -> Any:
+        """A running shared job with a free (or expired) slot, a live lease, no cancel request, budget left,
+        and no slot of this worker."""
+        mine = select(JobSlot.job_id).where(JobSlot.job_id == JobRow.id, JobSlot.worker_id == worker_id).exists()
+        return and_(
+            JobRow.state == JobState.running.value,
+            JobRow.workers > 1,
+            JobRow.lease_expires_at >= utcnow(),
+            JobRow.cancel_requested.is_(False),
+            or_(JobRow.progress_total.is_(None), JobRow.progress_done < JobRow.progress_total),
+            self._live_slots() < JobRow.workers,
+            ~mine,
+        )
+
+    def _join(self, s: Session, worker_id: str, lease_seconds: float) -> JobRow | None:
+        """Take the lowest free or expired slot of the oldest joinable shared job (no state change)."""
+        query = select(JobRow).where(self._joinable(worker_id)).order_by(JobRow.created_at, JobRow.id).limit(1)
+        if self._pg:
+            query = query.with_for_update(skip_locked=True)
+        job = s.scalars(query).first()
+        if job is None:
+            return None
+        now = utcnow()
+        expires = now + timedelta(seconds=float(lease_seconds))
+        slots = {r.slot: r for r in s.scalars(select(JobSlot).where(JobSlot.job_id == job.id)).all()}
+        number = next(k for k in range(job.workers) if k not in slots or slots[k].lease_expires_at < now)
+        previous = slots.get(number)
+        if previous is None:
+            s.add(JobSlot(job_id=job.id, slot=number, worker_id=worker_id, lease_expires_at=expires, claimed_at=now))
+        else:  # a dead holder's slot: its reservation goes back to the pool
+            previous.worker_id, previous.lease_expires_at = worker_id, expires
+            previous.reserved_index, previous.claimed_at = None, now
+        if number == 0:
+            job.worker_id = worker_id
+        job.lease_expires_at = max(job.lease_expires_at or expires, expires)
+        job.updated_at = now
+        data: dict[str, Any] = {"message": f"worker {worker_id} joined (slot {number})", "worker_id": worker_id}
+        data["slot"] = number
+        if previous is not None:
+            data["previous_worker"] = previous.worker_id if previous.worker_id != worker_id else None
+        s.add(JobEvent(job_id=job.id, kind="log", data=data, created_at=now))
+        return job
+
     def renew_lease(self, job_id: str, worker_id: str, lease_seconds: float) -> JobRow:
         """Extend the lease; LeaseLost if another worker holds it or the job left 'running'. Returns the row
-        (the worker reads cancel_requested from it)."""
+        (the worker reads cancel_requested from it). A shared job's holder renews its slot."""
         with self._write() as s:
             job = self._lock_job(s, job_id)
-            self._check_owner(job, worker_id)
+            slot = self._check_holder(s, job, worker_id)
             now = utcnow()
-            job.lease_expires_at = now + timedelta(seconds=float(lease_seconds))
+            expires = now + timedelta(seconds=float(lease_seconds))
+            if slot is None:
+                job.lease_expires_at = expires
+            else:
+                slot.lease_expires_at = expires
+                job.lease_expires_at = max(job.lease_expires_at or expires, expires)
             job.updated_at = now
         return job
 
     def release_job(self, job_id: str, worker_id: str) -> None:
-        """running -> queued (graceful stop, e.g. SIGTERM): lease cleared; the next claim resumes the job."""
+        """running -> queued (graceful stop, e.g. SIGTERM): lease cleared; the next claim resumes the job.
+        A holder of a shared job gives up its slot; the job goes back to queued only if no other holder is live."""
         with self._write() as s:
             job = self._lock_job(s, job_id)
-            self._check_owner(job, worker_id)
+            slot = self._check_holder(s, job, worker_id)
+            if slot is not None and self._drop_slot(s, job, slot):
+                return
             self._transition(s, job, JobState.queued, worker_id, {"reason": "released"})
+
+    @staticmethod
+    def _drop_slot(s: Session, job: JobRow, slot: JobSlot) -> bool:
+        """Delete ``slot``; True when another live holder keeps the job running."""
+        now = utcnow()
+        others = s.scalar(
+            select(func.count())
+            .select_from(JobSlot)
+            .where(JobSlot.job_id == job.id, JobSlot.slot != slot.slot, JobSlot.lease_expires_at >= now)
+        )
+        if not others:
+            return False
+        s.delete(slot)
+        data = {"message": f"worker {slot.worker_id} left (slot {slot.slot})", "worker_id": slot.worker_id}
+        s.add(JobEvent(job_id=job.id, kind="log", data={**data, "slot": slot.slot}, created_at=now))
+        return True
+
+    # -- shared jobs --------------------------------------------------------------------------------------
+    def slot_of(self, job_id: str, worker_id: str) -> int | None:
+        """The slot ``worker_id`` holds in a shared job (None: none)."""
+        with self._read() as s:
+            return s.scalar(select(JobSlot.slot).where(JobSlot.job_id == job_id, JobSlot.worker_id == worker_id))
+
+    def slot_lease(self, job_id: str, slot: int) -> datetime | None:
+        """When the lease of a shared job's ``slot`` runs out (None: nobody holds it)."""
+        with self._read() as s:
+            row = s.scalars(select(JobSlot).where(JobSlot.job_id == job_id, JobSlot.slot == slot)).first()
+        return None if row is None else row.lease_expires_at
+
+    def live_workers(self, job_id: str) -> list[str]:
+        """The holders of a shared job whose lease is live, by slot."""
+        with self._read() as s:
+            return list(
+                s.scalars(
+                    select(JobSlot.worker_id)
+                    .where(JobSlot.job_id == job_id, JobSlot.lease_expires_at >= utcnow())
+                    .order_by(JobSlot.slot)
+                ).all()
+            )
+
+    def search_count(self, job_id: str) -> int:
+        """How many search evaluations (baseline excluded) the job has stored."""
+        with self._read() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(EvaluationRow)
+                    .where(EvaluationRow.job_id == job_id, EvaluationRow.stage == "search", EvaluationRow.index > 0)
+                )
+                or 0
+            )
+
+    def reserve_index(self, job_id: str, worker_id: str, budget: int | None) -> int | None:
+        """The evaluation index ``worker_id`` (a holder of a shared job) computes next: its current
+        reservation, else the lowest index neither stored nor reserved by a live holder; None once stored +
+        live reservations reach ``budget``. Dead holders' reservations are dropped first. LeaseLost if not a
+        holder."""
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            slot = self._check_holder(s, job, worker_id)
+            if slot is None:
+                raise Conflict(f"job {job_id} is not shared: its evaluations are indexed by its one worker")
+            if slot.reserved_index is not None:
+                return slot.reserved_index
+            now = utcnow()
+            s.execute(
+                update(JobSlot)
+                .where(JobSlot.job_id == job_id, JobSlot.lease_expires_at < now, JobSlot.reserved_index.is_not(None))
+                .values(reserved_index=None)
+            )
+            stored = set(
+                s.scalars(
+                    select(EvaluationRow.index).where(
+                        EvaluationRow.job_id == job_id, EvaluationRow.stage == "search", EvaluationRow.index > 0
+                    )
+                ).all()
+            )
+            reserved = set(
+                s.scalars(
+                    select(JobSlot.reserved_index).where(
+                        JobSlot.job_id == job_id, JobSlot.reserved_index.is_not(None), JobSlot.slot != slot.slot
+                    )
+                ).all()
+            )
+            if budget is not None and len(stored) + len(reserved) >= budget:
+                return None
+            index = 1
+            while index in stored or index in reserved:
+                index += 1
+            slot.reserved_index = index
+            return index
+
+    def leave_slot(self, job_id: str, worker_id: str) -> bool:
+        """A holder of a shared job whose search is over: True if it holds slot 0 now (it finishes the job:
+        it held it, or slot 0's holder is dead and it moved there); False if it gave its slot up (the holder of
+        slot 0 finishes). LeaseLost if not a holder."""
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            slot = self._check_holder(s, job, worker_id)
+            assert slot is not None, "leave_slot is for shared jobs"
+            if slot.slot == 0:
+                return True
+            now = utcnow()
+            first = s.scalars(select(JobSlot).where(JobSlot.job_id == job_id, JobSlot.slot == 0)).first()
+            if first is None or first.lease_expires_at < now:
+                if first is not None:
+                    s.delete(first)
+                    s.flush()
+                s.execute(
+                    update(JobSlot)
+                    .where(JobSlot.job_id == job_id, JobSlot.slot == slot.slot)
+                    .values(slot=0, reserved_index=None)
+                )
+                job.worker_id = worker_id
+                message = f"worker {worker_id} took over slot 0 to finish the job"
+                s.add(JobEvent(job_id=job_id, kind="log", data={"message": message, "worker_id": worker_id}))
+                return True
+            s.delete(slot)
+            data = {"message": f"worker {worker_id} left (slot {slot.slot})", "worker_id": worker_id, "slot": slot.slot}
+            s.add(JobEvent(job_id=job_id, kind="log", data=data, created_at=now))
+            return False
 
     def record_evaluation(
         self,
@@ -458,16 +678,21 @@ class Repository:
         done: int,
         best: dict[str, Any] | None,
         front: Sequence[tuple[str, int]],
+        derive: Callable[[list[dict[str, Any]]], tuple[dict[str, Any] | None, Sequence[tuple[str, int]]]] | None = None,
     ) -> None:
         """Store one evaluation (``Evaluation.to_json()``), update progress/best/front flags (``front`` holds
         (stage, index) of the current front points), and write an 'evaluation' event, in one transaction.
-        Idempotent on (job, stage, index). LeaseLost if ``worker_id`` no longer holds the job."""
+        Idempotent on (job, stage, index). LeaseLost if ``worker_id`` no longer holds the job.
+
+        ``derive`` (for shared jobs, whose holders each see only their own evaluations): called under the job's
+        lock with every stored record plus this one, it returns (best, front) in place of ``best``/``front``;
+        ``progress_done`` is then the stored search count. A shared job's search evaluation (index > 0) is
+        accepted only under its holder's reservation (:meth:`reserve_index`; LeaseLost otherwise)."""
         summary = evaluation_summary(record)
         stage, index = summary["stage"], summary["index"]
-        keys = sorted({(str(st), int(i)) for st, i in front})
         with self._write() as s:
             job = self._lock_job(s, job_id)
-            self._check_owner(job, worker_id)
+            slot = self._check_holder(s, job, worker_id)
             stored = s.scalar(
                 select(EvaluationRow.id).where(
                     EvaluationRow.job_id == job_id, EvaluationRow.stage == stage, EvaluationRow.index == index
@@ -475,6 +700,15 @@ class Repository:
             )
             if stored is not None:
                 return  # already recorded (a resumed job replaying its history)
+            if slot is not None and stage == "search" and index > 0:
+                if slot.reserved_index != index:
+                    raise LeaseLost(f"worker {worker_id} has no reservation for evaluation {index} of job {job_id}")
+                slot.reserved_index = None
+            if derive is not None:
+                records = list(s.scalars(select(EvaluationRow.record).where(EvaluationRow.job_id == job_id)).all())
+                best, front = derive([*records, record])
+                done = sum(1 for r in [*records, record] if r.get("stage", "search") == "search" and r["index"] > 0)
+            keys = sorted({(str(st), int(i)) for st, i in front})
             s.execute(
                 update(EvaluationRow)
                 .where(EvaluationRow.job_id == job_id, EvaluationRow.on_front.is_(True))
@@ -503,6 +737,7 @@ class Repository:
                     plan=record["plan"],
                     record=record,
                     created_at=now,
+                    worker_id=worker_id,
                 )
             )
             job.progress_done = max(job.progress_done or 0, int(done))
@@ -515,6 +750,7 @@ class Repository:
                 "total": job.progress_total,
                 "best": best,
                 "front_size": job.front_size,
+                "worker_id": worker_id,
             }
             s.add(JobEvent(job_id=job_id, kind="evaluation", data=data, created_at=now))
 
@@ -582,7 +818,7 @@ class Repository:
         with self._write() as s:
             job = self._lock_job(s, job_id)
             if worker_id is not None:
-                self._check_owner(job, worker_id)
+                self._check_holder(s, job, worker_id)
             if s.get(Artefact, artefact_sha256) is None:
                 raise NotFound(f"no artefact {artefact_sha256!r}")
             row = s.scalars(

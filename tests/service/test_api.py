@@ -491,6 +491,9 @@ def test_create_job(api: httpx.Client, inputs: tuple[str, str]) -> None:
         ({"export_formats": ["tflite"]}, 422, ["export_formats"]),
         ({"model_id": "nope"}, 422, ["no model"]),
         ({"dataset_id": "nope"}, 422, ["no dataset"]),
+        ({"workers": 0}, 422, ["workers"]),
+        ({"workers": 2}, 422, ["workers"]),  # random search cannot share a study
+        ({"workers": 2, "strategy": "optuna-tpe"}, 422, ["PostgreSQL"]),  # this test server runs on SQLite
     ],
 )
 def test_invalid_jobs_are_422_problems(
