@@ -233,6 +233,10 @@ def submit(
     batch_size: Annotated[int | None, _opt("Batch size of the timed input.", "--batch-size")] = None,
     train_epochs: Annotated[int | None, _opt("Train first when there are no weights.", "--train-epochs")] = None,
     finetune_top: Annotated[int | None, _opt("Fine-tune the top K front points.", "--finetune-top")] = None,
+    workers: Annotated[
+        int | None,
+        _opt("Workers that may run the job at once, sharing one Optuna study (optuna-*, PostgreSQL).", "--workers"),
+    ] = None,
     finetune_steps: Annotated[int | None, _opt("Steps of that fine-tune.", "--finetune-steps")] = None,
     export: Annotated[list[str] | None, _opt("Export format (onnx, safetensors, pt2), repeatable.", "--export")] = None,
     spec: Annotated[Path | None, _opt("A JSON/YAML job spec (same keys); flags override it.", "--spec")] = None,
@@ -276,6 +280,7 @@ def submit(
         "batch_size": batch_size,
         "train_epochs": train_epochs,
         "finetune_top": finetune_top,
+        "workers": workers,
         "finetune_steps": finetune_steps,
         "export_formats": export or None,
     }
