@@ -103,6 +103,7 @@ import torch
 from torch import fx, nn
 
 from autoprune.errors import CorruptFileError, InvalidModelError, UnsupportedOperatorError
+from autoprune.models.pt2_archive import archive_entries
 
 __all__ = ["load_pt2", "module_from_exported_program"]
 
@@ -117,27 +118,7 @@ _MAX_EXPR_CHARS = 2000
 # torch's graph deserializer keeps global state (``_CURRENT_DESERIALIZER``): one at a time.
 _DESERIALIZE_LOCK = threading.Lock()
 
-# --- archive entries -----------------------------------------------------------------------------------------
-
-_NAME = r"[A-Za-z0-9_.\-]+"
-_READ_ENTRIES = (
-    re.compile(r"archive_format"),
-    re.compile(r"archive_version"),
-    re.compile(r"byteorder"),
-    re.compile(rf"models/{_NAME}\.json"),
-    re.compile(rf"data/weights/{_NAME}_weights_config\.json"),
-    re.compile(r"data/weights/weight_\d+"),
-    re.compile(rf"data/constants/{_NAME}_constants_config\.json"),
-    re.compile(r"data/constants/tensor_\d+"),
-)
-# Present in files torch writes, never read by us.
-_IGNORED_ENTRIES = (
-    re.compile(r"\.data/version"),
-    re.compile(r"\.data/serialization_id"),
-    re.compile(r"version"),
-    re.compile(rf"data/sample_inputs/{_NAME}\.pt"),
-    re.compile(r"extra/.*"),
-)
+# --- archive entries: the allow-list lives in autoprune.models.pt2_archive (torch-free, shared with the API) ---
 
 # --- operators -----------------------------------------------------------------------------------------------
 
@@ -288,25 +269,7 @@ class _Archive:
 
     def __init__(self, zf: zipfile.ZipFile) -> None:
         self._zf = zf
-        infos = [info for info in zf.infolist() if not info.filename.endswith("/")]
-        if not infos:
-            raise CorruptFileError("not a .pt2 archive: the zip file is empty")
-        names = [info.filename for info in infos]
-        if len(set(names)) != len(names):
-            raise CorruptFileError("not a .pt2 archive: the zip file has duplicate entries")
-        tops = {name.split("/", 1)[0] for name in names}
-        if len(tops) != 1 or any("/" not in name for name in names):
-            raise CorruptFileError(
-                "not a .pt2 archive written by torch.export.save (torch >= 2.8): no single top-level folder"
-            )
-        prefix = tops.pop() + "/"
-        if sum(info.file_size for info in infos) > _MAX_ARCHIVE_BYTES:
-            raise CorruptFileError("the .pt2 archive is too large")
-        self._infos = {info.filename[len(prefix) :]: info for info in infos}
-        for rel in self._infos:
-            if any(p.fullmatch(rel) for p in _READ_ENTRIES) or any(p.fullmatch(rel) for p in _IGNORED_ENTRIES):
-                continue
-            raise CorruptFileError(f"refusing .pt2 archive: {_describe_entry(rel)}")
+        self._infos = archive_entries(zf, _MAX_ARCHIVE_BYTES)
 
     def names(self) -> Iterable[str]:
         return self._infos.keys()
@@ -334,17 +297,6 @@ class _Archive:
             return json.loads(self.read_text(rel))
         except (ValueError, RecursionError):
             raise CorruptFileError(f"{rel!r} in the .pt2 archive is not valid JSON") from None
-
-
-def _describe_entry(rel: str) -> str:
-    base = rel.rsplit("/", 1)[-1]
-    if rel.startswith("data/aotinductor/"):
-        return "it contains AOTInductor-compiled native code"
-    if base.startswith(("custom_obj_", "opaque_obj_")):
-        return f"entry {rel!r} is a pickled custom object"
-    if rel.endswith((".pt", ".pkl")) or base.endswith("data.pkl"):
-        return f"entry {rel!r} is a pickle (legacy or torch.save format)"
-    return f"unexpected entry {rel!r}"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import struct
 import tempfile
 import zipfile
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from autoprune.errors import CorruptFileError
+from autoprune.models.pt2_archive import archive_entries
 from service.api.problems import Problem
 from service.artefacts import TooLarge
 
@@ -150,37 +151,6 @@ def check_weights(path: Path) -> dict[str, Any]:
 
 # --- .pt2 (torch.export archive) ------------------------------------------------------------------------------
 
-# Kept in step with autoprune.models.pt2 (_READ_ENTRIES / _IGNORED_ENTRIES) by a test; that module imports torch.
-_NAME = r"[A-Za-z0-9_.\-]+"
-PT2_READ_ENTRIES = (
-    re.compile(r"archive_format"),
-    re.compile(r"archive_version"),
-    re.compile(r"byteorder"),
-    re.compile(rf"models/{_NAME}\.json"),
-    re.compile(rf"data/weights/{_NAME}_weights_config\.json"),
-    re.compile(r"data/weights/weight_\d+"),
-    re.compile(rf"data/constants/{_NAME}_constants_config\.json"),
-    re.compile(r"data/constants/tensor_\d+"),
-)
-PT2_IGNORED_ENTRIES = (
-    re.compile(r"\.data/version"),
-    re.compile(r"\.data/serialization_id"),
-    re.compile(r"version"),
-    re.compile(rf"data/sample_inputs/{_NAME}\.pt"),
-    re.compile(r"extra/.*"),
-)
-
-
-def _describe_pt2_entry(rel: str) -> str:
-    base = rel.rsplit("/", 1)[-1]
-    if rel.startswith("data/aotinductor/"):
-        return "it contains AOTInductor-compiled native code"
-    if base.startswith(("custom_obj_", "opaque_obj_")):
-        return f"entry {rel!r} is a pickled custom object"
-    if rel.endswith((".pt", ".pkl")) or base.endswith("data.pkl"):
-        return f"entry {rel!r} is a pickle (a torch.save file, not a torch.export program)"
-    return f"unexpected entry {rel!r}"
-
 
 def check_pt2(path: Path) -> dict[str, Any]:
     """Validate a ``.pt2`` upload by its zip directory alone (nothing is deserialised)."""
@@ -191,27 +161,10 @@ def check_pt2(path: Path) -> dict[str, Any]:
         )
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = [i for i in zf.infolist() if not i.filename.endswith("/")]
-            names = [i.filename for i in infos]
-            if not infos:
-                raise UploadInvalid("not a .pt2 program: the zip file is empty")
-            if len(set(names)) != len(names):
-                raise UploadInvalid("not a .pt2 program: the zip file has duplicate entries")
-            tops = {n.split("/", 1)[0] for n in names}
-            if len(tops) != 1 or any("/" not in n for n in names):
-                raise UploadInvalid(
-                    "not a .pt2 program written by torch.export.save (torch >= 2.8): no single top-level folder"
-                )
-            if sum(i.file_size for i in infos) > MAX_INFLATED_BYTES:
-                raise UploadInvalid("the .pt2 archive declares more uncompressed bytes than accepted")
-            prefix = tops.pop() + "/"
-            rels = {i.filename[len(prefix) :]: i for i in infos}
-            for rel in rels:
-                if any(p.fullmatch(rel) for p in PT2_READ_ENTRIES) or any(
-                    p.fullmatch(rel) for p in PT2_IGNORED_ENTRIES
-                ):
-                    continue
-                raise UploadInvalid(f"refusing the .pt2 upload: {_describe_pt2_entry(rel)}")
+            try:
+                rels = archive_entries(zf, MAX_INFLATED_BYTES)  # the library's allow-list, torch-free
+            except CorruptFileError as exc:
+                raise UploadInvalid(str(exc)) from None
             graphs = sorted(r for r in rels if r.startswith("models/") and r.endswith(".json"))
             if "archive_format" not in rels or not graphs:
                 raise UploadInvalid("not a .pt2 program: no archive_format / models/*.json entries of torch.export")
