@@ -118,18 +118,7 @@ class JobSpec:
 
     @classmethod
     def from_file(cls, path: str | Path) -> JobSpec:
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except (ValueError, Exception) as exc:  # yaml.YAMLError, json.JSONDecodeError
-            raise InvalidConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
-        return cls.from_mapping(data)
+        return cls.from_mapping(read_spec_file(path))
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -252,6 +241,25 @@ class JobSpec:
             criterion=self.criterion,
             round_to=self.round_to,
         )
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a JSON or YAML (``.yaml``/``.yml``) job spec file; :class:`InvalidConfigError` otherwise."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, RecursionError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {first}") from None
+    if not isinstance(data, dict):
+        raise InvalidConfigError(f"{path} must hold a mapping of job settings")
+    return data
 
 
 def resolve_inputs(

@@ -248,18 +248,9 @@ def submit(
     """Upload a model and data to the server and create a search job; prints the job id."""
     base: dict[str, Any] = {}
     if spec is not None:
-        text = spec.read_text(encoding="utf-8")
-        try:
-            if spec.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+        from autoprune.job import read_spec_file
 
-                base = yaml.safe_load(text)
-            else:
-                base = json.loads(text)
-        except Exception as exc:
-            raise CliError(f"{spec} is not a valid job spec file: {str(exc).splitlines()[0]}") from None
-        if not isinstance(base, dict):
-            raise CliError(f"{spec} must hold a mapping of job settings")
+        base = read_spec_file(spec)  # InvalidConfigError: one line, exit 2 (see _guard)
     knobs = {
         "strategy": strategy,
         "budget": budget,
