@@ -105,6 +105,8 @@ class Latency:
     ratio: float | None = None
     """Median of per-pair candidate/reference time ratios: below 1 means faster than the reference."""
     cached: bool = False
+    timed_ms: float | None = None
+    """Wall time of all timed runs (candidate and reference, warm-up excluded): what the measurement cost."""
 
     @property
     def spread(self) -> float:
@@ -208,6 +210,7 @@ class Meter:
             protocol=protocol,
             reference_median_ms=statistics.median(ref_times) if ref_times else None,
             ratio=ratio,
+            timed_ms=sum(times) + sum(ref_times),
         )
 
     def _time(self, candidate: Runner, other: Runner | None) -> tuple[list[float], list[float]]:

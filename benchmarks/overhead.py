@@ -8,7 +8,8 @@ pass over the validation split, re-timed bare on the same pruned model) plus the
 
 The floor is conservative: its forward passes are re-timed *after* the evaluation, on warm caches (oneDNN
 creates a primitive per new layer shape and batch size on first use, ~0.5-1 ms a forward here), so that
-first-use cost of each new pruned shape counts as overhead; the timing runs are counted at their medians.
+first-use cost of each new pruned shape counts as overhead. The timing runs count as they ran (the sum of the
+timed repeats, recorded in ``Latency.timed_ms``, plus the warm-up runs at the median).
 
     .venv/bin/python benchmarks/overhead.py [--candidates 6]
 """
@@ -64,7 +65,9 @@ def run(workload: str, candidates: int, seed: int) -> dict[str, float]:
         rec_floor, eval_floor = bare_floor(objective, model, recovery)
         lat, p = ev.latency, ev.latency.protocol
         ref = lat.reference_median_ms or 0.0
-        timing_floor = 0.0 if lat.cached else (p.warmup + p.repeats) * (lat.median_ms + ref) / 1e3
+        # the timing runs as they actually ran (their sum, spread included) plus the warm-up runs at the median
+        timed = lat.timed_ms if lat.timed_ms is not None else p.repeats * (lat.median_ms + ref)
+        timing_floor = 0.0 if lat.cached else (timed + p.warmup * (lat.median_ms + ref)) / 1e3
         floor = rec_floor + eval_floor + timing_floor
         rows.append({**ev.timings, "floor": floor, "overhead": ev.timings["total"] - floor})
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
