@@ -23,7 +23,7 @@ ExportFormat = Literal["onnx", "safetensors", "pt2"]
 
 
 def _default_formats() -> list[ExportFormat]:
-    return ["onnx", "safetensors"]
+    return ["onnx", "safetensors", "pt2"]  # every point downloadable in every format
 
 
 def _choice(default: str, values: Iterable[str], description: str) -> Any:
