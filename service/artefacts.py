@@ -10,11 +10,12 @@ No torch, no database: the API process uses it to store uploads; the worker to s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +30,22 @@ class TooLarge(Exception):  # the API maps it to 413
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"the upload exceeds the limit of {max_bytes} bytes")
         self.max_bytes = max_bytes
+
+
+class _Incoming:
+    """The file :meth:`ArtefactStore._incoming` is writing: its hash and size so far; ``digest`` once stored."""
+
+    def __init__(self, fh: IO[bytes], max_bytes: int | None) -> None:
+        self.fh, self.max_bytes = fh, max_bytes
+        self.hash, self.size, self.digest = hashlib.sha256(), 0, ""
+
+    def write(self, chunk: bytes) -> None:
+        """:class:`TooLarge` (nothing written) once the total passes ``max_bytes``."""
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise TooLarge(self.max_bytes)
+        self.hash.update(chunk)
+        self.fh.write(chunk)
 
 
 class ArtefactStore:
@@ -62,47 +79,37 @@ class ArtefactStore:
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
 
-    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None, suffix: str = "") -> tuple[str, int]:
-        """Store the concatenated ``chunks``; returns (sha256, size). :class:`TooLarge` past ``max_bytes``."""
+    @contextlib.contextmanager
+    def _incoming(self, max_bytes: int | None, suffix: str) -> Iterator[_Incoming]:
+        """A temporary file that the block writes chunks to (hashed, size-checked): moved into place under its
+        hash when the block ends, removed when it raises (:class:`TooLarge`, a client gone, a cancellation)."""
         self.path_for("0" * 64, suffix)  # validate the suffix before reading anything
         fh, tmp = self._open_temp()
-        h, size = hashlib.sha256(), 0
+        incoming = _Incoming(fh, max_bytes)
         try:
-            for chunk in chunks:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise TooLarge(max_bytes)
-                h.update(chunk)
-                fh.write(chunk)
-            digest = h.hexdigest()
-            self._finish(fh, tmp, digest, suffix)
+            yield incoming
+            incoming.digest = incoming.hash.hexdigest()
+            self._finish(fh, tmp, incoming.digest, suffix)
         except BaseException:
             fh.close()
             tmp.unlink(missing_ok=True)
             raise
-        return digest, size
+
+    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None, suffix: str = "") -> tuple[str, int]:
+        """Store the concatenated ``chunks``; returns (sha256, size). :class:`TooLarge` past ``max_bytes``."""
+        with self._incoming(max_bytes, suffix) as incoming:
+            for chunk in chunks:
+                incoming.write(chunk)
+        return incoming.digest, incoming.size
 
     async def aput_stream(
         self, chunks: AsyncIterable[bytes], max_bytes: int | None = None, suffix: str = ""
     ) -> tuple[str, int]:
         """:meth:`put_stream` for an async stream (e.g. Starlette's ``request.stream()``)."""
-        self.path_for("0" * 64, suffix)
-        fh, tmp = self._open_temp()
-        h, size = hashlib.sha256(), 0
-        try:
+        with self._incoming(max_bytes, suffix) as incoming:
             async for chunk in chunks:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise TooLarge(max_bytes)
-                h.update(chunk)
-                fh.write(chunk)
-            digest = h.hexdigest()
-            self._finish(fh, tmp, digest, suffix)
-        except BaseException:
-            fh.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        return digest, size
+                incoming.write(chunk)
+        return incoming.digest, incoming.size
 
     def put_bytes(self, data: bytes, suffix: str = "") -> tuple[str, int]:
         return self.put_stream([data], None, suffix)

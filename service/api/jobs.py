@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -39,6 +40,7 @@ router = APIRouter()
 
 JobId = Annotated[str, Path(min_length=1, max_length=64)]
 RepoDep = Annotated[Repository, Depends(deps.repo)]
+StoreDep = Annotated[ArtefactStore, Depends(deps.store)]
 StateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Format = Literal["onnx", "safetensors", "pt2"]
 Stage = Literal["search", "finetuned"]
@@ -258,7 +260,7 @@ def _size(repo: Repository, store: ArtefactStore, row: ExportRow) -> int | None:
 
 
 @router.get("/jobs/{job_id}/models", response_model=list[ExportOut], responses=problem_responses(401, 404))
-def job_models(job_id: JobId, repo: RepoDep, store: Annotated[ArtefactStore, Depends(deps.store)]) -> list[ExportOut]:
+def job_models(job_id: JobId, repo: RepoDep, store: StoreDep) -> list[ExportOut]:
     """The exported models of the job (front points / the best, per format)."""
     repo.get_job(job_id)
     return [ExportOut.of(r, _size(repo, store, r), _export_url(r)) for r in repo.exports(job_id)]
@@ -332,6 +334,33 @@ FormatQuery = Annotated[Format, Query(description="onnx, safetensors (a zip with
 StageQuery = Annotated[Stage | None, Query(description="search or finetuned (default: finetuned if exported).")]
 
 
+@dataclass(frozen=True)
+class _ExportRequest:
+    """What ``/jobs/{job_id}/models/{point}`` and its ``/meta`` name: the parameters and the export they resolve to."""
+
+    job_id: str
+    point: str
+    stage: Stage | None
+    row: ExportRow
+    repo: Repository
+    store: ArtefactStore
+
+
+def _export_request(
+    job_id: JobId,
+    point: PointPath,
+    repo: RepoDep,
+    store: StoreDep,
+    format: FormatQuery = "onnx",
+    stage: StageQuery = None,
+) -> _ExportRequest:
+    """The parameters of the model endpoints, resolved by :func:`_resolve_export` (409, 404, 422)."""
+    return _ExportRequest(job_id, point, stage, _resolve_export(repo, job_id, point, format, stage), repo, store)
+
+
+ExportRequest = Annotated[_ExportRequest, Depends(_export_request)]
+
+
 @router.get(
     "/jobs/{job_id}/models/{point}",
     response_class=FileResponse,
@@ -344,21 +373,16 @@ StageQuery = Annotated[Stage | None, Query(description="search or finetuned (def
         **problem_responses(401, 404, 409, 422),
     },
 )
-def download_model(
-    job_id: JobId,
-    point: PointPath,
-    repo: RepoDep,
-    store: Annotated[ArtefactStore, Depends(deps.store)],
-    format: FormatQuery = "onnx",
-    stage: StageQuery = None,
-) -> FileResponse:
+def download_model(req: ExportRequest) -> FileResponse:
     """The stored export of a front point (or ``best``) in ``format``; its metadata at ``.../meta``. 409 while the
     job has not finished; 404 when that point or format was not exported."""
-    row = _resolve_export(repo, job_id, point, format, stage)
-    path, media_type = _artefact_file(repo, store, row)
+    row, stage = req.row, req.stage
+    path, media_type = _artefact_file(req.repo, req.store, row)
     if path is None:
         raise Problem(404, f"the stored file of this export is missing from the artefact store ({row.artefact_sha256})")
-    meta_url = f"/v1/jobs/{row.job_id}/models/{point}/meta?format={row.format}" + (f"&stage={stage}" if stage else "")
+    meta_url = f"/v1/jobs/{row.job_id}/models/{req.point}/meta?format={row.format}" + (
+        f"&stage={stage}" if stage else ""
+    )
     headers = {
         "ETag": f'"{row.artefact_sha256}"',
         "X-Autoprune-Sha256": row.artefact_sha256,
@@ -376,18 +400,11 @@ class ModelMeta(ExportOut):
 @router.get(
     "/jobs/{job_id}/models/{point}/meta", response_model=ModelMeta, responses=problem_responses(401, 404, 409, 422)
 )
-def model_meta(
-    job_id: JobId,
-    point: PointPath,
-    repo: RepoDep,
-    store: Annotated[ArtefactStore, Depends(deps.store)],
-    format: FormatQuery = "onnx",
-    stage: StageQuery = None,
-) -> ModelMeta:
+def model_meta(req: ExportRequest) -> ModelMeta:
     """What the export report recorded (verification, re-measured latency) and the point's evaluation."""
-    row = _resolve_export(repo, job_id, point, format, stage)
-    ev = _find_evaluation(repo, job_id, row.index, row.stage)
-    base = ExportOut.of(row, _size(repo, store, row), _export_url(row))
+    row = req.row
+    ev = _find_evaluation(req.repo, req.job_id, row.index, row.stage)
+    base = ExportOut.of(row, _size(req.repo, req.store, row), _export_url(row))
     return ModelMeta(**base.model_dump(), evaluation=EvaluationOut.of(ev) if ev is not None else None)
 
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
@@ -67,6 +67,19 @@ from service.db.models import (
     new_id,
     utcnow,
 )
+
+_Row = TypeVar("_Row")
+_Input = TypeVar("_Input", ModelRow, DatasetRow)
+
+
+def _export_of(job_id: str, index: int, stage: str, format: str) -> Any:
+    """The query for the export of one point (``index`` at ``stage``) of a job in one format."""
+    return select(ExportRow).where(
+        ExportRow.job_id == job_id,
+        ExportRow.stage == stage,
+        ExportRow.index == index,
+        ExportRow.format == format,
+    )
 
 
 class RepositoryError(Exception):
@@ -154,6 +167,30 @@ class Repository:
         return job
 
     @staticmethod
+    def _check_exists(s: Session, cls: type[Any], key: str, what: str) -> None:
+        """NotFound ("no <what> <key>") unless the row ``cls[key]`` exists (in the transaction ``s``)."""
+        if s.get(cls, key) is None:
+            raise NotFound(f"no {what} {key!r}")
+
+    def _get(self, cls: type[_Row], key: str, what: str) -> _Row:
+        """The row ``cls[key]``; NotFound ("no <what> <key>") if absent."""
+        with self._read() as s:
+            row = s.get(cls, key)
+        if row is None:
+            raise NotFound(f"no {what} {key!r}")
+        return row
+
+    def _add_input(self, cls: type[_Input], **fields: Any) -> _Input:
+        """Insert a new model or dataset row (a fresh id, created now); NotFound when it names an artefact
+        that is not stored."""
+        row = cls(id=new_id(), **fields, created_at=utcnow())
+        with self._write() as s:
+            if row.artefact_sha256 is not None:
+                self._check_exists(s, Artefact, row.artefact_sha256, "artefact")
+            s.add(row)
+        return row
+
+    @staticmethod
     def _require_job(s: Session, job_id: str) -> None:
         if s.scalar(select(JobRow.id).where(JobRow.id == job_id)) is None:
             raise NotFound(f"no job {job_id!r}")
@@ -236,37 +273,23 @@ class Repository:
             s.execute(stmt)
 
     def get_artefact(self, sha256: str) -> Artefact:
-        with self._read() as s:
-            row = s.get(Artefact, sha256)
-        if row is None:
-            raise NotFound(f"no artefact {sha256!r}")
-        return row
+        return self._get(Artefact, sha256, "artefact")
 
     def create_model(
         self, *, name: str, kind: str, architecture: str | None, kwargs: dict[str, Any], artefact_sha256: str | None
     ) -> ModelRow:
-        row = ModelRow(
-            id=new_id(),
+        return self._add_input(
+            ModelRow,
             name=name,
             kind=kind,
             architecture=architecture,
             kwargs=dict(kwargs),
             artefact_sha256=artefact_sha256,
-            created_at=utcnow(),
         )
-        with self._write() as s:
-            if artefact_sha256 is not None and s.get(Artefact, artefact_sha256) is None:
-                raise NotFound(f"no artefact {artefact_sha256!r}")
-            s.add(row)
-        return row
 
     def get_model(self, model_id: str) -> ModelRow:
         """NotFound if absent."""
-        with self._read() as s:
-            row = s.get(ModelRow, model_id)
-        if row is None:
-            raise NotFound(f"no model {model_id!r}")
-        return row
+        return self._get(ModelRow, model_id, "model")
 
     def list_models(self, *, offset: int = 0, limit: int = 50) -> Page:
         """Newest first."""
@@ -275,27 +298,12 @@ class Repository:
     def create_dataset(
         self, *, name: str, kind: str, builtin: str | None, artefact_sha256: str | None, info: dict[str, Any]
     ) -> DatasetRow:
-        row = DatasetRow(
-            id=new_id(),
-            name=name,
-            kind=kind,
-            builtin=builtin,
-            artefact_sha256=artefact_sha256,
-            info=dict(info),
-            created_at=utcnow(),
+        return self._add_input(
+            DatasetRow, name=name, kind=kind, builtin=builtin, artefact_sha256=artefact_sha256, info=dict(info)
         )
-        with self._write() as s:
-            if artefact_sha256 is not None and s.get(Artefact, artefact_sha256) is None:
-                raise NotFound(f"no artefact {artefact_sha256!r}")
-            s.add(row)
-        return row
 
     def get_dataset(self, dataset_id: str) -> DatasetRow:
-        with self._read() as s:
-            row = s.get(DatasetRow, dataset_id)
-        if row is None:
-            raise NotFound(f"no dataset {dataset_id!r}")
-        return row
+        return self._get(DatasetRow, dataset_id, "dataset")
 
     def list_datasets(self, *, offset: int = 0, limit: int = 50) -> Page:
         """Newest first."""
@@ -346,10 +354,8 @@ class Repository:
                     if existing.request_hash != request_hash:
                         raise Conflict("this Idempotency-Key was already used with a different request")
                     return existing, False
-            if s.get(ModelRow, model_id) is None:
-                raise NotFound(f"no model {model_id!r}")
-            if s.get(DatasetRow, dataset_id) is None:
-                raise NotFound(f"no dataset {dataset_id!r}")
+            self._check_exists(s, ModelRow, model_id, "model")
+            self._check_exists(s, DatasetRow, dataset_id, "dataset")
             job = JobRow(
                 id=new_id(),
                 state=JobState.queued.value,
@@ -377,11 +383,7 @@ class Repository:
         return job, True
 
     def get_job(self, job_id: str) -> JobRow:
-        with self._read() as s:
-            job = s.get(JobRow, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}")
-        return job
+        return self._get(JobRow, job_id, "job")
 
     def list_jobs(self, *, state: str | None = None, offset: int = 0, limit: int = 50) -> Page:
         """Newest first."""
@@ -819,16 +821,8 @@ class Repository:
             job = self._lock_job(s, job_id)
             if worker_id is not None:
                 self._check_holder(s, job, worker_id)
-            if s.get(Artefact, artefact_sha256) is None:
-                raise NotFound(f"no artefact {artefact_sha256!r}")
-            row = s.scalars(
-                select(ExportRow).where(
-                    ExportRow.job_id == job_id,
-                    ExportRow.stage == stage,
-                    ExportRow.index == index,
-                    ExportRow.format == format,
-                )
-            ).first()
+            self._check_exists(s, Artefact, artefact_sha256, "artefact")
+            row = s.scalars(_export_of(job_id, index, stage, format)).first()
             if row is None:
                 row = ExportRow(
                     job_id=job_id,
@@ -847,14 +841,7 @@ class Repository:
 
     def get_export(self, job_id: str, *, index: int, stage: str, format: str) -> ExportRow:
         with self._read() as s:
-            row = s.scalars(
-                select(ExportRow).where(
-                    ExportRow.job_id == job_id,
-                    ExportRow.stage == stage,
-                    ExportRow.index == index,
-                    ExportRow.format == format,
-                )
-            ).first()
+            row = s.scalars(_export_of(job_id, index, stage, format)).first()
         if row is None:
             raise NotFound(f"job {job_id} has no {format} export of the {stage} point {index}")
         return row

@@ -4,54 +4,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
-import torch
-import torch.nn.functional as F
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from agents import Budget, make_strategy, run_search
 from agents.base import Progress, SearchSpace
 from agents.optuna_search import OptunaNSGA2, OptunaTPE
-from autoprune.data import load_dataset
 from autoprune.errors import InvalidConfigError
-from autoprune.latency import DeterministicMeter
-from autoprune.models.registry import build_model, example_inputs
 from autoprune.objective import Objective
 
 STRATEGIES = ("optuna-tpe", "optuna-nsga2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread (restored after): the models are tiny and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def objective(one_torch_thread: None) -> Objective:
-    """A 3-group MLP trained briefly on digits (so pruning trades accuracy for latency), deterministic meter."""
-    ds = load_dataset("digits")
-    assert ds.y_train is not None
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_model("mlp", image_size=8, hidden=(32, 32, 16))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(80):
-            opt.zero_grad()
-            F.cross_entropy(model(ds.x_train), ds.y_train).backward()
-            opt.step()
-    model.eval()
-    return Objective(model, example_inputs(model), ds.subset(128, 128), latency=DeterministicMeter(overhead_ms=0.0))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # and `objective`: tests/agents/conftest.py
 
 
 def _plans(result) -> list:  # type: ignore[no-untyped-def]
@@ -59,17 +27,10 @@ def _plans(result) -> list:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_budget_ratios_groups_and_seeds(objective: Objective, name: str) -> None:
-    first = run_search(objective, name, 8, seed=0, max_ratio=0.6)
-    assert len(first.evaluations) == 8
-    assert first.stop_reason == "budget"
-    assert first.strategy == name
-    for e in first.evaluations:
-        ratios = e.plan.as_dict()
-        assert set(ratios) == set(objective.group_names)
-        assert all(0.0 <= r <= 0.6 for r in ratios.values())
-    assert _plans(run_search(objective, name, 8, seed=0, max_ratio=0.6)) == _plans(first)
-    assert _plans(run_search(objective, name, 8, seed=1, max_ratio=0.6)) != _plans(first)
+def test_budget_ratios_groups_and_seeds(
+    objective: Objective, name: str, check_budget_ratios_groups_and_seeds: Callable[..., object]
+) -> None:
+    check_budget_ratios_groups_and_seeds(objective, name, 8, 0.6)
 
 
 def test_tpe_tells_the_reward(objective: Objective) -> None:

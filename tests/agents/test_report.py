@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,20 +25,12 @@ if TYPE_CHECKING:
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # the exported model is re-timed in ONNX Runtime for real; keep that short
 QUICK_ORT = LatencyConfig(runtime="onnxruntime", warmup=2, min_repeats=5, max_repeats=20, max_seconds=0.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/agents/conftest.py
 
 
 @pytest.fixture(scope="module")
 def objective(one_torch_thread: None) -> Objective:
+    """Overrides the conftest's MLP: ResNet-20 on digits (real Torch-Pruning, real ONNX export)."""
     wl = load_workload("resnet20-digits")
     return Objective(wl.model, wl.example_inputs, wl.dataset.subset(256, 128), latency=DeterministicMeter())
 

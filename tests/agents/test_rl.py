@@ -4,52 +4,25 @@ reward baseline, stop signal, time-only budgets and history replay."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 
 from agents import Budget, make_strategy, run_search
 from agents.base import Progress
 from agents.rl import ALGORITHMS, DecayingNormalNoise, MovingBaselineReward, SB3Strategy
-from autoprune.data import load_dataset
 from autoprune.errors import InvalidConfigError
-from autoprune.latency import DeterministicMeter
-from autoprune.models.registry import build_model, example_inputs
 from autoprune.objective import Objective
 
+if TYPE_CHECKING:
+    from agents.result import SearchResult
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread (restored after): the models are tiny and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def objective(one_torch_thread: None) -> Objective:
-    """A 3-group MLP trained briefly on digits (so pruning trades accuracy for latency), deterministic meter."""
-    ds = load_dataset("digits")
-    assert ds.y_train is not None
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_model("mlp", image_size=8, hidden=(32, 32, 16))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(80):
-            opt.zero_grad()
-            F.cross_entropy(model(ds.x_train), ds.y_train).backward()
-            opt.step()
-    model.eval()
-    return Objective(model, example_inputs(model), ds.subset(128, 128), latency=DeterministicMeter(overhead_ms=0.0))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # and `objective`: tests/agents/conftest.py
 
 
 def _plans(result: Any) -> list[Any]:
@@ -57,19 +30,12 @@ def _plans(result: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_budget_ratios_groups_and_seeds(objective: Objective, algorithm: str) -> None:
-    name = f"sb3-{algorithm}"
-    first = run_search(objective, name, 6, seed=0, max_ratio=0.6)
-    assert len(first.evaluations) == 6
-    assert first.stop_reason == "budget"
-    assert first.strategy == name
-    for e in first.evaluations:
-        ratios = e.plan.as_dict()
-        assert set(ratios) == set(objective.group_names)
-        assert all(0.0 <= r <= 0.6 for r in ratios.values())
-        assert all(round(r, 6) == r for r in ratios.values())  # rounded like the ask/tell strategies' plans
-    assert _plans(run_search(objective, name, 6, seed=0, max_ratio=0.6)) == _plans(first)
-    assert _plans(run_search(objective, name, 6, seed=1, max_ratio=0.6)) != _plans(first)
+def test_budget_ratios_groups_and_seeds(
+    objective: Objective, algorithm: str, check_budget_ratios_groups_and_seeds: Callable[..., SearchResult]
+) -> None:
+    first = check_budget_ratios_groups_and_seeds(objective, f"sb3-{algorithm}", 6, 0.6)
+    for e in first.evaluations:  # rounded like the ask/tell strategies' plans
+        assert all(round(r, 6) == r for r in e.plan.as_dict().values())
 
 
 def test_ddpg_warmup_is_random_then_noise_decays(objective: Objective) -> None:

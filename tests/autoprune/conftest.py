@@ -42,11 +42,7 @@ def digits_objective(digits_workload: Workload) -> Objective:
 def one_torch_thread() -> Iterator[None]:
     """Pin torch to one intra-op thread for a module (restored after): on a loaded 2-core machine two spinning
     OpenMP threads can make small-model tests an order of magnitude slower."""
-    import torch
+    from autoprune.runtime import torch_threads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)

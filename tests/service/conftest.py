@@ -3,16 +3,27 @@
 PostgreSQL: ``AUTOPRUNE_TEST_PG`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432``) names the server;
 each test gets its own database ``autoprune_test_<random>``, created through the ``postgres`` database and
 dropped afterwards. The PostgreSQL parameters are skipped (with the reason) only when the server is unreachable.
+
+Also the helpers of the subprocess tests, as fixtures: ``free_port``, ``clean_env``, ``start_server`` (a real
+``autoprune serve`` on 127.0.0.1), ``running_server`` and ``wait_for``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import create_engine
 
@@ -70,12 +81,158 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
 
 
-@pytest.fixture
-def repo(db_url: str) -> Iterator[Repository]:
-    """A repository on a freshly migrated database."""
-    upgrade(db_url)
-    engine = make_engine(db_url)
+@contextlib.contextmanager
+def migrated_repository(url: str) -> Iterator[Repository]:
+    """A repository on the database at ``url``, migrated to the head revision first (engine disposed after)."""
+    upgrade(url)
+    engine = make_engine(url)
     try:
         yield Repository(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def repo(db_url: str) -> Iterator[Repository]:
+    """A repository on a freshly migrated database."""
+    with migrated_repository(db_url) as r:
+        yield r
+
+
+@pytest.fixture
+def pg_repo(pg_url: str) -> Iterator[Repository]:
+    """A repository on a freshly migrated PostgreSQL database (the one ``pg_url`` names)."""
+    with migrated_repository(pg_url) as r:
+        yield r
+
+
+# -- subprocesses: free ports, a clean environment, a real server, waiting ---------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any ``AUTOPRUNE_*`` variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """An ``autoprune serve`` subprocess on 127.0.0.1 (from ``start_server``); ``key``: its first API key."""
+
+    url: str
+    key: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def args(self) -> list[str]:
+        """The client commands' flags for this server."""
+        return ["--url", self.url, "--key", self.key]
+
+    def client(self, key: str | None = "") -> httpx.Client:
+        """An httpx client with ``Authorization: Bearer <key>`` ("": ``self.key``; None: no header)."""
+        key = self.key if key == "" else key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM, then wait: the exit code, or None when it was still running after ``timeout`` s (killed)."""
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+def _start_server(data_dir: Path, *args: str, timeout: float = 60, **env: str) -> ServerProcess:
+    """``autoprune serve --port <free> --data-dir <data_dir> *args`` with ``clean_env(**env)``, its output in
+    ``<data_dir>/../server-<port>.log``; returns once ``/health`` answers 200 (RuntimeError if it exits or does
+    not within ``timeout`` s)."""
+    port = _free_port()
+    log = data_dir.parent / f"server-{port}.log"
+    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *args]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=_clean_env(**env))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not come up:\n{log.read_text()}")
+        time.sleep(0.1)
+    key = json.loads(env["AUTOPRUNE_API_KEYS"])[0] if "AUTOPRUNE_API_KEYS" in env else ""
+    if not key:  # serve generated one and saved it
+        key = (data_dir / "api-key").read_text().strip()
+    return ServerProcess(url, key, data_dir, proc, log)
+
+
+@contextlib.contextmanager
+def _running_server(data_dir: Path, *args: str, **env: str) -> Iterator[ServerProcess]:
+    """:func:`_start_server` for the block, stopped after it; AssertionError when it then had to be killed or had
+    logged a Traceback (a request crashed it)."""
+    server = _start_server(data_dir, *args, **env)
+    try:
+        yield server
+    finally:
+        code = server.stop()
+        output = server.output()
+        assert code is not None, f"still running 30 s after SIGTERM (killed):\n{output}"
+        assert "Traceback" not in output, output
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.05) -> None:
+    """Poll ``condition`` every ``interval`` s until it is true; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function: a TCP port on 127.0.0.1 that was free a moment ago."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> Callable[..., dict[str, str]]:
+    """A function: this environment without ``AUTOPRUNE_*`` variables, plus the keyword arguments."""
+    return _clean_env
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Callable[..., ServerProcess]:
+    """A function ``(data_dir, *serve_args, timeout=60, **env) -> ServerProcess``: a real server, up; the caller
+    stops it (``ServerProcess.stop``)."""
+    return _start_server
+
+
+@pytest.fixture(scope="session")
+def running_server() -> Callable[..., contextlib.AbstractContextManager[ServerProcess]]:
+    """A context manager ``(data_dir, *serve_args, **env)``: ``start_server`` for the block, then stopped; fails
+    when the server had to be killed or logged a Traceback."""
+    return _running_server
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., None]:
+    """A function ``(condition, timeout, what, *, interval=0.05)``: poll until true, AssertionError on timeout."""
+    return _wait_for

@@ -15,10 +15,10 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -28,78 +28,19 @@ KEY = "test-key-0123456789"
 LIMIT = 3_000_000  # max_upload_bytes of the test server (ResNet-20 weights are ~1.1 MB)
 PROBLEM = "application/problem+json"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Server:
-    url: str
-    data_dir: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def client(self, key: str | None = KEY) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
-
-
-def start_server(data_dir: Path, *, worker: bool = False, **env: str) -> Server:
-    port = free_port()
-    log = data_dir.parent / f"server-{port}.log"
-    args = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    if not worker:
-        args.append("--no-worker")
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=clean_env(**env))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return Server(url, data_dir, proc, log)
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not come up:\n{log.read_text()}")
-        time.sleep(0.1)
-
-
-def stop_server(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+if TYPE_CHECKING:
+    from tests.service.conftest import ServerProcess as Server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("api")
-    srv = start_server(
-        root / "data",
-        AUTOPRUNE_API_KEYS=json.dumps([KEY, "second-key"]),
-        AUTOPRUNE_MAX_UPLOAD_BYTES=str(LIMIT),
-    )
-    try:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, running_server: Callable[..., AbstractContextManager[Server]]
+) -> Iterator[Server]:
+    """``serve --no-worker`` (conftest's ``running_server``: no request may crash it); ``client()`` uses KEY."""
+    data = tmp_path_factory.mktemp("api") / "data"
+    keys = json.dumps([KEY, "second-key"])
+    with running_server(data, "--no-worker", AUTOPRUNE_API_KEYS=keys, AUTOPRUNE_MAX_UPLOAD_BYTES=str(LIMIT)) as srv:
         yield srv
-    finally:
-        stop_server(srv)
-        out = srv.log.read_text()
-        assert "Traceback" not in out, out  # no request crashed the server
 
 
 @pytest.fixture
@@ -625,7 +566,9 @@ def test_results_of_a_job_without_evaluations(api: httpx.Client, inputs: tuple[s
 HEAVY = ("torch", "optuna", "stable_baselines3", "torch_pruning", "onnxruntime")
 
 
-def test_api_never_imports_torch_in_process(tmp_path: Path, weights_file: Path) -> None:
+def test_api_never_imports_torch_in_process(
+    tmp_path: Path, weights_file: Path, clean_env: Callable[..., dict[str, str]]
+) -> None:
     """A fresh interpreter builds the app and exercises it (uploads, job validation, SSE, downloads)."""
     code = f"""
 import json, sys

@@ -7,16 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -24,85 +20,43 @@ import pytest
 
 ASSET = Path(__file__).resolve().parents[2] / "autoprune" / "assets" / "resnet20-digits.safetensors"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+if TYPE_CHECKING:
+    from tests.service.conftest import ServerProcess as Serve
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
-    env.update({"COLUMNS": "200", "NO_COLOR": "1", **extra})
-    return env
+CLI_TERMINAL = {"COLUMNS": "200", "NO_COLOR": "1"}
+"""Added to the clean environment of every subprocess here: wide, colourless output."""
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None) -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env or clean_env(),
-        timeout=timeout,
-        cwd=cwd,
-        check=False,
-    )
+@pytest.fixture(scope="session")
+def cli_env(clean_env: Callable[..., dict[str, str]]) -> Callable[..., dict[str, str]]:
+    """conftest's ``clean_env`` with CLI_TERMINAL."""
+    return lambda **extra: clean_env(**{**CLI_TERMINAL, **extra})
 
 
-@dataclass
-class Serve:
-    url: str
-    key: str
-    data_dir: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
+@pytest.fixture(scope="session")
+def cli(cli_env: Callable[..., dict[str, str]]) -> Callable[..., Any]:
+    """A function: ``python -m service.cli *args`` (output captured, no check), by default in ``cli_env()``."""
 
-    def args(self) -> list[str]:
-        return ["--url", self.url, "--key", self.key]
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_serve(tmp: Path, *extra: str, **env: str) -> Serve:
-    port = free_port()
-    data_dir = tmp / "data"
-    log = tmp / "serve.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=clean_env(**env),
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None) -> Any:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env or cli_env(),
+            timeout=timeout,
+            cwd=cwd,
+            check=False,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"serve did not come up:\n{log.read_text()}")
-        time.sleep(0.1)
-    key = json.loads(env["AUTOPRUNE_API_KEYS"])[0] if "AUTOPRUNE_API_KEYS" in env else ""
-    if not key:
-        key = (data_dir / "api-key").read_text().strip()
-    return Serve(url, key, data_dir, proc, log)
+
+    return run
 
 
-def stop_serve(s: Serve) -> int:
-    s.proc.send_signal(signal.SIGTERM)
-    try:
-        return s.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        s.proc.kill()
-        s.proc.wait()
-        raise
+@pytest.fixture(scope="session")
+def start_serve(start_server: Callable[..., Serve]) -> Callable[..., Serve]:
+    """A function ``(tmp, *serve_args, **env)``: conftest's ``start_server`` on ``tmp / "data"`` with
+    CLI_TERMINAL, 90 s to come up."""
+    return lambda tmp, *extra, **env: start_server(tmp / "data", *extra, timeout=90, **{**CLI_TERMINAL, **env})
 
 
 def children_of(pid: int) -> list[int]:
@@ -113,13 +67,13 @@ def children_of(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def api_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+def api_only(tmp_path_factory: pytest.TempPathFactory, start_serve: Callable[..., Serve]) -> Iterator[Serve]:
     """``serve --no-worker``: jobs stay queued."""
     s = start_serve(tmp_path_factory.mktemp("cli"), "--no-worker", AUTOPRUNE_API_KEYS='["cli-key"]')
     try:
         yield s
     finally:
-        stop_serve(s)
+        assert s.stop(60) is not None, "still running 60 s after SIGTERM (killed)"
 
 
 def onnx_accuracy(path: Path) -> tuple[float, int]:
@@ -139,7 +93,9 @@ def onnx_accuracy(path: Path) -> tuple[float, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_serve_submit_watch_download(tmp_path: Path, db: str, request: pytest.FixtureRequest) -> None:
+def test_serve_submit_watch_download(
+    tmp_path: Path, db: str, request: pytest.FixtureRequest, start_serve: Callable[..., Serve], cli: Any
+) -> None:
     url = request.getfixturevalue("pg_url" if db == "postgresql" else "sqlite_url")
     s = start_serve(tmp_path, "--upgrade", AUTOPRUNE_DATABASE_URL=url)
     try:
@@ -150,7 +106,8 @@ def test_serve_submit_watch_download(tmp_path: Path, db: str, request: pytest.Fi
 
         sub = cli(
             "submit", "--model", "resnet20", "--weights", str(ASSET), "--data", "digits", "--strategy", "random",
-            "--budget", "3", "--max-ratio", "0.5", "--export", "onnx", "--export", "safetensors", *s.args(),
+            "--budget", "3", "--max-ratio", "0.5", "--export", "onnx", "--export", "safetensors", "--export", "pt2",
+            *s.args(),
         )  # fmt: skip
         assert sub.returncode == 0, sub.stderr + s.output()
         job_id = sub.stdout.strip().splitlines()[-1]
@@ -197,18 +154,36 @@ def test_serve_submit_watch_download(tmp_path: Path, db: str, request: pytest.Fi
         dl2 = cli("download", job_id, "--point", str(point), "--format", "safetensors", "-o", str(st), *s.args())
         assert dl2.returncode == 0, dl2.stderr
         assert set(zipfile.ZipFile(st).namelist()) == {"model.safetensors", "model.plan.json", "evaluation.json"}
+        # ... and as a torch.export program, which loads safely (no unpickling) and matches the ONNX file
+        pt2_file = tmp_path / "best.pt2"
+        dl3 = cli("download", job_id, "--format", "pt2", "-o", str(pt2_file), *s.args())
+        assert dl3.returncode == 0, dl3.stderr
+        import onnxruntime as ort
+        import torch
+
+        from autoprune.models.pt2 import load_pt2
+
+        program, _ = load_pt2(pt2_file)
+        x = np.random.default_rng(0).normal(size=(1, 1, 8, 8)).astype(np.float32)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        want = session.run(None, {session.get_inputs()[0].name: x})[0]
+        with torch.no_grad():
+            got = program(torch.from_numpy(x)).numpy()
+        assert np.abs(got - want).max() < 1e-4
 
         finished = cli("cancel", job_id, *s.args())
         assert finished.returncode == 2 and "error:" in finished.stderr and "409" in finished.stderr
     finally:
-        code = stop_serve(s)
-    assert code == 0, s.output()
+        code = s.stop(60)
+    assert code == 0, s.output()  # None: still running 60 s after SIGTERM (killed)
     assert "Traceback" not in s.output(), s.output()
     for pid in worker_pids:  # the embedded worker went down with the server
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
-def test_client_commands_and_their_errors(api_only: Serve, tmp_path: Path) -> None:
+def test_client_commands_and_their_errors(
+    api_only: Serve, tmp_path: Path, cli: Any, cli_env: Callable[..., dict[str, str]]
+) -> None:
     s = api_only
     sub = cli("submit", "-m", "resnet20", "-d", "digits", "-n", "2", "--option", "ratios=[0.1]", *s.args())
     assert sub.returncode == 2 and "error:" in sub.stderr and "no option" in sub.stderr  # random has no options
@@ -226,7 +201,7 @@ def test_client_commands_and_their_errors(api_only: Serve, tmp_path: Path) -> No
     assert early.returncode == 2 and "queued" in early.stderr and not (tmp_path / "x.onnx").exists()
 
     # settings from the environment instead of flags
-    env = clean_env(AUTOPRUNE_URL=s.url, AUTOPRUNE_API_KEY=s.key)
+    env = cli_env(AUTOPRUNE_URL=s.url, AUTOPRUNE_API_KEY=s.key)
     cancelled = cli("cancel", job_id, env=env)
     assert cancelled.returncode == 0 and f"job {job_id} cancelled" in cancelled.stdout
     watched = cli("watch", job_id, env=env)
@@ -255,7 +230,7 @@ def test_client_commands_and_their_errors(api_only: Serve, tmp_path: Path) -> No
         (["download", "0123456789abcdef", "--format", "tflite"], "--format"),
     ],
 )
-def test_cli_errors_are_one_line_exit_2(api_only: Serve, args: list[str], message: str) -> None:
+def test_cli_errors_are_one_line_exit_2(api_only: Serve, args: list[str], message: str, cli: Any) -> None:
     r = cli(*args, *api_only.args())
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -263,20 +238,22 @@ def test_cli_errors_are_one_line_exit_2(api_only: Serve, args: list[str], messag
     assert "Traceback" not in r.stderr
 
 
-def test_unreachable_server_missing_or_wrong_key(api_only: Serve, tmp_path: Path) -> None:
+def test_unreachable_server_missing_or_wrong_key(
+    api_only: Serve, tmp_path: Path, cli: Any, cli_env: Callable[..., dict[str, str]], free_port: Callable[[], int]
+) -> None:
     dead = cli("jobs", "--url", f"http://127.0.0.1:{free_port()}", "--key", "k")
     assert dead.returncode == 2 and "cannot reach" in dead.stderr
     wrong = cli("jobs", "--url", api_only.url, "--key", "nope")
     assert wrong.returncode == 2 and "401" in wrong.stderr and "invalid API key" in wrong.stderr
-    nokey = cli("jobs", "--url", api_only.url, env=clean_env(AUTOPRUNE_DATA_DIR=str(tmp_path)))
+    nokey = cli("jobs", "--url", api_only.url, env=cli_env(AUTOPRUNE_DATA_DIR=str(tmp_path)))
     assert nokey.returncode == 2 and "no API key" in nokey.stderr
     # the key file serve writes is the default key
     (tmp_path / "api-key").write_text("cli-key\n")
-    keyed = cli("jobs", "--url", api_only.url, env=clean_env(AUTOPRUNE_DATA_DIR=str(tmp_path)))
+    keyed = cli("jobs", "--url", api_only.url, env=cli_env(AUTOPRUNE_DATA_DIR=str(tmp_path)))
     assert keyed.returncode == 0, keyed.stderr
 
 
-def test_db_upgrade(tmp_path: Path) -> None:
+def test_db_upgrade(tmp_path: Path, cli: Any) -> None:
     for _ in range(2):  # idempotent
         r = cli("db", "upgrade", "--data-dir", str(tmp_path))
         assert r.returncode == 0, r.stderr
@@ -284,7 +261,7 @@ def test_db_upgrade(tmp_path: Path) -> None:
     assert (tmp_path / "autoprune.db").is_file()
 
 
-def test_library_commands_are_still_there() -> None:
+def test_library_commands_are_still_there(cli: Any) -> None:
     r = cli("--help")
     assert r.returncode == 0
     for command in ("measure", "prune", "search", "strategies", "serve", "worker", "db", "submit", "jobs", "watch"):
@@ -292,7 +269,7 @@ def test_library_commands_are_still_there() -> None:
 
 
 @pytest.mark.slow
-def test_serve_demo(tmp_path: Path) -> None:
+def test_serve_demo(tmp_path: Path, cli_env: Callable[..., dict[str, str]], free_port: Callable[[], int]) -> None:
     """The README's one command: serve, submit the bundled demo job, watch it, download the best ONNX, exit."""
     port = free_port()
     r = subprocess.run(
@@ -300,7 +277,7 @@ def test_serve_demo(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=clean_env(),
+        env=cli_env(),
         timeout=300,
         check=False,
     )

@@ -173,25 +173,7 @@ def test_a_shared_job_on_sqlite_without_storage_fails_with_the_reason(tmp_path: 
     assert row.error.startswith("InvalidConfigError: workers > 1") and "PostgreSQL" in row.error
 
 
-# -- real workers on the real PostgreSQL --------------------------------------------------------------------
-@pytest.fixture
-def pg_repo(pg_url: str) -> Iterator[Repository]:
-    upgrade(pg_url)
-    engine = make_engine(pg_url)
-    try:
-        yield Repository(engine)
-    finally:
-        engine.dispose()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
+# -- real workers on the real PostgreSQL (conftest's pg_repo) -------------------------------------------------
 def start_worker(pg_url: str, data_dir: Path, log: Path, name: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -226,19 +208,31 @@ def polling(log: Path) -> bool:
     return log.exists() and b"polling" in log.read_bytes()
 
 
-@pytest.mark.slow
-def test_two_workers_share_one_job_and_one_study(pg_url: str, pg_repo: Repository, tmp_path: Path) -> None:
+@pytest.fixture
+def two_workers(
+    pg_url: str, pg_repo: Repository, tmp_path: Path, wait_for: Callable[..., None]
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[Path]]]:
+    """Worker subprocesses w1 and w2 on the test's (migrated) PostgreSQL, both polling: (processes, logs).
+    Killed after the test if still running."""
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     procs = [start_worker(pg_url, tmp_path / "data", log, f"w{i + 1}") for i, log in enumerate(logs)]
     try:
         wait_for(lambda: all(polling(log) for log in logs), 120, "both workers polling")
-        job = shared_job(pg_repo)
-        for proc, log in zip(procs, logs, strict=True):
-            assert proc.wait(timeout=180) == 0, log.read_text()
+        yield procs, logs
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_job_and_one_study(
+    pg_url: str, pg_repo: Repository, two_workers: tuple[list[subprocess.Popen[bytes]], list[Path]]
+) -> None:
+    procs, logs = two_workers
+    job = shared_job(pg_repo)
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.wait(timeout=180) == 0, log.read_text()
     row = pg_repo.get_job(job.id)
     assert row.state == "succeeded", row.error
     assert row.attempts == 1 and row.progress_done == 6 and pg_repo.live_workers(job.id) == []
@@ -272,29 +266,27 @@ def test_two_workers_share_one_job_and_one_study(pg_url: str, pg_repo: Repositor
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_worker_the_other_finishes_the_budget(pg_url: str, pg_repo: Repository, tmp_path: Path) -> None:
-    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
-    procs = [start_worker(pg_url, tmp_path / "data", log, f"w{i + 1}") for i, log in enumerate(logs)]
-    try:
-        wait_for(lambda: all(polling(log) for log in logs), 120, "both workers polling")
-        job = shared_job(pg_repo, budget=10, val_samples=300)
-        victim = {"w1": procs[0], "w2": procs[1]}
+def test_kill_9_of_one_worker_the_other_finishes_the_budget(
+    pg_url: str,
+    pg_repo: Repository,
+    two_workers: tuple[list[subprocess.Popen[bytes]], list[Path]],
+    wait_for: Callable[..., None],
+) -> None:
+    procs, logs = two_workers
+    job = shared_job(pg_repo, budget=10, val_samples=300)
+    victim = {"w1": procs[0], "w2": procs[1]}
 
-        def one_evaluated() -> bool:
-            rows = [e for e in pg_repo.evaluations(job.id, stage="search").items if e.index > 0]
-            return len(rows) >= 2 and len({e.worker_id for e in rows}) == 2
+    def one_evaluated() -> bool:
+        rows = [e for e in pg_repo.evaluations(job.id, stage="search").items if e.index > 0]
+        return len(rows) >= 2 and len({e.worker_id for e in rows}) == 2
 
-        wait_for(one_evaluated, 120, "both workers evaluating")
-        killed = pg_repo.get_job(job.id).worker_id  # the holder of slot 0: the other one must take over
-        assert killed in victim
-        victim[killed].send_signal(signal.SIGKILL)
-        assert victim[killed].wait(timeout=30) == -signal.SIGKILL
-        survivor = "w1" if killed == "w2" else "w2"
-        assert victim[survivor].wait(timeout=180) == 0, logs[int(survivor[1]) - 1].read_text()
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    wait_for(one_evaluated, 120, "both workers evaluating")
+    killed = pg_repo.get_job(job.id).worker_id  # the holder of slot 0: the other one must take over
+    assert killed in victim
+    victim[killed].send_signal(signal.SIGKILL)
+    assert victim[killed].wait(timeout=30) == -signal.SIGKILL
+    survivor = "w1" if killed == "w2" else "w2"
+    assert victim[survivor].wait(timeout=180) == 0, logs[int(survivor[1]) - 1].read_text()
     row = pg_repo.get_job(job.id)
     assert row.state == "succeeded", row.error
     assert row.attempts == 1  # the job itself was never reclaimed: the survivor held it throughout

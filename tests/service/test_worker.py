@@ -4,6 +4,7 @@ subprocesses that are killed (kill -9) or stopped (SIGTERM) mid-job and resumed 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,9 +12,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from service.settings import Settings
 from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[2]
+POLL = 0.02
+"""How often ``wait_for`` (conftest) polls here, in seconds."""
 BUDGET = 10
 """Of the kill/SIGTERM jobs: enough evaluations to stop the first worker mid-search."""
 SPEC = {
@@ -73,14 +76,6 @@ def submit(repo: Repository, **spec: Any) -> str:
     return job.id
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def search_rows(repo: Repository, job_id: str) -> dict[int, Any]:
     return {e.index: e for e in repo.evaluations(job_id, stage="search", limit=1000).items if e.index > 0}
 
@@ -98,6 +93,32 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "service.worker", "--max-jobs", "1"], cwd=ROOT, env=env, stdout=fh, stderr=fh
         )
+
+
+MidJob = Callable[[str, Path], AbstractContextManager[subprocess.Popen[bytes]]]
+
+
+@pytest.fixture
+def worker_mid_job(settings: Settings, repo: Repository, wait_for: Callable[..., None]) -> MidJob:
+    """A context manager ``(job_id, log)``: a worker subprocess (:func:`start_worker`), entered once the job has two
+    search evaluations (or the worker exited); killed on the way out if still running."""
+
+    @contextlib.contextmanager
+    def mid_job(job_id: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+        proc = start_worker(settings, log)
+        try:
+            wait_for(
+                lambda: len(search_rows(repo, job_id)) >= 2 or proc.poll() is not None,
+                180,
+                "two evaluations",
+                interval=POLL,
+            )
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+    return mid_job
 
 
 def test_build_spec_from_rows(settings: Settings, repo: Repository) -> None:
@@ -208,13 +229,15 @@ def test_a_bad_job_fails_with_its_error(settings: Settings, repo: Repository) ->
     assert "Traceback" in failed.data["traceback"]
 
 
-def test_cancel_mid_job_stops_within_one_evaluation(settings: Settings, repo: Repository) -> None:
+def test_cancel_mid_job_stops_within_one_evaluation(
+    settings: Settings, repo: Repository, wait_for: Callable[..., None]
+) -> None:
     job_id = submit(repo, budget=500, export_formats=["safetensors"])
     worker = Worker(settings)
     thread = threading.Thread(target=worker.run_once)
     thread.start()
     try:
-        wait_for(lambda: len(search_rows(repo, job_id)) >= 2, 120, "two evaluations")
+        wait_for(lambda: len(search_rows(repo, job_id)) >= 2, 120, "two evaluations", interval=POLL)
         repo.request_cancel(job_id)
         thread.join(timeout=60)
         assert not thread.is_alive()
@@ -232,17 +255,12 @@ def test_cancel_mid_job_stops_within_one_evaluation(settings: Settings, repo: Re
 
 @pytest.mark.slow
 def test_kill_9_mid_job_resumes_on_another_worker_without_redoing(
-    settings: Settings, repo: Repository, tmp_path: Path
+    settings: Settings, repo: Repository, tmp_path: Path, wait_for: Callable[..., None], worker_mid_job: MidJob
 ) -> None:
     job_id = submit(repo, budget=BUDGET, export_formats=["safetensors"])
-    proc = start_worker(settings, tmp_path / "worker1.log")
-    try:
-        wait_for(lambda: len(search_rows(repo, job_id)) >= 2 or proc.poll() is not None, 180, "two evaluations")
+    with worker_mid_job(job_id, tmp_path / "worker1.log") as proc:
         proc.kill()  # SIGKILL: no cleanup, the lease is left to expire
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "worker1.log").read_text()
     killed = repo.get_job(job_id)
     assert killed.state == "running" and killed.attempts == 1
@@ -253,7 +271,7 @@ def test_kill_9_mid_job_resumes_on_another_worker_without_redoing(
     try:
         # the job is claimable only once the dead worker's lease has expired
         assert repo.get_job(job_id).lease_expires_at is not None
-        wait_for(worker.run_once, 60, "the reclaim")
+        wait_for(worker.run_once, 60, "the reclaim", interval=POLL)
     finally:
         worker.close()
     job = repo.get_job(job_id)
@@ -274,18 +292,13 @@ def test_kill_9_mid_job_resumes_on_another_worker_without_redoing(
 
 @pytest.mark.slow
 def test_sigterm_releases_the_job_and_another_worker_resumes_it(
-    settings: Settings, repo: Repository, tmp_path: Path
+    settings: Settings, repo: Repository, tmp_path: Path, worker_mid_job: MidJob
 ) -> None:
     job_id = submit(repo, budget=BUDGET, export_formats=["safetensors"])
     log = tmp_path / "worker1.log"
-    proc = start_worker(settings, log)
-    try:
-        wait_for(lambda: len(search_rows(repo, job_id)) >= 2 or proc.poll() is not None, 180, "two evaluations")
+    with worker_mid_job(job_id, log) as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     released = repo.get_job(job_id)
     assert released.state == "queued" and released.worker_id is None and released.lease_expires_at is None
     before = search_rows(repo, job_id)
