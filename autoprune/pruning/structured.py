@@ -346,6 +346,7 @@ class PruningContext:
         self._scores: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._plain: bool | None = None
         self._unscorable: dict[tuple[tuple[str, int], str], str] = {}
+        self._group_ops: dict[tuple[str, tuple[int, ...]], list[tuple[tuple[str, Any, int], list[int]]]] = {}
         self.structure = self._describe()
 
     # -- description ----------------------------------------------------------------------------------------
@@ -412,6 +413,31 @@ class PruningContext:
         return self._scores[key]
 
     # -- apply ----------------------------------------------------------------------------------------------
+    def _group_operations(self, name: str, group: Any, idxs: list[int]) -> list[tuple[tuple[str, Any, int], list[int]]]:
+        """The per-layer cuts that removing ``idxs`` from group ``name`` implies, memoised: searches revisit
+        the same (group, kept channels) often, and walking Torch-Pruning's graph is the costly part of a plan."""
+        memo_key = (name, tuple(idxs))
+        found = self._group_ops.get(memo_key)
+        if found is not None:
+            return found
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        try:
+            deps = list(self.graph.get_pruning_group(root, handler, idxs))
+        except Exception as exc:  # Torch-Pruning raises bare exceptions for couplings it cannot map
+            raise PruningError(f"group {name!r} cannot be pruned: {type(exc).__name__}: {exc}") from exc
+        out: list[tuple[tuple[str, Any, int], list[int]]] = []
+        for dep, dep_idxs in deps:
+            target = dep.target.module
+            if isinstance(dep.handler.__self__, tp.ops.DummyPruner):
+                continue  # graph bookkeeping (concat/split/elementwise nodes): nothing to cut in the model
+            if not isinstance(target, nn.Module) or target not in self._names:
+                raise PruningError(f"group {name!r} prunes an unwrapped parameter, which is not supported")
+            plain = [int(i) for i in tp._helpers.to_plain_idxs(dep_idxs)]
+            out.append(((self._names[target], dep.handler, int(dep.target.pruning_dim)), plain))
+        if len(self._group_ops) < 4096:
+            self._group_ops[memo_key] = out
+        return out
+
     def operations(self, plan: Plan) -> tuple[list[tuple[str, Any, int, list[int]]], dict[str, int]]:
         """Per-layer pruning operations ``(layer, handler, dim, indices)`` and new head counts for ``plan``."""
         plan.validate_against(self.structure.names)
@@ -431,20 +457,8 @@ class PruningContext:
             idxs, new_heads = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
             if not idxs:
                 continue
-            root, handler = group[0].dep.target.module, group[0].dep.handler
-            try:
-                deps = list(self.graph.get_pruning_group(root, handler, idxs))
-            except Exception as exc:  # Torch-Pruning raises bare exceptions for couplings it cannot map
-                raise PruningError(f"group {name!r} cannot be pruned: {type(exc).__name__}: {exc}") from exc
-            for dep, dep_idxs in deps:
-                target = dep.target.module
-                if isinstance(dep.handler.__self__, tp.ops.DummyPruner):
-                    continue  # graph bookkeeping (concat/split/elementwise nodes): nothing to cut in the model
-                if not isinstance(target, nn.Module) or target not in self._names:
-                    raise PruningError(f"group {name!r} prunes an unwrapped parameter, which is not supported")
-                plain = tp._helpers.to_plain_idxs(dep_idxs)
-                key = (self._names[target], dep.handler, int(dep.target.pruning_dim))
-                merged.setdefault(key, set()).update(int(i) for i in plain)
+            for key, plain in self._group_operations(name, group, idxs):
+                merged.setdefault(key, set()).update(plain)
             if new_heads is not None:
                 for mha in _attention_modules(group):
                     heads[self._names[mha]] = new_heads
