@@ -465,6 +465,14 @@ def search(
             export_formats=job.export_formats,
         )
     _print_front(result, job.select, job.max_quality_drop, job.max_latency_ratio)
+    chosen = result.best(job.select, max_quality_drop=job.max_quality_drop, max_latency_ratio=job.max_latency_ratio)
+    if chosen.index == 0 and result.evaluations:
+        hints = [] if job.finetune_top else ["--finetune-top 2 (a short distilled fine-tune of the best front points)"]
+        hints += ["a smaller --max-ratio", "a larger --budget"]
+        err_console.print(
+            f"note: no candidate beat the unpruned model under --select {job.select}; try " + ", ".join(hints),
+            highlight=False,
+        )
     console.print(
         f"wrote {', '.join(sorted(str(Path(p).relative_to(out)) for p in files.values()))} in {out}/", highlight=False
     )

@@ -42,6 +42,8 @@ def test_search_writes_front_plot_report_and_a_verified_best_model(tmp_path: Pat
     assert all(e.latency.protocol.meter != "deterministic" for e in evaluations)
     pareto = json.loads((out / "pareto.json").read_text())
     assert pareto
+    # when nothing beat the unpruned model, the CLI says so and suggests what to change
+    assert ("no candidate beat the unpruned model" in proc.stderr) == pareto["best"]["is_baseline"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "random" in report
