@@ -314,9 +314,18 @@ class CachedMeter:
         self.cache: dict[str, Latency] = {} if cache is None else cache
         self.hits = 0
 
-    def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency:
+    def measure(
+        self,
+        model: nn.Module,
+        example_inputs: Inputs,
+        *,
+        reference: nn.Module | None = None,
+        refresh: bool = False,
+    ) -> Latency:
+        """The cached figure for this pruned shape, or a new measurement (always with ``refresh=True``; the new
+        figure then replaces the cached one)."""
         key = shape_signature(model, example_inputs, self.config)
-        found = self.cache.get(key)
+        found = None if refresh else self.cache.get(key)
         if found is not None:
             self.hits += 1
             return replace(found, cached=True)

@@ -322,12 +322,11 @@ class Objective:
         timings["evaluate"] = time.perf_counter() - t
         t = time.perf_counter()
         # the base model is timed alone (its ratio is 1 by definition); candidates interleaved with it
-        meter = self.meter
-        if remeasure and isinstance(meter, CachedMeter):
-            meter = CachedMeter(meter.meter, cache={})  # time it afresh ...
-        latency = meter.measure(model, self.example_inputs, reference=self.base if index else None)
-        if meter is not self.meter and isinstance(self.meter, CachedMeter) and isinstance(meter, CachedMeter):
-            self.meter.cache.update(meter.cache)  # ... and keep the newest figure for this shape
+        reference = self.base if index else None
+        if remeasure and isinstance(self.meter, CachedMeter):
+            latency = self.meter.measure(model, self.example_inputs, reference=reference, refresh=True)
+        else:
+            latency = self.meter.measure(model, self.example_inputs, reference=reference)
         timings["measure"] = time.perf_counter() - t
         t = time.perf_counter()
         cost = (

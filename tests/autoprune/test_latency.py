@@ -185,6 +185,10 @@ def test_cached_meter_times_each_shape_once(small: nn.Module, x: torch.Tensor) -
             p.add_(1.0)
     assert meter.measure(other_weights, x).cached is True
     assert inner.calls == 1
+    # refresh: timed again, and the new figure replaces the cached one
+    fresh = meter.measure(small, x, reference=small, refresh=True)
+    assert inner.calls == 2 and fresh.cached is False and len(meter.cache) == 1
+    assert meter.measure(small, x).median_ms == fresh.median_ms
 
 
 def test_cached_meter_keys_differ_by_shape(small: nn.Module, x: torch.Tensor) -> None:
