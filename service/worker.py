@@ -62,13 +62,13 @@ import time
 import traceback
 import uuid
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.artefacts import ArtefactStore
-from service.db.engine import ensure_schema, is_sqlite, make_engine, normalize_url
+from service.db.engine import check_job_workers, ensure_schema, is_sqlite, make_engine, shared_study_storage
 from service.db.models import JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
 from service.settings import Settings
@@ -88,33 +88,6 @@ MAX_ATTEMPTS = 10
 _SPEC_INPUT_KEYS = ("model", "data", "weights", "kwargs")
 _MEDIA = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/octet-stream"}
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
-OPTUNA_SCHEMA = "optuna"
-"""PostgreSQL schema of shared Optuna studies (created by migration 0002): Optuna's own ``alembic_version``
-table would clash with the service's in ``public``."""
-
-
-def shared_study_storage(db_url: str, strategy_options: Mapping[str, Any]) -> str | None:
-    """Where the workers of a shared job keep their Optuna study: the strategy's ``storage`` option, else the
-    service's own database when it is PostgreSQL (``search_path`` = :data:`OPTUNA_SCHEMA`); None when neither."""
-    storage = strategy_options.get("storage")
-    if storage:
-        return str(storage)
-    url = normalize_url(db_url)
-    if not url.startswith("postgresql"):
-        return None
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{OPTUNA_SCHEMA}"
-
-
-def check_job_workers(workers: int, strategy_options: Mapping[str, Any], db_url: str) -> None:
-    """:class:`InvalidConfigError` unless a job with ``workers`` can run here (torch-free: the API may call it
-    after ``JobSpec.validate()``, which checks the strategy)."""
-    from autoprune.errors import InvalidConfigError
-
-    if workers > 1 and shared_study_storage(db_url, strategy_options) is None:
-        raise InvalidConfigError(
-            "workers > 1 shares one Optuna study between the workers: it needs the service on PostgreSQL or a "
-            "strategy 'storage' database URL that every worker reaches (this service runs on SQLite)"
-        )
 
 
 class _Stop(Exception):  # control flow inside the worker

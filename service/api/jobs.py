@@ -31,10 +31,10 @@ from service.api.schemas import (
     Pareto,
 )
 from service.artefacts import ArtefactStore
+from service.db.engine import check_job_workers
 from service.db.models import TERMINAL, EvaluationRow, ExportRow, JobRow, JobState
 from service.db.repository import NotFound, Repository
 from service.settings import Settings
-from service.worker import check_job_workers
 
 router = APIRouter()
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,3 +158,34 @@ def current_revision(url: str) -> str | None:
 def ensure_schema(settings: Settings) -> None:
     """Bring the settings' database to the latest schema (the embedded default does this on start)."""
     upgrade(settings.db_url)
+
+
+# -- where the workers of a shared job keep their Optuna study --------------------------------------------------
+
+OPTUNA_SCHEMA = "optuna"
+"""PostgreSQL schema of shared Optuna studies (created by migration 0002): Optuna's own ``alembic_version``
+table would clash with the service's in ``public``."""
+
+
+def shared_study_storage(db_url: str, strategy_options: Mapping[str, Any]) -> str | None:
+    """Where the workers of a shared job keep their Optuna study: the strategy's ``storage`` option, else the
+    service's own database when it is PostgreSQL (``search_path`` = :data:`OPTUNA_SCHEMA`); None when neither."""
+    storage = strategy_options.get("storage")
+    if storage:
+        return str(storage)
+    url = normalize_url(db_url)
+    if not url.startswith("postgresql"):
+        return None
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{OPTUNA_SCHEMA}"
+
+
+def check_job_workers(workers: int, strategy_options: Mapping[str, Any], db_url: str) -> None:
+    """:class:`InvalidConfigError` unless a job with ``workers`` can run here (torch-free: the API may call it
+    after ``JobSpec.validate()``, which checks the strategy)."""
+    from autoprune.errors import InvalidConfigError
+
+    if workers > 1 and shared_study_storage(db_url, strategy_options) is None:
+        raise InvalidConfigError(
+            "workers > 1 shares one Optuna study between the workers: it needs the service on PostgreSQL or a "
+            "strategy 'storage' database URL that every worker reaches (this service runs on SQLite)"
+        )
