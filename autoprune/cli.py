@@ -50,11 +50,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _parse_kwargs(items: list[str] | None) -> dict[str, Any]:
+def _parse_kwargs(items: list[str] | None, flag: str = "--kw") -> dict[str, Any]:
+    """``KEY=VALUE`` options (VALUE as JSON when it parses, else the string) as a mapping."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            _fail(f"--kw expects KEY=VALUE, got {item!r}")
+            _fail(f"{flag} expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(raw)
@@ -388,7 +389,7 @@ def search(
     if kw:
         merged["kwargs"] = {**merged.get("kwargs", {}), **_parse_kwargs(kw)}
     if option:
-        merged["strategy_options"] = {**merged.get("strategy_options", {}), **_parse_kwargs(option)}
+        merged["strategy_options"] = {**merged.get("strategy_options", {}), **_parse_kwargs(option, "--option")}
     if "model" not in merged:
         _fail("give --model (or a --spec file with 'model')")
     job = JobSpec.from_mapping(merged)  # validates everything before any work starts

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from autoprune.cli import app, console, err_console
+from autoprune.cli import _fail, _opt, _parse_kwargs, app, console, err_console
 
 __all__ = ["app", "main"]
 
@@ -49,11 +49,6 @@ SUFFIXES = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,19 +99,6 @@ def _settings(data_dir: Path | None) -> Any:
     from service.settings import Settings
 
     return Settings(data_dir=data_dir) if data_dir is not None else Settings()
-
-
-def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 # --- live progress -------------------------------------------------------------------------------------------------
@@ -199,10 +181,6 @@ def watch_job(client: Any, job_id: str) -> dict[str, Any]:
 # --- client commands -----------------------------------------------------------------------------------------------
 
 
-def _opt(help_text: str, *names: str) -> Any:
-    return typer.Option(*names, help=help_text, show_default=False)
-
-
 @app.command()
 @_guard
 def submit(
@@ -278,8 +256,8 @@ def submit(
     body = {k: v for k, v in base.items() if k not in ("model", "data", "weights", "kwargs")}
     body.update({k: v for k, v in knobs.items() if v is not None})
     if option:
-        body["strategy_options"] = {**body.get("strategy_options", {}), **_parse_pairs(option, "--option")}
-    kwargs = {**(base.get("kwargs") or {}), **_parse_pairs(kw, "--kw")}
+        body["strategy_options"] = {**body.get("strategy_options", {}), **_parse_kwargs(option, "--option")}
+    kwargs = {**(base.get("kwargs") or {}), **_parse_kwargs(kw, "--kw")}
     model = model or (str(base["model"]) if base.get("model") else None)
     data = data or (str(base["data"]) if base.get("data") else None)
     if pt2 is not None:
