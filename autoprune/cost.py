@@ -85,14 +85,20 @@ def as_tuple(example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[t
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore each module's own previous mode after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    """Put ``model`` in eval mode for the block and restore each module's own previous mode after.
+
+    A model already in eval mode throughout (the common case on the evaluation path) is left alone: walking
+    and restoring every module's flag costs more than a small model's forward pass."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    if any(modes):
+        model.eval()
     try:
         yield model
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for m, mode in zip(modules, modes, strict=True):
+            if m.training != mode:  # nn.Module.__setattr__ is slow: only touch what changed
+                m.training = mode
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:

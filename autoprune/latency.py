@@ -106,7 +106,8 @@ class Latency:
     """Median of per-pair candidate/reference time ratios: below 1 means faster than the reference."""
     cached: bool = False
     timed_ms: float | None = None
-    """Wall time of all timed runs (candidate and reference, warm-up excluded): what the measurement cost."""
+    """Wall time of every run the meter made (warm-up and timed, candidate and reference): what the measurement
+    cost in forward passes."""
 
     @property
     def spread(self) -> float:
@@ -183,10 +184,12 @@ class Meter:
         cfg = self.config
         with torch_threads(cfg.threads):
             load_before = os.getloadavg()[0]
+            start = time.perf_counter_ns()
             for _ in range(cfg.warmup):
                 candidate()
                 if reference is not None:
                     reference()
+            warmup_ms = (time.perf_counter_ns() - start) / 1e6
             times, ref_times = self._time(candidate, reference)
             load_after = os.getloadavg()[0]
         protocol = LatencyProtocol(
@@ -210,7 +213,7 @@ class Meter:
             protocol=protocol,
             reference_median_ms=statistics.median(ref_times) if ref_times else None,
             ratio=ratio,
-            timed_ms=sum(times) + sum(ref_times),
+            timed_ms=warmup_ms + sum(times) + sum(ref_times),
         )
 
     def _time(self, candidate: Runner, other: Runner | None) -> tuple[list[float], list[float]]:

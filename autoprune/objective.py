@@ -26,7 +26,7 @@ from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter,
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
-from autoprune.recovery import RecoveryConfig, recover
+from autoprune.recovery import RecoveryConfig, recalibration_batches, recover
 from autoprune.reward import RewardConfig, compute_reward
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -177,6 +177,7 @@ class Objective:
         if self._mac_profile is None:
             self._macs_by_shape[shape_signature(self.base, example_inputs)] = base_macs
         self._kept: dict[tuple[str, RecoveryConfig], nn.Module] = {}
+        self._bn_batches: dict[tuple[int, int, int], list[Any]] = {}
         self.base_quality = self._quality(self.base)
         self.baseline = self._evaluate_model(self.base, self.plan({}), {}, index=0)
 
@@ -233,8 +234,16 @@ class Objective:
             return kept.eval()
         model = self.prune(plan)
         if self.dataset is not None:
-            recover(model, self.dataset, recovery or self.recovery, teacher=self.base)
+            self._recover(model, recovery or self.recovery)
         return model.eval()
+
+    def _recover(self, model: nn.Module, recovery: RecoveryConfig) -> None:
+        """Recover in place; the BatchNorm recalibration batches are drawn once per recipe, not per candidate."""
+        assert self.dataset is not None
+        key = (recovery.batch_size, recovery.seed, recovery.bn_recalibration_batches)
+        if key not in self._bn_batches:
+            self._bn_batches[key] = recalibration_batches(self.dataset, recovery)
+        recover(model, self.dataset, recovery, teacher=self.base, bn_batches=self._bn_batches[key])
 
     @staticmethod
     def _kept_key(plan: Plan, recovery: RecoveryConfig) -> tuple[str, RecoveryConfig]:
@@ -290,7 +299,7 @@ class Objective:
         timings["prune"] = time.perf_counter() - start
         t = time.perf_counter()
         if self.dataset is not None:
-            recover(model, self.dataset, recovery, teacher=self.base)
+            self._recover(model, recovery)
         timings["recover"] = time.perf_counter() - t
         self._count += 1
         evaluation = self._evaluate_model(

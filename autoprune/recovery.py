@@ -9,7 +9,7 @@ bit-identical weights: batches come from a generator seeded with ``config.seed``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.data import Dataset, as_output_tensor, model_device
+from autoprune.data import Batch, Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError
 
-__all__ = ["RecoveryConfig", "finetune", "recalibrate_batchnorm", "recover"]
+__all__ = ["RecoveryConfig", "finetune", "recalibrate_batchnorm", "recalibration_batches", "recover"]
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> nn.Module
     if first is None:  # resetting without data would wipe the statistics
         return model
     device = model_device(model)
-    modes = {m: m.training for m in model.modules()}
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
     momenta = {bn: bn.momentum for bn in bns}
     try:
-        model.eval()
+        if any(modes):
+            model.eval()
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None
@@ -103,8 +105,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> nn.Module
     finally:
         for bn, momentum in momenta.items():
             bn.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode
+        for m, mode in zip(modules, modes, strict=True):
+            if m.training != mode:  # nn.Module.__setattr__ is slow: only touch what changed
+                m.training = mode
     return model
 
 
@@ -183,27 +186,38 @@ def finetune(
     return model.eval()
 
 
+def recalibration_batches(dataset: Dataset, config: RecoveryConfig) -> list[Batch]:
+    """The training batches :func:`recover` forwards to re-estimate BatchNorm statistics under ``config``
+    (the same every time: drawn from ``config.seed``). Callers recovering many models draw them once."""
+    if config.bn_recalibration_batches == 0:
+        return []
+    return list(
+        dataset.train_batches(
+            config.batch_size,
+            seed=config.seed,
+            max_batches=config.bn_recalibration_batches,
+            drop_last=dataset.num_train > config.batch_size,
+        )
+    )
+
+
 def recover(
     model: nn.Module,
     dataset: Dataset,
     config: RecoveryConfig | None = None,
     *,
     teacher: nn.Module | None = None,
+    bn_batches: Sequence[Batch] | None = None,
 ) -> nn.Module:
     """Recover a pruned model in place: BatchNorm recalibration on ``config.bn_recalibration_batches``
     training batches, then ``config.finetune_steps`` steps of fine-tuning (see :func:`finetune`).
-    Deterministic: the same inputs and seed give identical weights. Returns ``model`` in eval mode."""
+    Deterministic: the same inputs and seed give identical weights. Returns ``model`` in eval mode.
+
+    ``bn_batches``: the recalibration batches, if already drawn with :func:`recalibration_batches` for this
+    dataset and config (drawn here otherwise)."""
     config = config or RecoveryConfig()
     if config.bn_recalibration_batches > 0:
-        recalibrate_batchnorm(
-            model,
-            dataset.train_batches(
-                config.batch_size,
-                seed=config.seed,
-                max_batches=config.bn_recalibration_batches,
-                drop_last=dataset.num_train > config.batch_size,
-            ),
-        )
+        recalibrate_batchnorm(model, recalibration_batches(dataset, config) if bn_batches is None else bn_batches)
     if config.finetune_steps > 0:
         return finetune(model, dataset, config, teacher=teacher)
     return model.eval()

@@ -9,8 +9,9 @@ pass over the validation split, re-timed bare on the same pruned model) plus the
 oneDNN creates a primitive per new layer shape and batch size on first use (~0.5-1 ms a forward here): a cost
 of running any new architecture, not of this pipeline. The benchmark runs the floor's forward passes once on
 cold caches before each evaluation and once warm after it; the difference is printed as ``first_use``, and the
-evaluation itself runs warm, so ``overhead`` is what the pipeline adds beyond forward passes and timing runs. The timing runs count as they ran (the sum of the
-timed repeats, recorded in ``Latency.timed_ms``, plus the warm-up runs at the median).
+evaluation itself runs warm, so ``overhead`` is what the pipeline adds beyond forward passes and timing runs. The
+cold passes include one forward at the timing batch size, whose shapes are new too. The timing runs count as they
+ran: ``Latency.timed_ms`` is the wall time of every warm-up and timed run of the candidate and the reference.
 
     .venv/bin/python benchmarks/overhead.py [--candidates 6]
 """
@@ -24,10 +25,17 @@ import time
 
 import torch
 
-from autoprune.latency import LatencyConfig
+from autoprune.latency import LatencyConfig, batched
 from autoprune.objective import Objective
 from autoprune.recovery import RecoveryConfig
 from autoprune.workloads import load_workload
+
+
+def first_forward(objective: Objective, model: torch.nn.Module) -> None:
+    """One forward at the timing batch size (creates that batch size's oneDNN primitives for new shapes)."""
+    inputs = batched(objective.example_inputs, objective.meter.config.batch_size)
+    with torch.inference_mode():
+        model.eval()(*inputs)
 
 
 def bare_floor(objective: Objective, model: torch.nn.Module, recovery: RecoveryConfig) -> tuple[float, float]:
@@ -64,17 +72,23 @@ def run(workload: str, candidates: int, seed: int) -> dict[str, float]:
         # the floor's forward passes on cold caches first: the difference to the same passes on warm caches is
         # the first use of each new layer shape (oneDNN primitive creation), which any tool pays on a new
         # architecture; it is reported apart, and the evaluation below runs with those primitives made
-        cold_rec, cold_eval = bare_floor(objective, objective.prune(plan), recovery)
+        cold = objective.prune(plan)
+        start = time.perf_counter()
+        first_forward(objective, cold)
+        cold_batch = time.perf_counter() - start
+        cold_rec, cold_eval = bare_floor(objective, cold, recovery)
         ev = objective(plan)
         model = objective.prune(plan)
+        start = time.perf_counter()
+        first_forward(objective, model)
+        warm_batch = time.perf_counter() - start
         rec_floor, eval_floor = bare_floor(objective, model, recovery)
-        lat, p = ev.latency, ev.latency.protocol
-        ref = lat.reference_median_ms or 0.0
-        # the timing runs as they actually ran (their sum, spread included) plus the warm-up runs at the median
-        timed = lat.timed_ms if lat.timed_ms is not None else p.repeats * (lat.median_ms + ref)
-        timing_floor = 0.0 if lat.cached else (timed + p.warmup * (lat.median_ms + ref)) / 1e3
+        lat = ev.latency
+        # every warm-up and timed run as it actually ran (spread included); a cached shape was not timed
+        assert lat.cached or lat.timed_ms is not None
+        timing_floor = 0.0 if lat.cached else (lat.timed_ms or 0.0) / 1e3
         floor = rec_floor + eval_floor + timing_floor
-        first_use = max(0.0, cold_rec + cold_eval - rec_floor - eval_floor)
+        first_use = max(0.0, cold_batch + cold_rec + cold_eval - warm_batch - rec_floor - eval_floor)
         rows.append({**ev.timings, "floor": floor, "overhead": ev.timings["total"] - floor, "first_use": first_use})
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     out["overhead_pct"] = 100 * statistics.median(r["overhead"] / r["floor"] for r in rows)

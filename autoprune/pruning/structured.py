@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -469,7 +470,9 @@ class PruningContext:
         ops, heads = self.operations(plan)
         if self._plain is None:
             self._plain = _plainly_copyable(self.base)
-        work = clone_module(self.base, plain=self._plain).eval()
+        work = clone_module(self.base, plain=self._plain)
+        if any(m.training for m in work.modules()):
+            work.eval()
         if not ops:
             return work
         modules = dict(work.named_modules())
@@ -491,6 +494,8 @@ class PruningContext:
 
 
 _PLAIN = (int, float, bool, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device, torch.Size)
+_IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device})
+_SHALLOW = frozenset({dict, OrderedDict, list, set})
 
 
 def _plainly_copyable(model: nn.Module) -> bool:
@@ -520,29 +525,39 @@ def clone_module(model: nn.Module, *, plain: bool | None = None) -> nn.Module:
         return copy.deepcopy(model)
     memo: dict[int, Any] = {}
 
+    # the hot path of every candidate: exact-type dispatch first, isinstance (slow on unions) only as a fallback
     def tensor(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in memo:
-            data = t.detach().clone()
-            memo[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
-        return memo[id(t)]  # type: ignore[no-any-return]
+        new = memo.get(id(t))
+        if new is None:
+            new = t.detach().clone()
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            memo[id(t)] = new
+        return new  # type: ignore[no-any-return]
 
     def module(m: nn.Module) -> nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]  # type: ignore[no-any-return]
+        new = memo.get(id(m))
+        if new is not None:
+            return new  # type: ignore[no-any-return]
         new = m.__class__.__new__(m.__class__)
         memo[id(m)] = new
-        state: dict[str, Any] = {}
-        for key, value in m.__dict__.items():
-            if key in ("_parameters", "_buffers"):
-                state[key] = type(value)((k, None if v is None else tensor(v)) for k, v in value.items())
+        state = m.__dict__.copy()  # immutable values are shared as they are; the rest is replaced below
+        for key, value in state.items():
+            kind = type(value)
+            if kind in _IMMUTABLE:
+                continue
+            if key == "_parameters" or key == "_buffers":
+                tensors = {k: None if v is None else tensor(v) for k, v in value.items()}
+                state[key] = tensors if kind is dict else kind(tensors)
             elif key == "_modules":
-                state[key] = type(value)((k, None if v is None else module(v)) for k, v in value.items())
+                modules = {k: None if v is None else module(v) for k, v in value.items()}
+                state[key] = modules if kind is dict else kind(modules)
+            elif kind in _SHALLOW:
+                state[key] = value.copy()  # hooks dicts are OrderedDicts: .copy() keeps the type, fast
             elif isinstance(value, torch.Tensor):
                 state[key] = tensor(value)
             elif isinstance(value, dict | list | set):
-                state[key] = value.copy()  # hooks dicts are OrderedDicts: .copy() keeps the type, fast
-            else:
-                state[key] = value
+                state[key] = value.copy()
         new.__dict__.update(state)
         return new
 
