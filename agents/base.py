@@ -81,6 +81,8 @@ class SearchSpace:
     @classmethod
     def from_objective(cls, objective: Objective, max_ratio: float = 0.8) -> SearchSpace:
         groups = objective.structure.groups
+        if not groups:
+            raise InvalidConfigError(objective.structure.no_groups_message())
         return cls(tuple(g.name for g in groups), max_ratio, tuple(int(g.macs) for g in groups))
 
     def clip(self, ratios: Mapping[str, float]) -> Ratios:

@@ -123,8 +123,10 @@ def groups(
 
     net, ex, _, _ = _load(model, _parse_kwargs(kw), weights, data)
     structure = analyze(net, ex)
+    locked = [{"group": name, "reason": reason} for name, reason in structure.locked]
     if as_json:
-        print(json.dumps([g.__dict__ for g in structure.groups], indent=2))
+        groups_json = [g.__dict__ for g in structure.groups]
+        print(json.dumps({"groups": groups_json, "kept": list(structure.kept), "locked": locked}, indent=2))
         return
     table = Table(title=f"{len(structure.groups)} prunable groups (kept intact: {', '.join(structure.kept)})")
     for col in ("#", "group", "kind", "units", "MACs", "layers"):
@@ -132,6 +134,8 @@ def groups(
     for g in structure.groups:
         table.add_row(str(g.index), g.name, g.kind, str(g.units), f"{g.macs:,}", str(len(g.members)))
     console.print(table)
+    for item in locked:
+        console.print(f"not prunable (kept intact): {item['group']}: {item['reason']}", markup=False)
 
 
 @app.command()

@@ -84,7 +84,7 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self.objective = objective
         self.structure = objective.structure
         if not self.structure.groups:
-            raise InvalidConfigError("the model has no prunable groups")
+            raise InvalidConfigError(self.structure.no_groups_message())
         self.max_ratio = float(max_ratio)
         self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(OBS_SIZE,), dtype=np.float32)

@@ -72,7 +72,8 @@ Semantics and limits of the rebuilt module
 * Shapes that the exporter baked into ``view``/``reshape``/``expand`` arguments stay literal: a model exported with
   a fixed batch size runs only at that batch size, and pruning channels that flow into such a literal shape (e.g.
   the heads of an attention block, ``x.view(b, c, -1)``) makes the forward fail. Flatten-style reshapes
-  (``flatten``, ``view(b, -1)``) are unaffected.
+  (``flatten``, ``view(b, -1)``) are unaffected. The pruning analysis finds such groups when the model is
+  analysed and keeps them intact (``Structure.locked``, with the reason); the other groups stay prunable.
 * ``nn.MultiheadAttention`` exports (default, non-decomposed IR) as ``aten.linear`` + reshapes +
   ``aten.scaled_dot_product_attention``: it converts and runs (the projections become ``nn.Linear``), but its
   projections are shape-locked as described above. ``aten._native_multi_head_attention`` (fast path; not produced by

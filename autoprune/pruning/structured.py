@@ -12,6 +12,12 @@ Applying a plan:
    groups that contain ``nn.MultiheadAttention`` lose whole heads instead;
 4. prune, then run a forward and check the output shape is unchanged (a pruned model that does not run is a
    :class:`PruningError`, never a silent success).
+
+Groups that plans cannot prune reliably are found once, when the context is built: every group is halved in a
+trial copy and run, three times with different channels removed; if a forward fails, each group is tried alone
+the same way, and a group that breaks the forward is *locked*: listed in :attr:`Structure.locked` with the
+reason, left out of the groups a plan or a search can name, and kept intact. A search then does not spend its
+budget on plans that cannot run.
 """
 
 from __future__ import annotations
@@ -74,10 +80,22 @@ class Structure:
     kept: tuple[str, ...]
     total_macs: int
     method: str = "structured"
+    locked: tuple[tuple[str, str], ...] = ()
+    """``(group, reason)`` for each dependency group that cannot be pruned at all (pruning it breaks the forward:
+    channel counts baked into a ``view``/``reshape``, literal channel slices, zero-padded shortcuts, attention
+    projections of a ``.pt2`` program...). They are kept intact and are not offered to plans or searches."""
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(g.name for g in self.groups)
+
+    def no_groups_message(self) -> str:
+        """Why a search or an episode has nothing to choose (for the error raised on a structure without groups)."""
+        message = "the model has no prunable groups"
+        if self.locked:
+            listed = "; ".join(f"{name!r}: {reason}" for name, reason in self.locked[:3])
+            message += f" ({len(self.locked)} cannot be pruned without breaking its forward: {listed})"
+        return message
 
     def group(self, name: str) -> PrunableGroup:
         for g in self.groups:
@@ -348,6 +366,8 @@ class PruningContext:
         self._plain: bool | None = None
         self._unscorable: dict[tuple[tuple[str, int], str], str] = {}
         self._group_ops: dict[tuple[str, tuple[int, ...]], list[tuple[tuple[str, Any, int], list[int]]]] = {}
+        self.locked = self._probe()
+        self.groups = [(name, group) for name, group in self.groups if name not in self.locked]
         self.structure = self._describe()
 
     # -- description ----------------------------------------------------------------------------------------
@@ -380,7 +400,43 @@ class PruningContext:
                     members=members,
                 )
             )
-        return Structure(groups=tuple(out), kept=tuple(self.kept), total_macs=total)
+        return Structure(groups=tuple(out), kept=tuple(self.kept), total_macs=total, locked=tuple(self.locked.items()))
+
+    # -- groups that cannot be pruned ---------------------------------------------------------------------------
+    def _probe(self) -> dict[str, str]:
+        """The groups whose pruning breaks the forward, with the reason (see the module docstring)."""
+        names = [name for name, _ in self.groups]
+        if not names or self._trial(names) is None:
+            return {}
+        locked: dict[str, str] = {}
+        for name in names:
+            reason = self._trial([name])
+            if reason is not None:
+                locked[name] = reason
+        return locked
+
+    def _trial(self, names: list[str]) -> str | None:
+        """Why halving these groups breaks the model, or None if it runs. Which channels go must not matter, so
+        three index patterns are tried (lowest first, highest first, every other one): a coupling Torch-Pruning
+        mis-traced (a zero-padded shortcut) may survive one choice of channels and break with the next."""
+        by_name = dict(self.groups)
+        for pattern in ("low", "high", "strided"):
+            try:
+                selected = {}
+                for name in names:
+                    group = by_name[name]
+                    channels = int(self.graph.get_out_channels(group[0].dep.target.module))
+                    order = torch.arange(channels, dtype=torch.float)
+                    if pattern == "high":
+                        order = -order
+                    elif pattern == "strided":
+                        order = order + channels * (order % 2)
+                    selected[name] = _select(self.graph, group, name, order, 0.5, 1)
+                ops, heads = self._operations_for(selected)
+                self._pruned_copy(ops, heads)
+            except PruningError as exc:
+                return str(exc)
+        return None
 
     # -- importance -----------------------------------------------------------------------------------------
     def scores(self, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -441,13 +497,12 @@ class PruningContext:
 
     def operations(self, plan: Plan) -> tuple[list[tuple[str, Any, int, list[int]]], dict[str, int]]:
         """Per-layer pruning operations ``(layer, handler, dim, indices)`` and new head counts for ``plan``."""
-        plan.validate_against(self.structure.names)
+        plan.validate_against([*self.structure.names, *self.locked])  # a locked group may be named at ratio 0
         ratios = plan.as_dict()
         if not any(ratios.get(name, 0.0) > 0 for name, _ in self.groups):
             return [], {}
         scores = self.scores(plan.criterion, plan.seed)
-        merged: dict[tuple[str, Any, int], set[int]] = {}
-        heads: dict[str, int] = {}
+        selected: dict[str, tuple[list[int], int | None]] = {}
         for name, group in self.groups:
             ratio = ratios.get(name, 0.0)
             if ratio <= 0.0:
@@ -455,19 +510,36 @@ class PruningContext:
             if name not in scores:
                 score_key = (plan.criterion, plan.seed if plan.criterion == "random" else 0)
                 raise PruningError(self._unscorable[(score_key, name)])
-            idxs, new_heads = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
+            selected[name] = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
+        return self._operations_for(selected)
+
+    def _operations_for(
+        self, selected: dict[str, tuple[list[int], int | None]]
+    ) -> tuple[list[tuple[str, Any, int, list[int]]], dict[str, int]]:
+        """Merged per-layer operations for the channels ``selected`` per group (and their new head counts)."""
+        by_name = dict(self.groups)
+        merged: dict[tuple[str, Any, int], set[int]] = {}
+        heads: dict[str, int] = {}
+        for name, (idxs, new_heads) in selected.items():
             if not idxs:
                 continue
-            for key, plain in self._group_operations(name, group, idxs):
+            for key, plain in self._group_operations(name, by_name[name], idxs):
                 merged.setdefault(key, set()).update(plain)
             if new_heads is not None:
-                for mha in _attention_modules(group):
+                for mha in _attention_modules(by_name[name]):
                     heads[self._names[mha]] = new_heads
         return [(layer, handler, dim, sorted(ix)) for (layer, handler, dim), ix in merged.items()], heads
 
     def apply(self, plan: Plan) -> nn.Module:
         """A pruned deep copy of the base model (the base is never modified)."""
+        refused = [name for name, ratio in plan.ratios if ratio > 0 and name in self.locked]
+        if refused:
+            raise PruningError(f"group {refused[0]!r} cannot be pruned: {self.locked[refused[0]]}")
         ops, heads = self.operations(plan)
+        return self._pruned_copy(ops, heads)
+
+    def _pruned_copy(self, ops: list[tuple[str, Any, int, list[int]]], heads: dict[str, int]) -> nn.Module:
+        """A copy of the base model with ``ops`` applied, checked by a forward pass."""
         if self._plain is None:
             self._plain = _plainly_copyable(self.base)
         work = clone_module(self.base, plain=self._plain)

@@ -77,6 +77,30 @@ def test_plan_naming_missing_group_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "no.such.layer" in result.stderr
 
 
+class _Sliced(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(4, 16, 3, padding=1)
+        self.a = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(torch.relu(self.c1(x))[:, :8]).mean(2))
+
+
+def test_groups_lists_what_cannot_be_pruned_and_why(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "sliced.pt2"
+    torch.export.save(torch.export.export(_Sliced().eval(), (torch.randn(1, 4, 12),)), str(path))
+    result = cli("groups", "--model", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [g["name"] for g in data["groups"]] == ["a"]
+    assert [item["group"] for item in data["locked"]] == ["c1"] and "no longer runs" in data["locked"][0]["reason"]
+    table = cli("groups", "--model", str(path))
+    assert table.returncode == 0 and "not prunable (kept intact): c1: the pruned model no longer runs" in table.stdout
+
+
 def test_measure_prints_protocol() -> None:
     result = cli("measure", "--model", "mlp", "--data", "digits", "--json")
     assert result.returncode == 0, result.stderr

@@ -510,26 +510,63 @@ class ZeroPadShortcut(nn.Module):
         return self.classifier(F.relu(self.c2(h) + shortcut).mean((2, 3)))
 
 
-def test_forward_that_hardcodes_channels_is_a_pruning_error() -> None:
+def test_a_group_whose_pruning_breaks_the_forward_is_locked_with_its_reason() -> None:
     torch.manual_seed(0)
     model = HardcodedView().eval()
     x = torch.randn(2, 3, 8, 8)
-    assert analyze(model, x).names == ("conv",)
-    with pytest.raises(PruningError, match="no longer runs"):
+    structure = analyze(model, x)
+    assert structure.names == ()
+    assert [name for name, _ in structure.locked] == ["conv"]
+    assert "no longer runs" in structure.locked[0][1] and "invalid for input" in structure.locked[0][1]
+    assert "cannot be pruned without breaking its forward" in structure.no_groups_message()
+    with pytest.raises(PruningError, match="group 'conv' cannot be pruned: the pruned model no longer runs"):
         apply_plan(model, Plan({"conv": 0.5}), x)
+    # naming a locked group with ratio 0 is harmless
+    assert apply_plan(model, Plan({"conv": 0.0}), x)(x).shape == (2, 5)
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "random"])
-def test_zero_pad_shortcut_is_a_pruning_error(criterion: str) -> None:
+def test_zero_pad_shortcut_group_is_locked(criterion: str) -> None:
+    # Torch-Pruning mis-traces the zero-padded shortcut: which channels go decides whether the forward survives,
+    # so the group is locked rather than left to fail some plans and not others
     torch.manual_seed(0)
     model = ZeroPadShortcut().eval()
     before = _snapshot(model)
     x = torch.randn(2, 3, 8, 8)
-    names = analyze(model, x).names
-    assert names
-    with pytest.raises(PruningError):
-        apply_plan(model, Plan.uniform(names, 0.5, criterion=criterion), x)
+    structure = analyze(model, x)
+    assert structure.names == () and [name for name, _ in structure.locked] == ["c1"]
+    with pytest.raises(PruningError, match="'c1' cannot be pruned"):
+        apply_plan(model, Plan({"c1": 0.5}, criterion=criterion), x)
     assert _same_weights(model, before)
+
+
+class ChannelSlices(nn.Module):
+    """Literal channel slices: the first conv's channels are split by index in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.a = nn.Conv2d(16, 8, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.c1(x))
+        z = torch.cat([self.a(y[:, :16]), self.b(y[:, 16:])], 1)
+        return self.head(z.mean((2, 3)))
+
+
+def test_literal_channel_slices_lock_only_the_sliced_group() -> None:
+    torch.manual_seed(0)
+    model = ChannelSlices().eval()
+    x = torch.randn(1, 3, 8, 8)
+    structure = analyze(model, x)
+    assert structure.names == ("a", "b")
+    assert [name for name, _ in structure.locked] == ["c1"]
+    pruned = apply_plan(model, Plan({"a": 0.5, "b": 0.25}), x)
+    assert pruned.get_submodule("a").out_channels == 4 and pruned.get_submodule("b").out_channels == 6
+    assert pruned.get_submodule("c1").out_channels == 32
+    assert pruned(x).shape == (1, 4)
 
 
 # -------------------------------------------------------------------------------------------- unstructured

@@ -24,6 +24,7 @@ from torch.export import Dim
 
 from autoprune.errors import CorruptFileError, UnsupportedOperatorError
 from autoprune.models.pt2 import load_pt2, module_from_exported_program
+from autoprune.models.registry import build_model, example_inputs
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -363,6 +364,27 @@ def test_multihead_attention_converts_and_runs(tmp_path: Path) -> None:
         torch.testing.assert_close(rebuilt(tokens), model(tokens), atol=1e-5, rtol=0)
     assert tuple(rebuilt.get_submodule("attn.in_proj").weight.shape) == (48, 16)
     assert isinstance(rebuilt.get_submodule("attn.out_proj"), nn.Linear)
+
+
+def test_exported_attention_projections_are_locked_and_the_rest_stays_prunable(tmp_path: Path) -> None:
+    # torch.export bakes the head split into literal reshapes: pruning the projections can never run, so those
+    # groups are kept intact (with the reason) while the other layers remain prunable
+    from autoprune.plan import Plan
+    from autoprune.pruning.structured import PruningContext
+
+    torch.manual_seed(0)
+    model = build_model("transformer").eval()
+    x = example_inputs(model, batch_size=1)
+    rebuilt, _ = load_pt2(_export(model, (x,), tmp_path / "transformer.pt2"))
+    ctx = PruningContext(rebuilt, x)
+    locked = dict(ctx.structure.locked)
+    assert {"encoder.layers.0.self_attn.in_proj", "encoder.layers.1.self_attn.in_proj"} <= set(locked)
+    assert all("no longer runs" in reason for reason in locked.values())
+    assert ctx.structure.names == ("encoder.layers.0.linear1", "encoder.layers.1.linear1")
+    pruned = ctx.apply(Plan.uniform(ctx.structure.names, 0.5))
+    assert pruned.get_submodule("encoder.layers.0.linear1").weight.shape[0] == 64
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
 
 
 def test_parameterless_norms_become_prunable_modules(tmp_path: Path) -> None:
