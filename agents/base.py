@@ -6,6 +6,12 @@ seed, the way Optuna builds ``optimize`` on ask/tell. RL strategies implement ``
 drive the gymnasium env, whose objective is the session's recording objective), so every strategy's evaluations
 go through the same :class:`SearchSession` and look the same.
 
+A candidate that cannot be pruned (a :class:`~autoprune.errors.PruningError`: a combination of cuts the model's
+forward rejects) does not end the search: the session records it in ``failures`` with the reason, counts it
+against the budget, and tells the strategy (``tell_failed``; the gymnasium env ends the episode with the reward of
+a model that lost all quality for no speed-up). After :data:`MAX_CONSECUTIVE_FAILURES` failures in a row the
+search stops with ``stop_reason == "failing"``.
+
 The session also *replays*: given evaluations recorded earlier for the same job (``history``), a plan that was
 already evaluated is answered from the record instead of being pruned and measured again. A seeded strategy
 asks the same plans in the same order, so a resumed job redoes none of its completed evaluations, and a
@@ -23,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from autoprune.errors import InvalidConfigError
+from autoprune.errors import InvalidConfigError, PruningError
 from autoprune.pareto import pareto_front
 
 if TYPE_CHECKING:
@@ -112,6 +118,22 @@ class SearchStopped(Exception):
     """Raised inside a strategy's run when the budget is spent or a stop was requested."""
 
 
+MAX_CONSECUTIVE_FAILURES = 10
+"""A search whose last this-many candidates all failed to prune stops (``stop_reason == "failing"``)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A candidate that could not be pruned: its plan and why (it has no quality or latency)."""
+
+    plan: Plan
+    reason: str
+
+
+class CandidateFailed(PruningError):
+    """Raised by :meth:`SearchSession.evaluate` for a candidate that could not be pruned (already recorded)."""
+
+
 class SearchSession:
     """The live state of one search: budget, stop signal, callbacks, history replay and every evaluation."""
 
@@ -137,6 +159,8 @@ class SearchSession:
         self._stop = stop
         self.callbacks = list(callbacks)
         self.evaluations: list[Evaluation] = []
+        self.failures: list[Failure] = []
+        self._failing = 0
         self._history: dict[Plan, list[Evaluation]] = {}
         for e in history:
             if e.stage == "search" and e.index > 0:
@@ -152,17 +176,24 @@ class SearchSession:
         return time.perf_counter() - self.started
 
     @property
+    def spent(self) -> int:
+        """Candidates tried: evaluations plus failures."""
+        return len(self.evaluations) + len(self.failures)
+
+    @property
     def remaining(self) -> int | None:
         if self.budget.evaluations is None:
             return None
-        return max(self.budget.evaluations - len(self.evaluations), 0)
+        return max(self.budget.evaluations - self.spent, 0)
 
     def should_stop(self) -> bool:
         """True (and ``stop_reason`` set) once the budget is spent or a stop was requested."""
         if self.stop_reason is not None:
             return True
-        if self.budget.evaluations is not None and len(self.evaluations) >= self.budget.evaluations:
+        if self.budget.evaluations is not None and self.spent >= self.budget.evaluations:
             self.stop_reason = "budget"
+        elif self._failing >= MAX_CONSECUTIVE_FAILURES:
+            self.stop_reason = "failing"
         elif self.budget.seconds is not None and self.elapsed >= self.budget.seconds:
             self.stop_reason = "time"
         elif self._stop_requested():
@@ -185,7 +216,8 @@ class SearchSession:
         return self.objective.plan(self.space.clip(ratios))
 
     def evaluate(self, ratios_or_plan: Mapping[str, float] | Plan, *, checked: bool = False) -> Evaluation:
-        """Evaluate one candidate (or answer it from the history); raises :class:`SearchStopped` when done.
+        """Evaluate one candidate (or answer it from the history); raises :class:`SearchStopped` when done and
+        :class:`CandidateFailed` (after recording it in ``failures``) when the plan cannot be pruned.
 
         ``checked=True`` skips the stop check (the caller has just made it, between its ask and this call).
         """
@@ -200,7 +232,13 @@ class SearchSession:
             evaluation = recorded.pop(0)
             self.replayed += 1
         else:
-            evaluation = self.objective.evaluate(plan)
+            try:
+                evaluation = self.objective.evaluate(plan)
+            except PruningError as exc:
+                self.failures.append(Failure(plan, str(exc)))
+                self._failing += 1
+                raise CandidateFailed(str(exc)) from exc
+        self._failing = 0
         local = len(self.evaluations) + 1
         index = local if self._next_index is None else self._next_index(local)
         evaluation = dataclasses.replace(evaluation, index=index)
@@ -277,6 +315,9 @@ class AskTellStrategy(ABC):
     def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
         """The result of the candidate last asked with ``ratios``."""
 
+    def tell_failed(self, ratios: Ratios, reason: str) -> None:  # noqa: B027 - optional hook
+        """The candidate asked with ``ratios`` could not be pruned (see :class:`Failure`)."""
+
     def run(self, session: SearchSession) -> None:
         self.setup(session.space, session.budget, session.seed)
         while not session.should_stop():
@@ -285,7 +326,11 @@ class AskTellStrategy(ABC):
                 session.interrupt("exhausted")
                 break
             ratios = session.space.clip(asked)
-            evaluation = session.evaluate(ratios, checked=True)  # every asked candidate is evaluated and told
+            try:
+                evaluation = session.evaluate(ratios, checked=True)  # every asked candidate is evaluated and told
+            except CandidateFailed as exc:
+                self.tell_failed(ratios, str(exc))
+                continue
             self.tell(ratios, evaluation)
 
 
@@ -334,6 +379,7 @@ def run_search(
         seed=seed,
         baseline=objective.baseline,
         evaluations=list(session.evaluations),
+        failures=list(session.failures),
         stop_reason=session.stop_reason or "finished",
         wall_s=session.elapsed,
         replayed=session.replayed,

@@ -136,6 +136,16 @@ class _OptunaStrategy(AskTellStrategy):
             return
         self.study.tell(trial, self._values(evaluation), skip_if_finished=True)
 
+    def tell_failed(self, ratios: Ratios, reason: str) -> None:
+        index = next((i for i, (asked, _) in enumerate(self._pending) if asked == ratios), 0)
+        if self._pending:
+            _, trial = self._pending.pop(index)
+            try:
+                trial.set_user_attr("failure", reason[:500])
+            except UpdateFinishedTrialError:  # a shared study: another process failed it as stale meanwhile
+                return
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
     def run(self, session: SearchSession) -> None:
         try:
             super().run(session)

@@ -13,6 +13,7 @@ from autoprune.pareto import hypervolume, pareto_front
 if TYPE_CHECKING:
     from torch import nn
 
+    from agents.base import Failure
     from autoprune.objective import Evaluation, Objective
     from autoprune.recovery import RecoveryConfig
 
@@ -28,10 +29,13 @@ class SearchResult:
     baseline: Evaluation
     evaluations: list[Evaluation]
     stop_reason: str
-    """``budget``, ``time``, ``stopped`` (stop signal), ``interrupted`` (Ctrl-C), ``exhausted`` or ``finished``."""
+    """``budget``, ``time``, ``stopped`` (stop signal), ``interrupted`` (Ctrl-C), ``exhausted``, ``failing`` (too
+    many candidates in a row could not be pruned) or ``finished``."""
     wall_s: float
     replayed: int = 0
     """How many evaluations were answered from a recorded history instead of being run again."""
+    failures: list[Failure] = field(default_factory=list)
+    """Candidates that could not be pruned, with the reason (they count against the budget)."""
     finetuned: list[Evaluation] = field(default_factory=list)
     """Front points after the final fine-tuning stage (``stage == "finetuned"``), re-evaluated and re-measured."""
     objective: Objective | None = field(default=None, repr=False, compare=False)

@@ -25,13 +25,13 @@ import numpy as np
 from gymnasium import spaces
 
 from autoprune import ENV_ID
-from autoprune.errors import InvalidConfigError
+from autoprune.errors import InvalidConfigError, PruningError
 from autoprune.latency import LatencyConfig, LatencyMeter
 from autoprune.objective import Evaluation, Objective
 from autoprune.plan import MAX_RATIO
 from autoprune.pruning import Structure
 from autoprune.recovery import RecoveryConfig
-from autoprune.reward import RewardConfig
+from autoprune.reward import RewardConfig, compute_reward
 
 __all__ = ["ENV_ID", "LayerPruneEnv", "estimate_macs"]
 KINDS = ("conv", "linear", "recurrent", "attention")
@@ -165,7 +165,15 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self._step += 1
         if self._step < len(groups):
             return self._observation(), 0.0, False, False, info
-        evaluation = self.objective(self.objective.plan(self._ratios))
+        try:
+            evaluation = self.objective(self.objective.plan(self._ratios))
+        except PruningError as exc:
+            # a combination of cuts the model's forward rejects: the episode ends with the reward of a model that
+            # lost all quality for no speed-up, and the search goes on
+            self.last_evaluation = None
+            reward, terms = compute_reward(0.0, 1.0, self.objective.reward_config)
+            info.update({"failed": str(exc), "reward_terms": dict(terms), "plan": dict(self._ratios)})
+            return self._observation(), float(reward), True, False, info
         self.last_evaluation = evaluation
         info.update(
             {

@@ -358,6 +358,7 @@ class Worker:
             history=history,
         )
         self._check(lease)
+        self._log_failures(job.id, result)
         if result.stop_reason == "interrupted":  # Ctrl-C reached the search: stop like SIGTERM
             raise _Stop("released")
         if spec.finetune_top > 0:
@@ -478,6 +479,7 @@ class Worker:
                 next_index=gate.index,
             )
             self._check(lease)
+            self._log_failures(job.id, result)
             if result.stop_reason == "interrupted":
                 raise _Stop("released")
             stop_reason = "budget" if gate.exhausted else result.stop_reason
@@ -538,6 +540,14 @@ class Worker:
                 return
             self._check(lease)
             self.stop_event.wait(min(self.settings.poll_seconds, self.settings.heartbeat_seconds))
+
+    def _log_failures(self, job_id: str, result: SearchResult) -> None:
+        if result.failures:
+            self._log(
+                job_id,
+                f"{len(result.failures)} candidate(s) could not be pruned and were skipped; first: "
+                f"{result.failures[0].reason}",
+            )
 
     def _log(self, job_id: str, message: str) -> None:
         log.info("job %s: %s", job_id, message)
