@@ -6,6 +6,7 @@ Every user error is printed as one line (``error: ...``) with exit status 2; not
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,8 +24,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stream: Any, *, stderr: bool = False) -> Console:
+    """A console as wide as the terminal; piped or logged output gets 160 columns (rich would squeeze the tables
+    into 80 and cut the figures) unless ``COLUMNS`` says otherwise."""
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=160 if piped else None)
+
+
+console = _console(sys.stdout)
+err_console = _console(sys.stderr, stderr=True)
 
 ModelOpt = Annotated[
     str,
