@@ -125,11 +125,15 @@ class _OptunaStrategy(AskTellStrategy):
         self._pending.append((self._space.clip(ratios), trial))
         return ratios
 
-    def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
+    def _asked_trial(self, ratios: Ratios) -> Trial:
+        """The pending trial asked with ``ratios`` (the oldest if none matches), taken off the pending list."""
         if not self._pending:
             raise RuntimeError("tell() without a matching ask()")
         index = next((i for i, (asked, _) in enumerate(self._pending) if asked == ratios), 0)
-        _, trial = self._pending.pop(index)
+        return self._pending.pop(index)[1]
+
+    def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
+        trial = self._asked_trial(ratios)
         try:
             trial.set_user_attr("evaluation_index", evaluation.index)
         except UpdateFinishedTrialError:  # a shared study: another process failed it as stale meanwhile
@@ -137,14 +141,12 @@ class _OptunaStrategy(AskTellStrategy):
         self.study.tell(trial, self._values(evaluation), skip_if_finished=True)
 
     def tell_failed(self, ratios: Ratios, reason: str) -> None:
-        index = next((i for i, (asked, _) in enumerate(self._pending) if asked == ratios), 0)
-        if self._pending:
-            _, trial = self._pending.pop(index)
-            try:
-                trial.set_user_attr("failure", reason[:500])
-            except UpdateFinishedTrialError:  # a shared study: another process failed it as stale meanwhile
-                return
-            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        trial = self._asked_trial(ratios)
+        try:
+            trial.set_user_attr("failure", reason[:500])
+        except UpdateFinishedTrialError:  # a shared study: another process failed it as stale meanwhile
+            return
+        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
     def run(self, session: SearchSession) -> None:
         try:

@@ -499,14 +499,7 @@ def _report(
         f"- evaluations: {len(result.evaluations)} (replayed from history: {result.replayed}); "
         f"fine-tuned: {len(result.finetuned)}",
         f"- stop reason: {result.stop_reason}; wall time: {result.wall_s:.1f} s",
-        *(
-            [
-                f"- candidates that could not be pruned (skipped): {len(result.failures)}; first: "
-                f"{result.failures[0].reason}"
-            ]
-            if result.failures
-            else []
-        ),
+        *([f"- {result.failures_note()}"] if result.failures else []),
         f"- front: {len(front)} points (baseline included); hypervolume (quality × latency ratio, search): "
         f"{result.hypervolume(stage='search'):.4f}",
         "",

@@ -40,6 +40,16 @@ class SearchResult:
     """Front points after the final fine-tuning stage (``stage == "finetuned"``), re-evaluated and re-measured."""
     objective: Objective | None = field(default=None, repr=False, compare=False)
 
+    def failures_note(self) -> str | None:
+        """One line on the candidates that could not be pruned (for the CLI, the report and the job log)."""
+        if not self.failures:
+            return None
+        stopped = " (the search stopped: too many in a row)" if self.stop_reason == "failing" else ""
+        return (
+            f"{len(self.failures)} candidate(s) could not be pruned and were skipped{stopped}; "
+            f"first: {self.failures[0].reason}"
+        )
+
     # -- the front ----------------------------------------------------------------------------------------
     @property
     def all_evaluations(self) -> list[Evaluation]:

@@ -468,13 +468,7 @@ def search(
     if result.stop_reason == "interrupted":
         err_console.print(f"interrupted: keeping the {len(result.evaluations)} evaluations done", highlight=False)
     if result.failures:
-        err_console.print(
-            f"note: {len(result.failures)} candidate(s) could not be pruned and were skipped"
-            + (" (the search stopped: too many in a row)" if result.stop_reason == "failing" else "")
-            + f"; first: {result.failures[0].reason}",
-            highlight=False,
-            markup=False,
-        )
+        err_console.print(f"note: {result.failures_note()}", highlight=False, markup=False)
     if result.finetuned:
         console.print(f"fine-tuned the top {len(result.finetuned)} front points ({job.finetune_steps} steps)")
     with console.status("exporting the best model (ONNX verified and re-measured in ONNX Runtime)..."):

@@ -83,6 +83,13 @@ def as_tuple(example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[t
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
+def ensure_eval(model: nn.Module) -> nn.Module:
+    """``model.eval()``, skipped when every module is already in eval mode (checking is cheaper than the walk)."""
+    if any(m.training for m in model.modules()):
+        model.eval()
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore each module's own previous mode after.

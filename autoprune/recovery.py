@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprune.cost import eval_mode
 from autoprune.data import Batch, Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError
 
@@ -86,17 +87,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> nn.Module
     if first is None:  # resetting without data would wipe the statistics
         return model
     device = model_device(model)
-    modules = list(model.modules())
-    modes = [m.training for m in modules]
     momenta = {bn: bn.momentum for bn in bns}
     try:
-        if any(modes):
-            model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():  # eval_mode restores every module's mode, the BatchNorms' too
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
             batch: Any = first
             while batch is not None:
                 x = batch if isinstance(batch, torch.Tensor) else batch[0]
@@ -105,9 +102,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> nn.Module
     finally:
         for bn, momentum in momenta.items():
             bn.momentum = momentum
-        for m, mode in zip(modules, modes, strict=True):
-            if m.training != mode:  # nn.Module.__setattr__ is slow: only touch what changed
-                m.training = mode
     return model
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.cost import as_tuple
+from autoprune.cost import as_tuple, ensure_eval
 from autoprune.errors import ExportError, InvalidConfigError
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -147,8 +147,7 @@ def make_runner(
     """A callable running one forward of ``model`` on ``example_inputs`` in the given runtime."""
     if runtime == "torch":
         args = as_tuple(example_inputs)
-        if any(m.training for m in model.modules()):  # cheaper than eval() on a model that is already in eval
-            model.eval()
+        ensure_eval(model)
 
         def run_torch() -> Any:
             with torch.inference_mode():

@@ -542,12 +542,9 @@ class Worker:
             self.stop_event.wait(min(self.settings.poll_seconds, self.settings.heartbeat_seconds))
 
     def _log_failures(self, job_id: str, result: SearchResult) -> None:
-        if result.failures:
-            self._log(
-                job_id,
-                f"{len(result.failures)} candidate(s) could not be pruned and were skipped; first: "
-                f"{result.failures[0].reason}",
-            )
+        note = result.failures_note()
+        if note is not None:
+            self._log(job_id, note)
 
     def _log(self, job_id: str, message: str) -> None:
         log.info("job %s: %s", job_id, message)

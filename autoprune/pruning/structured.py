@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.cost import as_tuple, count_macs, eval_mode
+from autoprune.cost import as_tuple, count_macs, ensure_eval, eval_mode
 from autoprune.errors import InvalidPlanError, PruningError
 from autoprune.plan import Plan
 from autoprune.pruning.recurrent import RecurrentImportance, recurrent_pruners, recurrent_tracing
@@ -498,6 +498,9 @@ class PruningContext:
     def operations(self, plan: Plan) -> tuple[list[tuple[str, Any, int, list[int]]], dict[str, int]]:
         """Per-layer pruning operations ``(layer, handler, dim, indices)`` and new head counts for ``plan``."""
         plan.validate_against([*self.structure.names, *self.locked])  # a locked group may be named at ratio 0
+        refused = [name for name, ratio in plan.ratios if ratio > 0 and name in self.locked]
+        if refused:
+            raise PruningError(f"group {refused[0]!r} cannot be pruned: {self.locked[refused[0]]}")
         ratios = plan.as_dict()
         if not any(ratios.get(name, 0.0) > 0 for name, _ in self.groups):
             return [], {}
@@ -532,9 +535,6 @@ class PruningContext:
 
     def apply(self, plan: Plan) -> nn.Module:
         """A pruned deep copy of the base model (the base is never modified)."""
-        refused = [name for name, ratio in plan.ratios if ratio > 0 and name in self.locked]
-        if refused:
-            raise PruningError(f"group {refused[0]!r} cannot be pruned: {self.locked[refused[0]]}")
         ops, heads = self.operations(plan)
         return self._pruned_copy(ops, heads)
 
@@ -542,9 +542,7 @@ class PruningContext:
         """A copy of the base model with ``ops`` applied, checked by a forward pass."""
         if self._plain is None:
             self._plain = _plainly_copyable(self.base)
-        work = clone_module(self.base, plain=self._plain)
-        if any(m.training for m in work.modules()):
-            work.eval()
+        work = ensure_eval(clone_module(self.base, plain=self._plain))
         if not ops:
             return work
         modules = dict(work.named_modules())
@@ -566,7 +564,7 @@ class PruningContext:
 
 
 _PLAIN = (int, float, bool, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device, torch.Size)
-_IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device})
+_IMMUTABLE = frozenset(_PLAIN)
 _SHALLOW = frozenset({dict, OrderedDict, list, set})
 
 
