@@ -128,7 +128,8 @@ def datasets() -> None:
 def groups(
     model: ModelOpt, kw: KwOpt = None, weights: WeightsOpt = None, data: DataOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """List the prunable groups of a model (the names a plan uses)."""
+    """List the prunable groups of a model (the names a plan uses) and the groups kept intact because pruning them
+    breaks the forward."""
     from autoprune.pruning import analyze
 
     net, ex, _, _ = _load(model, _parse_kwargs(kw), weights, data)
