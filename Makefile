@@ -9,9 +9,18 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Debian packages the tests use: docker-compose validates docker-compose.yml (`config`; no engine needed)
+SYSTEM_PACKAGES := docker-compose  # each also the name of the command it installs
 SRC    := autoprune agents service tests benchmarks
 
-.PHONY: setup demo test lint
+.PHONY: setup system demo test lint
+
+system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,5 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(SRC)
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest -q --durations=15
+test:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory system lint && $(BIN)/pytest -q --durations=15; rc=$$?; \
+	echo "make test: set-up, lint, type checks and tests took $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from agents.result import SearchResult
 
 __all__ = [
+    "STORAGE_OPTIONS",
     "STRATEGIES",
     "Budget",
     "SearchResult",
@@ -35,6 +36,12 @@ __all__ = [
     "make_strategy",
     "run_search",
 ]
+
+
+STORAGE_OPTIONS = frozenset({"storage", "study_name"})
+"""Options that name a database, or a study in one. A local user's choice from the CLI or Python; in the
+service they are operator configuration (``AUTOPRUNE_STUDY_STORAGE``): the API refuses them in a job, since a
+caller could otherwise make a worker create files, probe hosts or write into the service's own database."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         from autoprune.errors import AutopruneError
         from service.client import ApiError
+        from service.settings import InvalidSettings
 
         try:
             return fn(*args, **kwargs)
@@ -70,7 +71,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(f"cannot reach the autoprune server at {url} (start it with `autoprune serve`)")
         except httpx.HTTPError as exc:
             _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'HTTP error'}")
-        except (CliError, AutopruneError) as exc:
+        except (CliError, AutopruneError, InvalidSettings) as exc:
             _fail(str(exc).splitlines()[0])
         except FileNotFoundError as exc:
             _fail(f"no such file: {exc.filename}")
@@ -96,9 +97,9 @@ def _client(url: str | None, key: str | None) -> Any:
 
 
 def _settings(data_dir: Path | None) -> Any:
-    from service.settings import Settings
+    from service.settings import load_settings
 
-    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    return load_settings(data_dir=data_dir) if data_dir is not None else load_settings()
 
 
 # --- live progress -------------------------------------------------------------------------------------------------
@@ -472,6 +473,18 @@ def _make_server(config: Any) -> Any:
     return Server(config)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (``localhost`` or a loopback address)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def _stop_worker(proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
     """SIGTERM (finish the current evaluation, release the job), then SIGKILL after ``timeout``."""
     if proc is None or proc.poll() is not None:
@@ -522,8 +535,14 @@ def serve(
         api, host=host, port=port, log_level="warning" if demo else log_level, timeout_graceful_shutdown=5
     )
     server = _make_server(config)
-    shown = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    shown = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     console.print(f"[bold]autoprune[/] API on {shown} (docs: {shown}/docs)", highlight=False)
+    if not _is_loopback(host):
+        err_console.print(
+            f"warning: listening on {host}, reachable from other machines: keep the API key secret and put TLS "
+            "in front (a reverse proxy); --host 127.0.0.1 keeps it on this machine",
+            highlight=False,
+        )
     if key_file is not None:
         console.print(f"API key: {keys[0]}  (saved in {key_file})", highlight=False)
     proc: subprocess.Popen[bytes] | None = None

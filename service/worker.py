@@ -26,8 +26,8 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
 
 * **Shared jobs** (``workers`` = N > 1; ``optuna-tpe`` / ``optuna-nsga2``): up to N workers hold the job at
   once (one ``job_slots`` row each, see the repository) and share one Optuna study in RDB storage
-  (:func:`shared_study_storage`: the strategy's ``storage`` option, else the service's PostgreSQL database in
-  schema ``optuna``; ``study_name`` defaults to ``autoprune-<job id>``). Each worker builds its own objective,
+  (:func:`shared_study_storage`: the operator's ``AUTOPRUNE_STUDY_STORAGE``, else the service's PostgreSQL
+  database in schema ``optuna``; the study is ``autoprune-<job id>``; a job may name neither). Each worker builds its own objective,
   seeds its sampler by slot, and asks/tells its own trials; before each ask it reserves the next evaluation
   index from the database (:meth:`Repository.reserve_index`), so the workers together stop at exactly
   ``budget`` evaluations with indices 1..budget, and each evaluation row and event names its worker. Resume is
@@ -56,6 +56,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -68,10 +69,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.artefacts import ArtefactStore
-from service.db.engine import check_job_workers, ensure_schema, is_sqlite, make_engine, shared_study_storage
+from service.db.engine import (
+    check_job_workers,
+    check_no_storage_options,
+    ensure_schema,
+    is_sqlite,
+    make_engine,
+    shared_study_storage,
+)
 from service.db.models import JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
-from service.settings import Settings
+from service.settings import InvalidSettings, Settings, load_settings
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -274,6 +282,7 @@ class Worker:
         model = self.repo.get_model(job.model_id)
         dataset = self.repo.get_dataset(job.dataset_id)
         values: dict[str, Any] = {k: v for k, v in job.spec.items() if k not in _SPEC_INPUT_KEYS}
+        check_no_storage_options(values.get("strategy_options") or {})  # a row written before the API refused them
         if model.kind == "pt2":
             if model.artefact_sha256 is None:
                 raise InvalidConfigError(f"model {model.id} is a .pt2 model without a file")
@@ -388,11 +397,11 @@ class Worker:
         from autoprune.job import run_job
         from autoprune.objective import Evaluation
 
-        storage = shared_study_storage(self.settings.db_url, spec.strategy_options)
+        storage = shared_study_storage(self.settings.db_url, self.settings.study_storage)
         if storage is None:
-            check_job_workers(job.workers, spec.strategy_options, self.settings.db_url)
+            check_job_workers(job.workers, self.settings.db_url, self.settings.study_storage)
             raise InvalidConfigError("no storage for the shared study")  # unreachable: the check raised
-        study_name = str(spec.strategy_options.get("study_name") or f"autoprune-{job.id}")
+        study_name = f"autoprune-{job.id}"
         objective = spec.build_objective(log=lambda note: self._log(job.id, note))
         baseline = objective.baseline
         self._check(lease)
@@ -728,7 +737,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(args.log_level.upper())  # the exporters' INFO chatter stays out
 
-    settings = Settings() if args.database_url is None else Settings(database_url=args.database_url)
+    try:
+        settings = load_settings() if args.database_url is None else load_settings(database_url=args.database_url)
+    except InvalidSettings as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if is_sqlite(settings.db_url):
         ensure_schema(settings)  # the embedded default upgrades itself; PostgreSQL has its migrate step
 

@@ -27,7 +27,7 @@ from service.api.auth import require_key
 from service.api.schemas import Catalog, Health, StrategyOut
 from service.artefacts import ArtefactStore
 from service.db.repository import Repository
-from service.settings import Settings
+from service.settings import InvalidSettings, Settings, check_api_keys, load_settings
 
 log = logging.getLogger("autoprune.api")
 
@@ -56,13 +56,14 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
     the key ``autoprune serve`` wrote into ``<data_dir>/api-key``; without any the app refuses to start."""
     from service.db.engine import make_engine
 
-    settings = settings or Settings()
+    settings = settings or load_settings()
     keys = [k for k in settings.api_keys if k] or read_key_file(settings.data_dir)
     if not keys:
-        raise RuntimeError(
-            "no API key configured: set AUTOPRUNE_API_KEYS (a JSON list) or run `autoprune serve`, which writes one "
+        raise InvalidSettings(
+            "no API key configured: set AUTOPRUNE_API_KEYS or run `autoprune serve`, which writes one "
             f"into {settings.data_dir / 'api-key'}"
         )
+    check_api_keys(keys)
     engine = make_engine(settings.db_url)
 
     @asynccontextmanager
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
     @v1.get("/catalog", response_model=Catalog, tags=["meta"], responses=problems.problem_responses(401))
     def get_catalog() -> Catalog:
         """Names the API accepts: architectures, built-in datasets, strategies (with their options), metrics."""
-        from agents import list_strategies
+        from agents import STORAGE_OPTIONS, list_strategies
         from autoprune.job import METRICS
         from autoprune.reward import FORMS
 
@@ -101,7 +102,8 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
             architectures=catalog.architectures(),
             datasets=list(catalog.BUILTIN_DATASETS),
             strategies=[
-                StrategyOut(name=s.name, summary=s.summary, options=list(s.options)) for s in list_strategies()
+                StrategyOut(name=s.name, summary=s.summary, options=[o for o in s.options if o not in STORAGE_OPTIONS])
+                for s in list_strategies()
             ],
             metrics=list(METRICS),
             objectives=list(FORMS),
@@ -236,4 +238,4 @@ def openapi_30(schema: dict[str, Any]) -> dict[str, Any]:
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory``: settings from the environment."""
-    return create_app(Settings())
+    return create_app(load_settings())

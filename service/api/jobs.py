@@ -31,7 +31,7 @@ from service.api.schemas import (
     Pareto,
 )
 from service.artefacts import ArtefactStore
-from service.db.engine import check_job_workers
+from service.db.engine import check_job_workers, check_no_storage_options
 from service.db.models import TERMINAL, EvaluationRow, ExportRow, JobRow, JobState
 from service.db.repository import NotFound, Repository
 from service.settings import Settings
@@ -99,8 +99,9 @@ def create_job(
         **{**knobs, "export_formats": tuple(knobs["export_formats"])},
     )
     try:
+        check_no_storage_options(body.strategy_options)
         spec.validate()
-        check_job_workers(body.workers, body.strategy_options, settings.db_url)
+        check_job_workers(body.workers, settings.db_url, settings.study_storage)
     except AutopruneError as exc:
         raise Problem(422, str(exc).splitlines()[0], slug="invalid-job") from None
     if body.metric == "accuracy" and dataset.info.get("labelled") is False:

@@ -39,7 +39,11 @@ class JobCreate(_Request):
     model_id: str = Field(min_length=1, max_length=32)
     dataset_id: str = Field(min_length=1, max_length=32)
     strategy: str = _choice("random", STRATEGIES, "Search strategy (`GET /v1/catalog`).")
-    strategy_options: dict[str, Any] = Field(default_factory=dict, description="Options of the strategy.")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the strategy (`GET /v1/catalog`); `storage` and `study_name` are refused: "
+        "the operator sets where studies are kept.",
+    )
     budget: int | None = Field(20, ge=1, le=1_000_000, description="Number of candidate evaluations.")
     seconds: float | None = Field(None, gt=0, le=1e9, description="Wall-clock limit (checked between evaluations).")
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -69,7 +73,7 @@ class JobCreate(_Request):
         ge=1,
         le=64,
         description="Workers that may run this job at once, sharing one Optuna study (optuna-tpe / optuna-nsga2; "
-        "needs the service on PostgreSQL or a strategy_options.storage URL).",
+        "needs the service on PostgreSQL or AUTOPRUNE_STUDY_STORAGE).",
     )
 
 

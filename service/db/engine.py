@@ -167,25 +167,39 @@ OPTUNA_SCHEMA = "optuna"
 table would clash with the service's in ``public``."""
 
 
-def shared_study_storage(db_url: str, strategy_options: Mapping[str, Any]) -> str | None:
-    """Where the workers of a shared job keep their Optuna study: the strategy's ``storage`` option, else the
-    service's own database when it is PostgreSQL (``search_path`` = :data:`OPTUNA_SCHEMA`); None when neither."""
-    storage = strategy_options.get("storage")
-    if storage:
-        return str(storage)
+def shared_study_storage(db_url: str, study_storage: str | None = None) -> str | None:
+    """Where the workers of a shared job keep their Optuna study: the operator's ``study_storage`` setting
+    (``AUTOPRUNE_STUDY_STORAGE``), else the service's own database when it is PostgreSQL (``search_path`` =
+    :data:`OPTUNA_SCHEMA`); None when neither. Never a job field (see ``agents.STORAGE_OPTIONS``)."""
+    if study_storage:
+        return str(study_storage)
     url = normalize_url(db_url)
     if not url.startswith("postgresql"):
         return None
     return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{OPTUNA_SCHEMA}"
 
 
-def check_job_workers(workers: int, strategy_options: Mapping[str, Any], db_url: str) -> None:
+def check_job_workers(workers: int, db_url: str, study_storage: str | None = None) -> None:
     """:class:`InvalidConfigError` unless a job with ``workers`` can run here (torch-free: the API may call it
     after ``JobSpec.validate()``, which checks the strategy)."""
     from autoprune.errors import InvalidConfigError
 
-    if workers > 1 and shared_study_storage(db_url, strategy_options) is None:
+    if workers > 1 and shared_study_storage(db_url, study_storage) is None:
         raise InvalidConfigError(
-            "workers > 1 shares one Optuna study between the workers: it needs the service on PostgreSQL or a "
-            "strategy 'storage' database URL that every worker reaches (this service runs on SQLite)"
+            "workers > 1 shares one Optuna study between the workers: it needs the service on PostgreSQL or an "
+            "AUTOPRUNE_STUDY_STORAGE database URL that every worker reaches (this service runs on SQLite)"
+        )
+
+
+def check_no_storage_options(strategy_options: Mapping[str, Any]) -> None:
+    """:class:`InvalidConfigError` when a job's strategy options name a database or study: in the service those
+    are the operator's (``AUTOPRUNE_STUDY_STORAGE``), never a caller's."""
+    from agents import STORAGE_OPTIONS
+    from autoprune.errors import InvalidConfigError
+
+    named = sorted(STORAGE_OPTIONS & set(strategy_options))
+    if named:
+        raise InvalidConfigError(
+            f"strategy option(s) {', '.join(named)} are not accepted by the service: where studies are kept is "
+            "operator configuration (AUTOPRUNE_STUDY_STORAGE)"
         )

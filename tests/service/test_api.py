@@ -38,7 +38,7 @@ def server(
 ) -> Iterator[Server]:
     """``serve --no-worker`` (conftest's ``running_server``: no request may crash it); ``client()`` uses KEY."""
     data = tmp_path_factory.mktemp("api") / "data"
-    keys = json.dumps([KEY, "second-key"])
+    keys = json.dumps([KEY, "second-key-0123456789"])
     with running_server(data, "--no-worker", AUTOPRUNE_API_KEYS=keys, AUTOPRUNE_MAX_UPLOAD_BYTES=str(LIMIT)) as srv:
         yield srv
 
@@ -148,7 +148,7 @@ def test_missing_or_wrong_key_is_401_problem(server: Server, headers: dict[str, 
 
 
 def test_every_configured_key_works(server: Server) -> None:
-    for key in (KEY, "second-key"):
+    for key in (KEY, "second-key-0123456789"):
         with server.client(key) as c:
             assert c.get("/v1/jobs").status_code == 200
 
@@ -169,6 +169,8 @@ def test_catalog_lists_names_the_api_accepts(api: httpx.Client) -> None:
     assert "resnet20" in cat["architectures"] and cat["datasets"] == ["digits", "mnist1d"]
     assert {"random", "optuna-tpe", "sb3-ddpg"} <= {s["name"] for s in cat["strategies"]}
     assert "accuracy" in cat["metrics"] and "mnasnet" in cat["objectives"]
+    tpe = next(s for s in cat["strategies"] if s["name"] == "optuna-tpe")
+    assert "n_startup_trials" in tpe["options"] and not {"storage", "study_name"} & set(tpe["options"])
 
 
 # --- uploads -----------------------------------------------------------------------------------------------------
@@ -435,6 +437,10 @@ def test_create_job(api: httpx.Client, inputs: tuple[str, str]) -> None:
         ({"workers": 0}, 422, ["workers"]),
         ({"workers": 2}, 422, ["workers"]),  # random search cannot share a study
         ({"workers": 2, "strategy": "optuna-tpe"}, 422, ["PostgreSQL"]),  # this test server runs on SQLite
+        # where studies live is the operator's: a caller must not make the worker create files or probe hosts
+        ({"strategy": "optuna-tpe", "strategy_options": {"storage": "sqlite:////tmp/x.db"}}, 422, ["operator"]),
+        ({"strategy": "optuna-nsga2", "strategy_options": {"storage": "postgresql://10.0.0.1:22/x"}}, 422, ["storage"]),
+        ({"strategy": "optuna-tpe", "strategy_options": {"study_name": "autoprune-other"}}, 422, ["study_name"]),
     ],
 )
 def test_invalid_jobs_are_422_problems(
@@ -578,9 +584,9 @@ from service.api.app import create_app
 from service.db.engine import upgrade
 from service.settings import Settings
 
-s = Settings(data_dir=Path({str(tmp_path)!r}), api_keys=["k"])
+s = Settings(data_dir=Path({str(tmp_path)!r}), api_keys=["k" * 20])
 upgrade(s.db_url)
-c = TestClient(create_app(s, sse_poll_seconds=0.05), headers={{"Authorization": "Bearer k"}})
+c = TestClient(create_app(s, sse_poll_seconds=0.05), headers={{"Authorization": "Bearer " + "k" * 20}})
 assert c.get("/health").status_code == 200
 assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
 m = c.post("/v1/models", params={{"architecture": "resnet20"}}, content=Path({str(weights_file)!r}).read_bytes())

@@ -69,7 +69,7 @@ def children_of(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def api_only(tmp_path_factory: pytest.TempPathFactory, start_serve: Callable[..., Serve]) -> Iterator[Serve]:
     """``serve --no-worker``: jobs stay queued."""
-    s = start_serve(tmp_path_factory.mktemp("cli"), "--no-worker", AUTOPRUNE_API_KEYS='["cli-key"]')
+    s = start_serve(tmp_path_factory.mktemp("cli"), "--no-worker", AUTOPRUNE_API_KEYS='["cli-key-0123456789abc"]')
     try:
         yield s
     finally:
@@ -248,7 +248,7 @@ def test_unreachable_server_missing_or_wrong_key(
     nokey = cli("jobs", "--url", api_only.url, env=cli_env(AUTOPRUNE_DATA_DIR=str(tmp_path)))
     assert nokey.returncode == 2 and "no API key" in nokey.stderr
     # the key file serve writes is the default key
-    (tmp_path / "api-key").write_text("cli-key\n")
+    (tmp_path / "api-key").write_text("cli-key-0123456789abc\n")
     keyed = cli("jobs", "--url", api_only.url, env=cli_env(AUTOPRUNE_DATA_DIR=str(tmp_path)))
     assert keyed.returncode == 0, keyed.stderr
 
@@ -288,3 +288,72 @@ def test_serve_demo(tmp_path: Path, cli_env: Callable[..., dict[str, str]], free
     assert (tmp_path / "autoprune-data" / "api-key").is_file()
     accuracy, _ = onnx_accuracy(best)
     assert accuracy > 0.9
+
+
+# -- settings as operators write them (issue 13: HIGH 1, 3) -------------------------------------------------------
+LONG_A, LONG_B = "operator-key-a-0123456789", "operator-key-b-0123456789"
+
+
+@pytest.mark.parametrize(
+    "written",
+    [f"{LONG_A},{LONG_B}", f" {LONG_A} , {LONG_B} ", json.dumps([LONG_A, LONG_B])],
+    ids=["csv", "spaces", "json"],
+)
+def test_api_keys_as_documented_start_the_server_and_every_key_works(
+    tmp_path: Path, start_serve: Callable[..., Serve], written: str
+) -> None:
+    s = start_serve(tmp_path, "--no-worker", AUTOPRUNE_API_KEYS=written)
+    try:
+        for key in (LONG_A, LONG_B):
+            with s.client(key) as c:
+                assert c.get("/v1/jobs").status_code == 200
+        with s.client(written.strip()) as c:  # the whole variable is not itself a key
+            assert c.get("/v1/jobs").status_code == 401
+    finally:
+        assert s.stop(60) == 0
+
+
+def test_a_single_key_without_brackets_is_one_key(tmp_path: Path, start_serve: Callable[..., Serve]) -> None:
+    s = start_serve(tmp_path, "--no-worker", AUTOPRUNE_API_KEYS=LONG_A)
+    try:
+        with s.client(LONG_A) as c:
+            assert c.get("/v1/jobs").status_code == 200
+    finally:
+        assert s.stop(60) == 0
+
+
+@pytest.mark.parametrize(("keys", "why"), [("change-me", "placeholder"), ("k1,k2", "characters long")])
+def test_weak_keys_refuse_to_serve_in_one_line(tmp_path: Path, cli: Any, cli_env: Any, keys: str, why: str) -> None:
+    env = cli_env(AUTOPRUNE_API_KEYS=keys)
+    r = cli("serve", "--no-worker", "--data-dir", str(tmp_path / "data"), "--port", "1", env=env, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: AUTOPRUNE_API_KEYS") and why in lines[0], r.stderr
+    assert "k1" not in lines[0] and "change-me" not in lines[0]  # the key itself is never echoed
+    # the commands that need no key are not blocked by it (the shipped compose file shares one environment)
+    up = cli("db", "upgrade", "--data-dir", str(tmp_path / "data"), env=env)
+    assert up.returncode == 0 and "database at revision" in up.stdout, up.stderr
+
+
+def test_a_malformed_settings_value_is_one_line_naming_the_variable(tmp_path: Path, cli: Any, cli_env: Any) -> None:
+    for args in (["db", "upgrade"], ["worker", "--max-jobs", "0"]):
+        env = cli_env(AUTOPRUNE_LEASE_SECONDS="soon", AUTOPRUNE_DATA_DIR=str(tmp_path))
+        r = cli(*args, env=env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip().startswith("error: AUTOPRUNE_LEASE_SECONDS") and "Traceback" not in r.stderr
+
+
+def test_serving_beyond_loopback_warns(tmp_path: Path, start_serve: Callable[..., Serve]) -> None:
+    s = start_serve(tmp_path, "--no-worker", "--host", "0.0.0.0", AUTOPRUNE_API_KEYS=LONG_A)
+    try:
+        out = s.output()
+        assert "API on http://0.0.0.0:" in out and "127.0.0.1" not in out.split("docs:")[0]
+        assert "warning: listening on 0.0.0.0, reachable from other machines" in out
+    finally:
+        assert s.stop(60) == 0
+    (tmp_path / "local").mkdir()
+    local = start_serve(tmp_path / "local", "--no-worker", AUTOPRUNE_API_KEYS=LONG_A)
+    try:
+        assert "warning" not in local.output()
+    finally:
+        assert local.stop(60) == 0

@@ -62,3 +62,50 @@ def test_dockerfile_pins_the_cpu_torch_and_the_constraints() -> None:
     assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
     assert "-c /tmp/constraints.txt" in text
     assert 'ENTRYPOINT ["autoprune"]' in text
+
+
+def compose_config(**env: str) -> dict[str, Any]:
+    """``docker-compose config`` (the compose tool's own validation and interpolation) with ``env`` as the
+    only AUTOPRUNE_ variables. The README's ``make test`` installs the tool; CI fails without it."""
+    import os
+    import shutil
+
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed: `make test` installs it (Debian package docker-compose)")
+        pytest.skip("docker-compose is not installed (`make test` installs it)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
+    proc = subprocess.run(
+        [tool, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_compose_validates_and_publishes_the_api_on_loopback_only() -> None:
+    config = compose_config()
+    api = config["services"]["api"]
+    assert [str(p).split(":")[0] for p in api["ports"]] == ["127.0.0.1"]
+    for name in ("db", "migrate", "worker"):
+        assert not config["services"][name].get("ports"), name
+
+
+def test_compose_ships_no_key_and_the_api_generates_one() -> None:
+    from service.settings import Settings, weak_key_reason
+
+    config = compose_config()
+    for name in ("migrate", "api", "worker"):
+        env = config["services"][name]["environment"]
+        assert Settings(**{"api_keys": env["AUTOPRUNE_API_KEYS"]}).api_keys == [], name  # serve generates one
+    mounts = [str(v) for v in config["services"]["api"]["volumes"]]
+    assert any(v.split(":")[1] == "/data" for v in mounts)  # the generated key lands on the shared volume
+    key = "an-operator-key-0123456789"
+    assert weak_key_reason(key) is None
+    given = compose_config(AUTOPRUNE_API_KEYS=key)["services"]["api"]["environment"]["AUTOPRUNE_API_KEYS"]
+    assert Settings(api_keys=given).api_keys == [key]

@@ -145,14 +145,14 @@ def test_workers_validation(tmp_path: Path) -> None:
         JobSpec(model="resnet20", strategy="random", workers=2).validate()
     sqlite = f"sqlite:///{tmp_path / 'a.db'}"
     pg = "postgresql://u@h/db"
-    with pytest.raises(InvalidConfigError, match="PostgreSQL or a strategy 'storage'"):
-        check_job_workers(2, {}, sqlite)
-    check_job_workers(1, {}, sqlite)
-    check_job_workers(2, {"storage": "sqlite:///study.db"}, sqlite)
-    check_job_workers(2, {}, pg)
-    assert shared_study_storage(pg, {}) == "postgresql+psycopg://u@h/db?options=-csearch_path%3Doptuna"
-    assert shared_study_storage(pg, {"storage": "sqlite:///s.db"}) == "sqlite:///s.db"
-    assert shared_study_storage(sqlite, {}) is None
+    with pytest.raises(InvalidConfigError, match="PostgreSQL or an AUTOPRUNE_STUDY_STORAGE"):
+        check_job_workers(2, sqlite)
+    check_job_workers(1, sqlite)
+    check_job_workers(2, sqlite, "sqlite:///study.db")  # the operator's setting
+    check_job_workers(2, pg)
+    assert shared_study_storage(pg) == "postgresql+psycopg://u@h/db?options=-csearch_path%3Doptuna"
+    assert shared_study_storage(pg, "sqlite:///s.db") == "sqlite:///s.db"
+    assert shared_study_storage(sqlite) is None
 
 
 def test_a_shared_job_on_sqlite_without_storage_fails_with_the_reason(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def start_worker(pg_url: str, data_dir: Path, log: Path, name: str) -> subproces
 def study_trials(pg_url: str, job_id: str) -> dict[str, list[Any]]:
     import optuna
 
-    study = optuna.load_study(study_name=f"autoprune-{job_id}", storage=shared_study_storage(pg_url, {}))
+    study = optuna.load_study(study_name=f"autoprune-{job_id}", storage=shared_study_storage(pg_url))
     trials: dict[str, list[Any]] = {}
     for t in study.get_trials(deepcopy=False):
         trials.setdefault(t.state.name, []).append(t)

@@ -229,6 +229,23 @@ def test_a_bad_job_fails_with_its_error(settings: Settings, repo: Repository) ->
     assert "Traceback" in failed.data["traceback"]
 
 
+def test_a_stored_job_naming_a_study_storage_fails_without_touching_it(
+    settings: Settings, repo: Repository, tmp_path: Path
+) -> None:
+    """A row written before the API refused ``strategy_options.storage`` (or by hand) never reaches Optuna."""
+    target = tmp_path / "planted.db"
+    job_id = submit(repo, strategy="optuna-tpe", strategy_options={"storage": f"sqlite:///{target}"})
+    worker = Worker(settings)
+    try:
+        assert worker.run_once()
+    finally:
+        worker.close()
+    row = repo.get_job(job_id)
+    assert row.state == "failed" and row.error is not None
+    assert "not accepted by the service" in row.error and "AUTOPRUNE_STUDY_STORAGE" in row.error
+    assert not target.exists()
+
+
 def test_cancel_mid_job_stops_within_one_evaluation(
     settings: Settings, repo: Repository, wait_for: Callable[..., None]
 ) -> None:
