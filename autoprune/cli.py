@@ -5,6 +5,7 @@ Every user error is printed as one line (``error: ...``) with exit status 2; not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -201,6 +202,23 @@ def prune(
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Batches for BatchNorm re-estimation (0: off).")] = 8,
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Fine-tuning steps after pruning.")] = 0,
     distill: Annotated[bool, typer.Option(help="Distil from the unpruned model while fine-tuning.")] = False,
+    finetune_epochs: Annotated[
+        float, typer.Option("--finetune-epochs", help="Fine-tune for this many epochs (instead of --finetune-steps).")
+    ] = 0.0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak fine-tuning learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="Fine-tuning optimizer: adamw or sgd.")] = "adamw",
+    lr_schedule: Annotated[
+        str, typer.Option("--lr-schedule", help="constant, cosine or onecycle (after --warmup-steps).")
+    ] = "constant",
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up steps.")] = 0,
+    early_stopping: Annotated[
+        int,
+        typer.Option(
+            "--early-stopping",
+            help="Stop after N validation checks (one per epoch) without a lower validation loss and restore "
+            "the best checkpoint (0: off).",
+        ),
+    ] = 0,
     train_epochs: Annotated[int, typer.Option("--train-epochs", help="Train the model first (no --weights).")] = 0,
     runtime: RuntimeOpt = "torch",
     threads: ThreadsOpt = 1,
@@ -220,12 +238,22 @@ def prune(
         _fail("give exactly one of --ratio or --plan")
     if ratio is not None and not 0.0 <= ratio <= MAX_RATIO:
         _fail(f"--ratio must be in [0, {MAX_RATIO}], got {ratio}")
+    recovery = RecoveryConfig(  # validated before the model loads
+        bn_recalibration_batches=bn_batches,
+        finetune_steps=finetune_steps,
+        finetune_epochs=finetune_epochs,
+        finetune_lr=lr,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+        early_stopping_patience=early_stopping,
+        distill=distill,
+    )
     net, ex, dataset, note = _load(model, _parse_kwargs(kw), weights, data, train_epochs)
     if dataset is None:
         _fail("--data is needed to evaluate quality")
     if note and not as_json:
         err_console.print(f"note: {note}", highlight=False)
-    recovery = RecoveryConfig(bn_recalibration_batches=bn_batches, finetune_steps=finetune_steps, distill=distill)
     objective = Objective(
         net,
         ex,
@@ -245,7 +273,11 @@ def prune(
         names = objective.group_names if method == "structured" else ("*",)
         the_plan = objective.plan({n: ratio for n in names})
     evaluation = objective(the_plan)
-    report: dict[str, Any] = {"baseline": objective.baseline.to_json(), "pruned": evaluation.to_json()}
+    report: dict[str, Any] = {
+        "baseline": objective.baseline.to_json(),
+        "pruned": evaluation.to_json(),
+        "recovery": dataclasses.asdict(recovery),
+    }
     if out is not None:
         from autoprune.export import export_model
 

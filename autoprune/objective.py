@@ -10,6 +10,7 @@ stage. Every strategy (RL, Optuna, baselines) evaluates candidates through this 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -243,6 +244,8 @@ class Objective:
         key = (recovery.batch_size, recovery.seed, recovery.bn_recalibration_batches)
         if key not in self._bn_batches:
             self._bn_batches[key] = recalibration_batches(self.dataset, recovery)
+        if self.method == "unstructured" and recovery.finetunes and not recovery.keep_sparsity:
+            recovery = dataclasses.replace(recovery, keep_sparsity=True)  # else fine-tuning refills the zeros
         recover(model, self.dataset, recovery, teacher=self.base, bn_batches=self._bn_batches[key])
 
     @staticmethod

@@ -1,7 +1,11 @@
-"""Cheap quality recovery after pruning: BatchNorm recalibration and a short (optionally distilled) fine-tune.
+"""Quality recovery after pruning: BatchNorm recalibration, then a real fine-tuning stage.
 
 :func:`recover` is the single entry point: it recalibrates BatchNorm statistics on a few training batches
-(adaptive BN), then fine-tunes for ``finetune_steps`` steps if asked. Same model, data and config give
+(adaptive BN), then fine-tunes if asked: for ``finetune_steps`` steps or ``finetune_epochs`` epochs (capped by
+``time_budget_s``), AdamW or SGD with Nesterov momentum, a constant, cosine or one-cycle learning rate after a
+linear warm-up, knowledge distillation from the unpruned model (logits, or outputs for non-classifiers;
+label-free data distils from inputs alone), and early stopping on the validation loss with the best checkpoint
+restored. Unstructured sparsity survives: with ``keep_sparsity`` the zeros of every weight stay zero. Same model, data and config give
 bit-identical weights: batches come from a generator seeded with ``config.seed`` and any other randomness
 (dropout) draws from a forked, seeded global RNG, so the caller's RNG state is left untouched.
 """
@@ -9,7 +13,8 @@ bit-identical weights: batches come from a generator seeded with ``config.seed``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +26,19 @@ from autoprune.cost import eval_mode
 from autoprune.data import Batch, Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError
 
-__all__ = ["RecoveryConfig", "finetune", "recalibrate_batchnorm", "recalibration_batches", "recover"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "FinetuneReport",
+    "RecoveryConfig",
+    "finetune",
+    "recalibrate_batchnorm",
+    "recalibration_batches",
+    "recover",
+]
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 @dataclass(frozen=True)
@@ -33,7 +50,29 @@ class RecoveryConfig:
     finetune_steps: int = 0
     """Optimizer steps of fine-tuning after recalibration; 0 disables fine-tuning."""
     finetune_lr: float = 1e-3
-    """AdamW learning rate for fine-tuning."""
+    """Peak learning rate for fine-tuning."""
+    finetune_epochs: float = 0.0
+    """Fine-tune for this many passes over the training split instead of ``finetune_steps`` (set one, not
+    both)."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd`` (Nesterov momentum :attr:`momentum`)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    lr_schedule: str = "constant"
+    """``constant``, ``cosine`` (decay to 0 after warm-up) or ``onecycle`` (warm-up to the peak over 30% of the
+    steps when ``warmup_steps`` is 0, then cosine decay)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``finetune_lr``."""
+    early_stopping_patience: int = 0
+    """Stop after this many validation checks without a lower validation loss and restore the best checkpoint;
+    0 disables (the last weights are kept)."""
+    eval_every: int = 0
+    """Steps between validation checks for early stopping; 0: once per epoch."""
+    time_budget_s: float | None = None
+    """Stop fine-tuning after this many seconds (wall clock: runs stop at different steps; None: no limit)."""
+    keep_sparsity: bool = False
+    """Keep every weight that is exactly zero when fine-tuning starts at zero (unstructured pruning: without it
+    the optimizer refills the pruned weights)."""
     batch_size: int = 64
     """Batch size for both recalibration and fine-tuning."""
     distill: bool = False
@@ -63,6 +102,63 @@ class RecoveryConfig:
             raise InvalidConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InvalidConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.finetune_epochs) and self.finetune_epochs >= 0):
+            raise InvalidConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if self.finetune_epochs > 0 and self.finetune_steps > 0:
+            raise InvalidConfigError("set finetune_steps or finetune_epochs, not both")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise InvalidConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise InvalidConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("warmup_steps", "early_stopping_patience", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise InvalidConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether this recipe trains at all."""
+        return self.finetune_steps > 0 or self.finetune_epochs > 0
+
+    def total_steps(self, num_train: int) -> int:
+        """Optimizer steps this recipe takes on a training split of ``num_train`` samples (before early
+        stopping or the time budget end it)."""
+        if self.finetune_epochs > 0:
+            per_epoch = max(1, num_train // min(self.batch_size, num_train))
+            return max(1, math.ceil(self.finetune_epochs * per_epoch))
+        return self.finetune_steps
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based) out of ``total``."""
+        warm = self.warmup_steps
+        if self.lr_schedule == "onecycle" and warm == 0:
+            warm = max(1, int(0.3 * total))
+        if step < warm:
+            return self.finetune_lr * (step + 1) / warm
+        if self.lr_schedule == "constant":
+            return self.finetune_lr
+        span = max(1, total - warm)
+        return self.finetune_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / span)))
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What one fine-tune did (``finetune(..., on_progress=...)`` also receives one per validation check)."""
+
+    steps: int
+    """Optimizer steps taken."""
+    total_steps: int
+    """Steps the recipe asked for."""
+    best_step: int | None
+    """Step of the restored checkpoint (early stopping), else None."""
+    best_val_loss: float | None
+    """Validation loss of that checkpoint (or of the last check), else None."""
+    stopped: str
+    """``done``, ``early_stopping``, ``time_budget`` or ``non_finite_loss``."""
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -113,18 +209,65 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
 
 
+def _loss(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    config: RecoveryConfig,
+    use_kd: bool,
+    alpha: float,
+) -> torch.Tensor:
+    device = model_device(model)
+    out = as_output_tensor(model(x.to(device)))
+    if not use_kd:
+        assert y is not None
+        return F.cross_entropy(out, y.to(device))
+    assert teacher is not None
+    with torch.no_grad():
+        t_out = as_output_tensor(teacher(x.to(model_device(teacher)))).to(device)
+    loss = alpha * _kd_loss(out, t_out, config.distill_temperature)
+    if y is not None and alpha < 1.0:
+        loss = loss + (1.0 - alpha) * F.cross_entropy(out, y.to(device))
+    return loss
+
+
+def _val_loss(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    dataset: Dataset,
+    config: RecoveryConfig,
+    use_kd: bool,
+    alpha: float,
+) -> float:
+    """Mean training loss on the validation split, in eval mode (the early-stopping signal)."""
+    total, n = 0.0, 0
+    with eval_mode(model), torch.no_grad():
+        for x, y in dataset.val_batches(max(config.batch_size, 256)):
+            total += float(_loss(model, teacher, x, y, config, use_kd, alpha)) * x.shape[0]
+            n += x.shape[0]
+    return total / max(n, 1)
+
+
 def finetune(
-    model: nn.Module, dataset: Dataset, config: RecoveryConfig, *, teacher: nn.Module | None = None
+    model: nn.Module,
+    dataset: Dataset,
+    config: RecoveryConfig,
+    *,
+    teacher: nn.Module | None = None,
+    on_progress: Callable[[FinetuneReport], None] | None = None,
 ) -> nn.Module:
-    """Fine-tune ``model`` in place for ``config.finetune_steps`` AdamW steps on shuffled training batches.
+    """Fine-tune ``model`` in place under ``config`` (steps or epochs, optimizer, LR schedule, warm-up,
+    distillation, early stopping on the validation loss, time budget, kept sparsity).
 
     Loss: cross-entropy on labels; with ``config.distill`` (needs ``teacher``) ``alpha * KD + (1 - alpha) *
-    CE``; on a label-free dataset pure distillation from ``teacher``. KD is the ``T**2``-scaled KL divergence
-    between softened teacher and student distributions (mean-squared error for outputs that are not
-    ``(B, K)``). Training stops early if the loss becomes non-finite. Returns ``model`` in eval mode; the
-    teacher's modes are restored.
+    CE``; on a label-free dataset pure distillation from ``teacher`` (inputs alone). KD is the ``T**2``-scaled
+    KL divergence between softened teacher and student distributions (mean-squared error for outputs that are
+    not ``(B, K)``). Training stops early if the loss becomes non-finite. ``on_progress`` receives a
+    :class:`FinetuneReport` at every validation check and once at the end. Returns ``model`` in eval mode; the
+    teacher's modes are restored. Without a time budget, the same inputs give identical weights.
     """
-    if config.finetune_steps == 0:
+    if not config.finetunes:
         return model.eval()
     labelled = dataset.has_labels
     if not labelled and teacher is None:
@@ -138,15 +281,33 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return model.eval()
-    device = model_device(model)
+    total = config.total_steps(dataset.num_train)
+    bs = min(config.batch_size, dataset.num_train)
+    eval_every = config.eval_every or max(1, dataset.num_train // bs)
     teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
-    optimizer = torch.optim.AdamW(params, lr=config.finetune_lr, weight_decay=config.weight_decay)
-    batches = dataset.train_batches(
-        config.batch_size,
-        seed=config.seed,
-        max_batches=config.finetune_steps,
-        drop_last=dataset.num_train > config.batch_size,
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params,
+            lr=config.lr_at(0, total),
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr_at(0, total), weight_decay=config.weight_decay)
+    masks = (
+        [(p, p.detach() != 0) for p in params if p.dim() > 1 and bool((p.detach() == 0).any())]
+        if config.keep_sparsity
+        else []
     )
+    batches = dataset.train_batches(
+        config.batch_size, seed=config.seed, max_batches=total, drop_last=dataset.num_train > config.batch_size
+    )
+    started = time.monotonic()
+    step, stopped = 0, "done"
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    checks_since_best = 0
+    last_val: float | None = None
     # fork every CUDA generator too (torch.manual_seed seeds them all); none on a CPU-only machine
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
@@ -156,27 +317,52 @@ def finetune(
                 teacher.eval()
             model.train()
             for x, y in batches:
-                x = x.to(device)
-                out = as_output_tensor(model(x))
-                if use_kd:
-                    assert teacher is not None
-                    with torch.no_grad():
-                        t_out = as_output_tensor(teacher(x.to(model_device(teacher)))).to(device)
-                    loss = alpha * _kd_loss(out, t_out, config.distill_temperature)
-                    if labelled and alpha < 1.0:
-                        assert y is not None
-                        loss = loss + (1.0 - alpha) * F.cross_entropy(out, y.to(device))
-                else:
-                    assert y is not None
-                    loss = F.cross_entropy(out, y.to(device))
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr_at(step, total)
+                loss = _loss(model, teacher, x, y, config, use_kd, alpha)
                 if not bool(torch.isfinite(loss)):
+                    stopped = "non_finite_loss"
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                step += 1
+                if masks:
+                    with torch.no_grad():
+                        for p, keep in masks:
+                            p.mul_(keep)
+                if config.early_stopping_patience > 0 and (step % eval_every == 0 or step == total):
+                    last_val = _val_loss(model, teacher, dataset, config, use_kd, alpha)
+                    if best is None or last_val < best[0]:
+                        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        best, checks_since_best = (last_val, step, state), 0
+                    else:
+                        checks_since_best += 1
+                    if on_progress is not None:
+                        on_progress(FinetuneReport(step, total, best[1], best[0], "running"))
+                    if checks_since_best >= config.early_stopping_patience:
+                        stopped = "early_stopping"
+                        break
+                elif on_progress is not None and step % eval_every == 0:
+                    on_progress(FinetuneReport(step, total, None, None, "running"))
+                if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+                    stopped = "time_budget"
+                    break
     finally:
         for m, mode in teacher_modes.items():
             m.training = mode
+    if best is not None:
+        model.load_state_dict(best[2])
+    if on_progress is not None:
+        on_progress(
+            FinetuneReport(
+                step,
+                total,
+                None if best is None else best[1],
+                last_val if best is None else best[0],
+                stopped,
+            )
+        )
     return model.eval()
 
 
@@ -202,9 +388,10 @@ def recover(
     *,
     teacher: nn.Module | None = None,
     bn_batches: Sequence[Batch] | None = None,
+    on_progress: Callable[[FinetuneReport], None] | None = None,
 ) -> nn.Module:
     """Recover a pruned model in place: BatchNorm recalibration on ``config.bn_recalibration_batches``
-    training batches, then ``config.finetune_steps`` steps of fine-tuning (see :func:`finetune`).
+    training batches, then fine-tuning when the recipe asks for it (see :func:`finetune`).
     Deterministic: the same inputs and seed give identical weights. Returns ``model`` in eval mode.
 
     ``bn_batches``: the recalibration batches, if already drawn with :func:`recalibration_batches` for this
@@ -212,6 +399,6 @@ def recover(
     config = config or RecoveryConfig()
     if config.bn_recalibration_batches > 0:
         recalibrate_batchnorm(model, recalibration_batches(dataset, config) if bn_batches is None else bn_batches)
-    if config.finetune_steps > 0:
-        return finetune(model, dataset, config, teacher=teacher)
+    if config.finetunes:
+        return finetune(model, dataset, config, teacher=teacher, on_progress=on_progress)
     return model.eval()

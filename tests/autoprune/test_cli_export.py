@@ -59,6 +59,9 @@ def test_prune_reports_and_exports_a_verified_model(tmp_path: Path) -> None:
         (("prune", "--model", "cnn1d", "--data", "nope", "--ratio", "0.5"), "nope"),
         (("prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "1.5"), "ratio"),
         (("prune", "--model", "cnn1d", "--data", "mnist1d"), "--ratio or --plan"),
+        (("prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "0.5", "--optimizer", "lion"), "adamw, sgd"),
+        (("prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "0.5", "--lr-schedule", "step"), "cosine"),
+        (("prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "0.5", "--finetune-epochs", "-1"), "epochs"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], needle: str) -> None:
@@ -68,6 +71,24 @@ def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], needle: str) ->
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_prune_fine_tunes_with_the_recipe_and_keeps_unstructured_zeros(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"ratios": {"*": 0.5}, "method": "unstructured"}))
+    result = cli(
+        "prune", "--model", "cnn1d", "--data", "mnist1d", "--plan", str(plan), "--method", "unstructured",
+        "--finetune-epochs", "0.5", "--optimizer", "sgd", "--lr", "0.01", "--lr-schedule", "cosine",
+        "--warmup-steps", "5", "--early-stopping", "2", "--json", *FAST_LATENCY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    recipe = report["recovery"]
+    assert recipe["optimizer"] == "sgd" and recipe["lr_schedule"] == "cosine" and recipe["finetune_epochs"] == 0.5
+    pruned = report["pruned"]
+    assert pruned["timings"]["recover"] > 0
+    # fine-tuning would refill the pruned weights; the zeros survive it
+    assert pruned["nonzero_params"] <= 0.55 * pruned["params"]
 
 
 def test_plan_naming_missing_group_is_refused(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +146,118 @@ def test_recover_with_defaults_only_recalibrates(trained: nn.Sequential, digits:
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in weights.items())  # no training happened
     assert not torch.equal(state["1.running_mean"], trained.state_dict()["1.running_mean"])
+
+
+# -- the fine-tuning stage: schedules, optimizers, epochs, early stopping, kept sparsity -------------------------
+def test_recipe_validation_names_the_field() -> None:
+    cases = [
+        ({"finetune_steps": 10, "finetune_epochs": 1.0}, "not both"),
+        ({"optimizer": "lion"}, "optimizer"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"early_stopping_patience": True}, "early_stopping_patience"),
+        ({"finetune_epochs": -0.5}, "finetune_epochs"),
+        ({"time_budget_s": 0}, "time_budget_s"),
+    ]
+    for bad, word in cases:
+        with pytest.raises(InvalidConfigError, match=word):
+            RecoveryConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_learning_rate_schedules() -> None:
+    const = RecoveryConfig(finetune_steps=100, finetune_lr=0.1, warmup_steps=10)
+    assert const.lr_at(0, 100) == pytest.approx(0.01) and const.lr_at(9, 100) == pytest.approx(0.1)
+    assert const.lr_at(99, 100) == pytest.approx(0.1)
+    cos = dataclasses.replace(const, lr_schedule="cosine")
+    assert cos.lr_at(10, 100) == pytest.approx(0.1)  # the peak right after warm-up
+    assert cos.lr_at(55, 100) == pytest.approx(0.05)  # half-way through the decay
+    assert cos.lr_at(100, 100) == pytest.approx(0.0, abs=1e-9)
+    lrs = [cos.lr_at(s, 100) for s in range(10, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))  # monotone decay
+    one = RecoveryConfig(finetune_steps=100, finetune_lr=0.1, lr_schedule="onecycle")
+    assert one.lr_at(0, 100) < 0.01 and one.lr_at(29, 100) == pytest.approx(0.1)  # 30% warm-up by default
+    assert one.lr_at(99, 100) < 0.001
+
+
+def test_epochs_set_the_step_count(digits: Dataset) -> None:
+    cfg = RecoveryConfig(finetune_epochs=2.0, batch_size=64)
+    per_epoch = digits.num_train // 64
+    assert cfg.finetunes and cfg.total_steps(digits.num_train) == 2 * per_epoch
+    seen: list[Any] = []
+    finetune(_conv_bn(seed=3), digits, cfg, on_progress=seen.append)
+    assert seen[-1].steps == 2 * per_epoch == seen[-1].total_steps and seen[-1].stopped == "done"
+    assert [r.steps for r in seen[:-1]] == [per_epoch, 2 * per_epoch]  # progress once per epoch
+
+
+def test_sgd_with_cosine_warmup_trains(digits: Dataset) -> None:
+    model = _conv_bn(seed=1)
+    before = _train_loss(model, digits)
+    cfg = RecoveryConfig(
+        finetune_steps=40, optimizer="sgd", finetune_lr=0.05, lr_schedule="cosine", warmup_steps=5, weight_decay=5e-4
+    )
+    finetune(model, digits, cfg)
+    assert _train_loss(model, digits) < 0.5 * before
+
+
+def _val_loss(model: nn.Module, ds: Dataset) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(ds.x_val), ds.y_val))  # type: ignore[arg-type]
+
+
+def test_early_stopping_restores_the_best_checkpoint(digits: Dataset) -> None:
+    """A learning rate far too high makes the validation loss climb after its first checks: training stops
+    after ``patience`` checks without improvement and the best weights come back."""
+    seen: list[Any] = []
+    cfg = RecoveryConfig(
+        finetune_steps=400, finetune_lr=5e-3, eval_every=5, early_stopping_patience=3, batch_size=16, seed=1
+    )
+    small = digits.subset(64, 200, seed=0)  # few training samples: it overfits quickly
+    model = _conv_bn(seed=4)
+    finetune(model, small, cfg, on_progress=seen.append)
+    end = seen[-1]
+    assert end.stopped == "early_stopping" and end.steps < 400
+    assert end.best_step is not None and end.best_step <= end.steps - 3 * 5
+    checks = [r.best_val_loss for r in seen[:-1]]
+    assert end.best_val_loss == min(c for c in checks if c is not None)
+    assert _val_loss(model, small) == pytest.approx(end.best_val_loss, rel=1e-4)  # the best weights, restored
+
+
+def test_time_budget_stops_training(digits: Dataset) -> None:
+    seen: list[Any] = []
+    finetune(_conv_bn(), digits, RecoveryConfig(finetune_steps=10**6, time_budget_s=0.3), on_progress=seen.append)
+    assert seen[-1].stopped == "time_budget" and 0 < seen[-1].steps < 10**6
+
+
+def test_kept_sparsity_survives_finetuning(trained: nn.Sequential, digits: Dataset) -> None:
+    model = copy.deepcopy(trained)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p[torch.rand_like(p) < 0.5] = 0.0
+    zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() > 1}
+    refilled = copy.deepcopy(model)
+    finetune(model, digits, RecoveryConfig(finetune_steps=20, keep_sparsity=True))
+    finetune(refilled, digits, RecoveryConfig(finetune_steps=20))
+    for name, p in model.named_parameters():
+        if name in zeros:
+            assert bool((p[zeros[name]] == 0).all()), name
+    assert any(bool((p[zeros[n]] != 0).any()) for n, p in refilled.named_parameters() if n in zeros)
+
+
+def test_unstructured_plans_stay_sparse_after_the_objectives_finetune(trained: nn.Sequential, digits: Dataset) -> None:
+    from autoprune.objective import Objective
+
+    obj = Objective(
+        copy.deepcopy(trained),
+        digits.x_val[:1],
+        digits,
+        metric="accuracy",
+        method="unstructured",
+        recovery=RecoveryConfig(finetune_steps=30),
+    )
+    model = obj.materialize(obj.plan({"*": 0.5}))
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]  # the classifier head is kept dense
+    zeros = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
+    assert zeros >= 0.49
