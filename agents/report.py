@@ -416,6 +416,7 @@ def _row(e: Evaluation, best: Evaluation) -> str:
         e.stage if not _is_baseline(e) else "baseline",
         _fmt(e.quality, ".4f"),
         _fmt(100 * e.quality_drop, ".2f"),
+        "—" if e.test_quality is None else f"{e.test_quality:.4f} ({_fmt(100 * (e.test_quality_drop or 0.0), '.2f')}%)",
         _fmt(e.latency_ms, ".4g"),
         _fmt(e.speedup, ".2f"),
         _human_count(e.macs),
@@ -512,10 +513,19 @@ def _report(
         "",
         "## Pareto front",
         "",
-        "Non-dominated in (quality, latency, size), sorted by latency.",
+        "Non-dominated in (quality, latency, size), sorted by latency. The search scored candidates on the "
+        "validation split; fine-tuned points are also scored on the held-out test split, which no choice was "
+        "made on"
+        + (
+            f" (unpruned model: {base_test:.4f})."
+            if (base_test := next((e.base_test_quality for e in front if e.base_test_quality is not None), None))
+            is not None
+            else "."
+        ),
         "",
-        f"| point | stage | {base.metric} | quality drop % | latency {unit} | speed-up x | MACs | params | size |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| point | stage | {base.metric} (val) | quality drop % | test (drop %) | latency {unit} | speed-up x | MACs "
+        "| params | size |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(_row(e, best) for e in front),
         "",
         "## Best point",
@@ -534,6 +544,12 @@ def _report(
             f"({100 * best.quality_drop:.2f}% drop), {_fmt(best.latency_ms, '.4g')} {unit}, "
             f"{_fmt(best.speedup, '.2f')}x faster, reward {best.reward:.4f}, "
             f"{_human_count(best.params)} params ({100 * best.params / max(base.params, 1):.0f}% of unpruned)."
+            + (
+                ""
+                if best.test_quality is None
+                else f" On the held-out test split: {best.test_quality:.4f} against the unpruned model's "
+                f"{_fmt(best.base_test_quality, '.4f')} ({100 * (best.test_quality_drop or 0.0):.2f}% drop)."
+            )
         )
         ratios = best.plan.as_dict()
         if ratios:

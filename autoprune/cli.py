@@ -272,7 +272,7 @@ def prune(
         assert ratio is not None
         names = objective.group_names if method == "structured" else ("*",)
         the_plan = objective.plan({n: ratio for n in names})
-    evaluation = objective(the_plan)
+    evaluation = objective.evaluate(the_plan, test=True)  # the delivered model: its held-out test figure too
     report: dict[str, Any] = {
         "baseline": objective.baseline.to_json(),
         "pruned": evaluation.to_json(),
@@ -309,12 +309,15 @@ def _print_comparison(base: Any, ev: Any) -> None:
     table = Table(
         title=f"{ev.metric} / measured latency ({ev.latency.protocol.runtime}, {ev.latency.protocol.threads} thread, batch {ev.latency.protocol.batch_size})"
     )
-    for col in ("", "quality", "latency (median)", "spread (IQR)", "speed-up", "MACs", "params", "size"):
+    tested = ev.test_quality is not None
+    columns = ["", "quality (val)", *(["quality (test)"] if tested else []), "latency (median)", "spread (IQR)"]
+    for col in (*columns, "speed-up", "MACs", "params", "size"):
         table.add_column(col)
-    for label, e in (("unpruned", base), ("pruned", ev)):
+    for label, e, test in (("unpruned", base, ev.base_test_quality), ("pruned", ev, ev.test_quality)):
         table.add_row(
             label,
             f"{e.quality:.4f}",
+            *([f"{test:.4f}"] if tested else []),
             _fmt_ms(e.latency.median_ms),
             f"{100 * e.latency.spread:.1f}%",
             f"{e.speedup:.2f}x",
@@ -535,14 +538,24 @@ def _print_front(result: Any, select: str, max_quality_drop: float, max_latency_
     table = Table(
         title=f"Pareto front ({len(result.evaluations)} evaluations, {result.strategy}, stop: {result.stop_reason})"
     )
-    for col in ("#", "stage", "quality", "drop", "latency", "speed-up", "MACs", "params", ""):
+    front = result.front()
+    tested = any(e.test_quality is not None for e in front)
+    base_test = next((e.base_test_quality for e in front if e.base_test_quality is not None), None)
+    columns = ("#", "stage", "quality (val)", "drop", *(("test", "test drop") if tested else ()))
+    for col in (*columns, "latency", "speed-up", "MACs", "params", ""):
         table.add_column(col)
-    for e in result.front():
+    for e in front:
+        test_cells: tuple[str, ...] = ()
+        if tested:
+            test_q = base_test if e.index == 0 else e.test_quality
+            drop = 0.0 if e.index == 0 else e.test_quality_drop
+            test_cells = ("—" if test_q is None else f"{test_q:.4f}", "—" if drop is None else f"{100 * drop:.1f}%")
         table.add_row(
             str(e.index),
             "unpruned" if e.index == 0 else e.stage,
             f"{e.quality:.4f}",
             f"{100 * e.quality_drop:.1f}%",
+            *test_cells,
             f"{e.latency_ms:.3f} ms",
             f"{e.speedup:.2f}x",
             f"{e.macs:,}",
@@ -550,6 +563,11 @@ def _print_front(result: Any, select: str, max_quality_drop: float, max_latency_
             "best" if e is best else "",
         )
     console.print(table)
+    if tested:
+        console.print(
+            "quality (val) scored the search; test is the held-out split no choice was made on (fine-tuned points)",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -19,6 +19,7 @@ boolean inputs are cast to float32 as they are (no rescaling); labels must be in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -91,7 +92,11 @@ def _as_y(value: Any, field: str, n: int) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """A train/validation pair of tensors, optionally labelled.
+    """Train, validation and (optionally) test tensors, optionally labelled.
+
+    The search scores candidates on the **validation** split; the **test** split is held out for the final
+    figures of delivered models (fine-tuned points, ``autoprune prune``), which are reported beside their
+    validation figure. Loaders carve the test split from the held-out data with a seed when the source has none.
 
     Construction validates and normalises the fields (inputs become contiguous float32, labels int64), so a
     ``Dataset`` built by hand from tensors or numpy arrays obeys the same rules as a loaded one. Equality and
@@ -111,6 +116,11 @@ class Dataset:
     num_classes: int | None = None
     """Number of classes; inferred as ``max(label) + 1`` when left ``None`` on labelled data; ``None`` when
     label-free."""
+    x_test: torch.Tensor | None = None
+    """Held-out test inputs ``(N_test, *input_shape)``, never used by the search or by fine-tuning; ``None``
+    when the dataset has no test split (final figures are then validation figures and say so)."""
+    y_test: torch.Tensor | None = None
+    """Test labels (given exactly when the other splits have labels and ``x_test`` is set)."""
 
     def __post_init__(self) -> None:
         x_train = _as_x(self.x_train, "x_train")
@@ -129,13 +139,35 @@ class Dataset:
             raise DatasetError("labels must be given for both splits or for neither (y_train and y_val)")
         object.__setattr__(self, "x_train", x_train)
         object.__setattr__(self, "x_val", x_val)
+        x_test = None if self.x_test is None else _as_x(self.x_test, "x_test")
+        if x_test is not None:
+            if x_test.shape[1:] != x_train.shape[1:]:
+                raise DatasetError(
+                    f"x_test has samples of shape {tuple(x_test.shape[1:])} but x_train has "
+                    f"{tuple(x_train.shape[1:])}; every split must have the same sample shape"
+                )
+            if x_test.shape[0] < _MIN_PER_SPLIT:
+                raise DatasetError(
+                    f"the test split has {x_test.shape[0]} sample(s); at least {_MIN_PER_SPLIT} are needed"
+                )
+            object.__setattr__(self, "x_test", x_test)
+        elif self.y_test is not None:
+            raise DatasetError("y_test is given without x_test")
         if self.y_train is None or self.y_val is None:
             if self.num_classes is not None:
                 raise DatasetError("num_classes is set but the dataset has no labels")
+            if self.y_test is not None:
+                raise DatasetError("y_test is given but the train and val splits have no labels")
             return
         y_train = _as_y(self.y_train, "y_train", x_train.shape[0])
         y_val = _as_y(self.y_val, "y_val", x_val.shape[0])
-        top = max(int(y_train.max()), int(y_val.max())) + 1
+        y_test = None
+        if x_test is not None:
+            if self.y_test is None:
+                raise DatasetError("the train and val splits have labels but the test split has none (y_test)")
+            y_test = _as_y(self.y_test, "y_test", x_test.shape[0])
+            object.__setattr__(self, "y_test", y_test)
+        top = max(int(y_train.max()), int(y_val.max()), -1 if y_test is None else int(y_test.max())) + 1
         num_classes = top if self.num_classes is None else int(self.num_classes)
         if num_classes < top:
             raise DatasetError(f"num_classes is {num_classes} but the labels go up to {top - 1}")
@@ -147,7 +179,7 @@ class Dataset:
         labels = f"{self.num_classes} classes" if self.has_labels else "label-free"
         return (
             f"Dataset(name={self.name!r}, input_shape={self.input_shape}, train={self.num_train}, "
-            f"val={self.num_val}, {labels})"
+            f"val={self.num_val}, test={self.num_test}, {labels})"
         )
 
     @property
@@ -169,6 +201,44 @@ class Dataset:
     def num_val(self) -> int:
         """Number of validation samples."""
         return int(self.x_val.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        """Number of held-out test samples (0 without a test split)."""
+        return 0 if self.x_test is None else int(self.x_test.shape[0])
+
+    @property
+    def has_test(self) -> bool:
+        """Whether a held-out test split exists."""
+        return self.x_test is not None
+
+    def test_view(self) -> Dataset:
+        """This dataset with the test split in the validation role (what quality metrics read), so the final
+        figures of a delivered model are computed by the same metric on data the search never saw.
+        Raises :class:`DatasetError` without a test split."""
+        if self.x_test is None:
+            raise DatasetError(f"dataset {self.name!r} has no test split")
+        return Dataset(
+            name=f"{self.name}[test]",
+            x_train=self.x_train,
+            y_train=self.y_train,
+            x_val=self.x_test,
+            y_val=self.y_test,
+            num_classes=self.num_classes,
+        )
+
+    def with_test_split(self, fraction: float = 0.5, *, seed: int = 0) -> Dataset:
+        """Hold out ``fraction`` of the validation split (seeded) as the test split, when there is none yet.
+
+        Returns ``self`` when a test split exists or the validation split is too small to share (fewer than
+        ``2 * 2`` samples).
+        """
+        if not 0.0 < fraction < 1.0:
+            raise InvalidConfigError(f"test_fraction must be in (0, 1), got {fraction}")
+        if self.x_test is not None or self.num_val < 2 * _MIN_PER_SPLIT:
+            return self
+        (x_va, y_va), (x_te, y_te) = _split(self.x_val, self.y_val, fraction, seed)
+        return Dataset(self.name, self.x_train, self.y_train, x_va, y_va, self.num_classes, x_te, y_te)
 
     def train_batches(
         self, batch_size: int, *, seed: int, max_batches: int | None = None, drop_last: bool = False
@@ -230,6 +300,8 @@ class Dataset:
             x_val=self.x_val[va],
             y_val=None if self.y_val is None else self.y_val[va],
             num_classes=self.num_classes,
+            x_test=self.x_test,
+            y_test=self.y_test,
         )
 
 
@@ -321,20 +393,28 @@ def _tensor_from_array(key: str, arr: Any) -> torch.Tensor:
 
 def _dataset_from_arrays(arrays: Mapping[str, Any], name: str, val_fraction: float, seed: int) -> Dataset:
     keys = set(arrays)
-    known = {"x", "y", "x_train", "y_train", "x_val", "y_val"}
-    layouts = "x_train,y_train,x_val,y_val | x,y | x | x_train,x_val | x_train"
+    known = {"x", "y", "x_train", "y_train", "x_val", "y_val", "x_test", "y_test"}
+    layouts = "x_train,y_train,x_val,y_val[,x_test,y_test] | x,y | x | x_train,x_val[,x_test] | x_train"
     if not keys & known:
         raise DatasetError(f"no known arrays in {name!r} (found {sorted(keys)}); expected one of: {layouts}")
-    if keys & {"x", "y"} and keys & {"x_train", "y_train", "x_val", "y_val"}:
+    if keys & {"x", "y"} and keys & {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test"}:
         raise DatasetError(f"{name!r} mixes 'x'/'y' with split arrays (found {sorted(keys & known)})")
     t = {k: _tensor_from_array(k, arrays[k]) for k in keys & known}
+    if ("x_test" in t or "y_test" in t) and "x_val" not in t:
+        raise DatasetError(f"{name!r} has a test split but no 'x_val'; give x_train, x_val and x_test")
+    if "y_test" in t and "x_test" not in t:
+        raise DatasetError(f"{name!r} has 'y_test' without 'x_test'")
     if "x_train" in t or "y_train" in t or "x_val" in t or "y_val" in t:
         if "x_train" not in t:
             raise DatasetError(f"{name!r} has split arrays but no 'x_train' (found {sorted(t)})")
         if "x_val" in t:
             if ("y_train" in t) != ("y_val" in t):
                 raise DatasetError(f"{name!r} has labels for one split only; give both y_train and y_val or neither")
-            return Dataset(name, t["x_train"], t.get("y_train"), t["x_val"], t.get("y_val"))
+            if "x_test" in t and ("y_test" in t) != ("y_val" in t):
+                raise DatasetError(f"{name!r} labels some splits only; give y_test with y_train and y_val, or none")
+            return Dataset(
+                name, t["x_train"], t.get("y_train"), t["x_val"], t.get("y_val"), None, t.get("x_test"), t.get("y_test")
+            )
         if "y_val" in t:
             raise DatasetError(f"{name!r} has 'y_val' without 'x_val'")
         x, y = t["x_train"], t.get("y_train")
@@ -397,6 +477,7 @@ def load_dataset(
     seed: int = 0,
     format: str | None = None,
     name: str | None = None,
+    test_fraction: float | None = 0.5,
 ) -> Dataset:
     """Load a built-in dataset by name, or arrays from a ``.npz`` / ``.safetensors`` file.
 
@@ -407,11 +488,30 @@ def load_dataset(
     for label-free data. Other arrays in the file are ignored. ``name`` overrides the dataset's name. A
     string equal to a built-in name always means the built-in, even if a file of that name exists.
 
+    The held-out test split: a file's ``x_test`` (+ ``y_test``) when given; otherwise ``test_fraction`` of
+    the validation split is held out with ``seed`` (half by default: digits gives 1438 train / 179 val /
+    180 test, MNIST-1D 4000 / 500 / 500); ``test_fraction=None`` keeps the validation split whole and no
+    test split. A :class:`Dataset` passed in is returned unchanged.
+
     Raises :class:`DatasetError` for unknown names or invalid contents and :class:`CorruptFileError` for
     unreadable files.
     """
     if isinstance(spec, Dataset):
         return spec
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+        raise InvalidConfigError(f"test_fraction must be in (0, 1) or None, got {test_fraction}")
+    ds = _load(spec, val_fraction=val_fraction, seed=seed, format=format, name=name)
+    return ds if test_fraction is None else ds.with_test_split(test_fraction, seed=seed)
+
+
+def _load(
+    spec: str | os.PathLike[str] | BinaryIO | bytes,
+    *,
+    val_fraction: float,
+    seed: int,
+    format: str | None,
+    name: str | None,
+) -> Dataset:
     if not 0.0 < val_fraction < 1.0:
         raise InvalidConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if format is not None and format.lower().lstrip(".") not in _FORMATS:
@@ -432,7 +532,7 @@ def load_dataset(
     text = os.fspath(spec)
     if isinstance(spec, str) and text.strip().lower() in _BUILTINS:
         ds = _load_builtin(text.strip().lower(), val_fraction, seed)
-        return ds if name is None else Dataset(name, ds.x_train, ds.y_train, ds.x_val, ds.y_val, ds.num_classes)
+        return ds if name is None else dataclasses.replace(ds, name=name)
     path = Path(text)
     if not path.is_file():
         raise DatasetError(
@@ -444,7 +544,13 @@ def load_dataset(
 
 
 def load_dataset_bytes(
-    data: bytes, filename: str, *, val_fraction: float = 0.2, seed: int = 0, name: str | None = None
+    data: bytes,
+    filename: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    name: str | None = None,
+    test_fraction: float | None = 0.5,
 ) -> Dataset:
     """Load an uploaded ``.npz`` / ``.safetensors`` file from memory; the format comes from ``filename``."""
     return load_dataset(
@@ -453,6 +559,7 @@ def load_dataset_bytes(
         seed=seed,
         format=_format_of(filename),
         name=name or Path(filename).stem or "uploaded",
+        test_fraction=test_fraction,
     )
 
 

@@ -61,6 +61,11 @@ class Evaluation:
     stage: str = "search"
     """``search`` for candidates as evaluated in the loop, ``finetuned`` after the final fine-tuning stage."""
     extra: dict[str, Any] = field(default_factory=dict)
+    test_quality: float | None = None
+    """Quality on the held-out test split, measured for delivered models only (fine-tuned points, ``prune``);
+    ``None`` for search candidates and when the dataset has no test split."""
+    base_test_quality: float | None = None
+    """The unpruned model's quality on the same test split (set with ``test_quality``)."""
 
     # -- derived ------------------------------------------------------------------------------------------
     @property
@@ -89,6 +94,13 @@ class Evaluation:
         """Relative quality loss versus the unpruned model (0.01 = 1% worse)."""
         return (self.base_quality - self.quality) / abs(self.base_quality) if self.base_quality else 0.0
 
+    @property
+    def test_quality_drop(self) -> float | None:
+        """Relative quality loss on the held-out test split, when it was measured."""
+        if self.test_quality is None or not self.base_test_quality:
+            return None
+        return (self.base_test_quality - self.test_quality) / abs(self.base_test_quality)
+
     # -- JSON ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -100,6 +112,7 @@ class Evaluation:
             "speedup": self.speedup,
             "storage_bytes": self.storage_bytes,
             "quality_drop": self.quality_drop,
+            "test_quality_drop": self.test_quality_drop,
         }
         return data
 
@@ -144,9 +157,15 @@ class Objective:
         self.metric = self._metric(metric)
         if dataset is None and not isinstance(self.metric, CallableMetric):
             raise InvalidConfigError("without a dataset, pass metric=<a function model -> float> to evaluate")
+        if dataset is None and recovery is not None and recovery.finetunes:
+            raise InvalidConfigError(
+                "fine-tuning needs data: without a dataset the objective only evaluates (no recovery, no fine-tune)"
+            )
         self.recovery = recovery if recovery is not None else RecoveryConfig()
         if dataset is None:
             self.recovery = RecoveryConfig(bn_recalibration_batches=0, finetune_steps=0)
+        self._test_set = dataset.test_view() if dataset is not None and dataset.has_test else None
+        self._base_test_quality: float | None = None
         if isinstance(latency, LatencyConfig) or latency is None:
             self.meter: LatencyMeter = CachedMeter(Meter(latency or LatencyConfig()))
         else:
@@ -263,8 +282,27 @@ class Objective:
             self._macs_by_shape[key] = count_macs(model, self.example_inputs)[0]
         return self._macs_by_shape[key]
 
-    def _quality(self, model: nn.Module) -> float:
-        return float(self.metric(model, self.dataset, reference=self.base, batch_size=self.eval_batch_size))  # type: ignore[arg-type]
+    def _quality(self, model: nn.Module, dataset: Dataset | None = None) -> float:
+        data = self.dataset if dataset is None else dataset
+        return float(self.metric(model, data, reference=self.base, batch_size=self.eval_batch_size))  # type: ignore[arg-type]
+
+    @property
+    def has_test(self) -> bool:
+        """Whether delivered models get a figure on a held-out test split."""
+        return self._test_set is not None
+
+    @property
+    def base_test_quality(self) -> float | None:
+        """The unpruned model's quality on the test split (``None`` without one); computed once."""
+        if self._test_set is None:
+            return None
+        if self._base_test_quality is None:
+            self._base_test_quality = self._quality(self.base, self._test_set)
+        return self._base_test_quality
+
+    def test_quality(self, model: nn.Module) -> float | None:
+        """``model``'s quality on the held-out test split (``None`` without one). Never used to choose."""
+        return None if self._test_set is None else self._quality(model, self._test_set)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Objective:
         # A live handle: its traced Torch-Pruning graph holds autograd nodes and cannot be deep-copied.
@@ -283,8 +321,13 @@ class Objective:
         stage: str = "search",
         keep_model: bool = False,
         remeasure: bool = False,
+        test: bool | None = None,
     ) -> Evaluation:
         """Prune, recover, evaluate and measure ``plan``.
+
+        ``test`` adds the held-out test figure (``test_quality``); by default delivered stages get it
+        (``stage != "search"``) and search candidates do not, so nothing is ever chosen on the test split.
+        A recovery recipe that fine-tunes is refused without a dataset (:class:`InvalidConfigError`).
 
         ``remeasure=True`` times the model again even when its pruned shape is in the latency cache (the
         new figure replaces the cached one).
@@ -296,6 +339,8 @@ class Objective:
         if not isinstance(plan, Plan):
             plan = self.plan(plan)
         recovery = recovery or self.recovery
+        if self.dataset is None and recovery.finetunes:
+            raise InvalidConfigError("cannot fine-tune without data: this objective was built without a dataset")
         timings: dict[str, float] = {}
         start = time.perf_counter()
         model = self.prune(plan)
@@ -308,14 +353,25 @@ class Objective:
         evaluation = self._evaluate_model(
             model, plan, timings, index=self._count, stage=stage, start=start, remeasure=remeasure
         )
+        if test if test is not None else stage != "search":
+            evaluation = self.with_test(evaluation, model)
         if keep_model:
             self._kept[self._kept_key(plan, recovery)] = model
         return evaluation
 
-    def evaluate_model(self, model: nn.Module, plan: Plan, *, stage: str) -> Evaluation:
+    def evaluate_model(self, model: nn.Module, plan: Plan, *, stage: str, test: bool | None = None) -> Evaluation:
         """Evaluate an already pruned model (e.g. after a longer fine-tune) as ``plan``."""
         self._count += 1
-        return self._evaluate_model(model, plan, {}, index=self._count, stage=stage)
+        evaluation = self._evaluate_model(model, plan, {}, index=self._count, stage=stage)
+        return self.with_test(evaluation, model) if (test if test is not None else stage != "search") else evaluation
+
+    def with_test(self, evaluation: Evaluation, model: nn.Module) -> Evaluation:
+        """``evaluation`` with its held-out test figures filled in (unchanged without a test split)."""
+        if self._test_set is None:
+            return evaluation
+        return dataclasses.replace(
+            evaluation, test_quality=self.test_quality(model), base_test_quality=self.base_test_quality
+        )
 
     def _evaluate_model(
         self,

@@ -181,7 +181,10 @@ class JobPage(BaseModel):
 class EvaluationOut(BaseModel):
     index: int
     stage: str
-    quality: float
+    quality: float = Field(description="Quality on the validation split (what the search scored).")
+    test_quality: float | None = Field(
+        None, description="Quality on the held-out test split: fine-tuned (delivered) points only, else null."
+    )
     latency_ms: float
     latency_ratio: float
     macs: int
@@ -199,6 +202,7 @@ class EvaluationOut(BaseModel):
             index=row.index,
             stage=row.stage,
             quality=row.quality,
+            test_quality=(row.record or {}).get("test_quality"),
             latency_ms=row.latency_ms,
             latency_ratio=row.latency_ratio,
             macs=row.macs,

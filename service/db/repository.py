@@ -129,6 +129,8 @@ def evaluation_summary(record: dict[str, Any]) -> dict[str, Any]:
         "latency_ratio": float(derived.get("latency_ratio", 1.0)),
         "speedup": derived.get("speedup"),
         "quality_drop": derived.get("quality_drop"),
+        "test_quality": record.get("test_quality"),
+        "test_quality_drop": derived.get("test_quality_drop"),
         "reward": float(record["reward"]),
         "macs": int(record["macs"]),
         "params": int(record["params"]),

@@ -188,6 +188,9 @@ def test_finetuned_points_appear_in_every_output(objective: Objective, tmp_path:
     assert [r["stage"] for r in records] == ["search"] * 5 + ["finetuned"]
     assert Evaluation.from_json(records[-1]) == tuned[0]
     assert records[-1]["extra"]["recovery"]["finetune_steps"] == 5
+    # a delivered (fine-tuned) point carries its held-out test figure; search candidates never do
+    assert tuned[0].test_quality is not None and tuned[0].base_test_quality == objective.base_test_quality
+    assert all(r["test_quality"] is None for r in records[:-1])
 
     pareto = json.loads(paths["pareto"].read_text(encoding="utf-8"))
     front = result.front()
@@ -199,7 +202,10 @@ def test_finetuned_points_appear_in_every_output(objective: Objective, tmp_path:
     rows = _front_rows(report)
     assert len(rows) == len(front)
     if any(e.stage == "finetuned" for e in front):
-        assert any("(fine-tuned)" in r and "| finetuned |" in r for r in rows)
+        assert any(
+            "(fine-tuned)" in r and "| finetuned |" in r and f"| {tuned[0].test_quality:.4f} (" in r for r in rows
+        )
+    assert f"(unpruned model: {objective.base_test_quality:.4f})" in report
     _check_png(paths["plot"])
 
     (fig,) = figures

@@ -42,8 +42,8 @@ def test_digits_shapes_scaling_and_split() -> None:
     assert ds.input_shape == (1, 8, 8)
     assert ds.x_train.dtype == torch.float32 and ds.y_train is not None and ds.y_train.dtype == torch.int64
     assert ds.num_classes == 10 and ds.has_labels
-    assert ds.num_train + ds.num_val == 1797
-    assert ds.num_val == round(1797 * 0.2)
+    assert ds.num_train + ds.num_val + ds.num_test == 1797
+    assert ds.num_val + ds.num_test == round(1797 * 0.2) and ds.num_test == round(round(1797 * 0.2) / 2)
     assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
     assert set(ds.y_val.tolist()) == set(range(10))  # type: ignore[union-attr]
 
@@ -53,7 +53,7 @@ def test_digits_split_is_deterministic_and_seeded() -> None:
     c = load_dataset("digits", seed=4)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)  # type: ignore[arg-type]
     assert not torch.equal(a.x_train, c.x_train)
-    assert load_dataset("digits", val_fraction=0.5).num_val == round(1797 * 0.5)
+    assert load_dataset("digits", val_fraction=0.5, test_fraction=None).num_val == round(1797 * 0.5)
 
 
 def test_mnist1d_uses_its_own_split_and_leaves_global_rng_alone() -> None:
@@ -65,8 +65,9 @@ def test_mnist1d_uses_its_own_split_and_leaves_global_rng_alone() -> None:
     ds = load_dataset("mnist1d")
     assert (random.random(), np.random.rand()) == (expected_py, expected_np)
     assert ds.input_shape == (1, 40)
-    assert (ds.num_train, ds.num_val, ds.num_classes) == (4000, 1000, 10)
-    assert torch.equal(ds.x_val, load_dataset("mnist1d", seed=9).x_val)
+    assert (ds.num_train, ds.num_val, ds.num_test, ds.num_classes) == (4000, 500, 500, 10)
+    whole = load_dataset("mnist1d", test_fraction=None)
+    assert whole.num_val == 1000 and torch.equal(whole.x_val, load_dataset("mnist1d", seed=9, test_fraction=None).x_val)
 
 
 def test_batches_are_deterministic_and_cover_the_split() -> None:
@@ -89,6 +90,7 @@ def test_subset_is_seeded_and_keeps_classes() -> None:
     ds = load_dataset("digits")
     a, b = ds.subset(30, 10, seed=5), ds.subset(30, 10, seed=5)
     assert (a.num_train, a.num_val, a.num_classes) == (30, 10, 10)
+    assert torch.equal(a.x_test, ds.x_test)  # type: ignore[arg-type]  # a quick run keeps the whole test split
     assert torch.equal(a.x_train, b.x_train)
     assert ds.subset(10_000).num_train == ds.num_train
     with pytest.raises(InvalidConfigError):
@@ -105,11 +107,11 @@ def test_npz_with_x_y_is_split_deterministically(tmp_path: Path) -> None:
     a = load_dataset(path, val_fraction=0.2, seed=1)
     b = load_dataset(str(path), val_fraction=0.2, seed=1)
     assert a.name == "blobs" and a.input_shape == (5,) and a.x_train.dtype == torch.float32
-    assert (a.num_train, a.num_val, a.num_classes) == (40, 10, 3)
+    assert (a.num_train, a.num_val, a.num_test, a.num_classes) == (40, 5, 5, 3)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)  # type: ignore[arg-type]
     assert not torch.equal(a.y_train, load_dataset(path, seed=2).y_train)  # type: ignore[arg-type]
     # the split is a partition of the original rows
-    rows = torch.cat([a.x_train, a.x_val]).double()
+    rows = torch.cat([a.x_train, a.x_val, a.x_test]).double()  # type: ignore[list-item]
     assert torch.allclose(rows.sort(dim=0).values, torch.tensor(x).float().double().sort(dim=0).values)
 
 
@@ -133,7 +135,7 @@ def test_safetensors_arrays(tmp_path: Path) -> None:
     path = tmp_path / "data.safetensors"
     save_file({"x": x.astype(np.float32), "y": y.astype(np.int64)}, str(path))
     ds = load_dataset(path, val_fraction=0.25)
-    assert (ds.num_train, ds.num_val, ds.input_shape) == (15, 5, (4,))
+    assert (ds.num_train, ds.num_val + ds.num_test, ds.input_shape) == (15, 5, (4,))
     # the same arrays from bytes, as the service will receive them
     blob = save_torch_bytes({"x_train": torch.rand(6, 2, 3), "x_val": torch.rand(4, 2, 3)})
     up = load_dataset_bytes(blob, "upload.safetensors")
@@ -145,10 +147,53 @@ def test_label_free_npz_and_file_object(tmp_path: Path) -> None:
     np.savez(buf, x=np.random.default_rng(0).normal(size=(30, 3, 8)).astype(np.float32))
     ds = load_dataset(io.BytesIO(buf.getvalue()), format="npz", name="feats")
     assert ds.name == "feats" and not ds.has_labels and ds.num_classes is None
-    assert ds.y_train is None and ds.y_val is None and (ds.num_train, ds.num_val) == (24, 6)
+    assert ds.y_train is None and ds.y_val is None and ds.y_test is None
+    assert (ds.num_train, ds.num_val, ds.num_test) == (24, 3, 3)
     assert all(y is None for _, y in ds.train_batches(8, seed=0))
     with pytest.raises(InvalidConfigError):
         load_dataset(buf.getvalue())  # bytes need a format
+
+
+def test_test_split_is_held_out_of_validation_and_seeded(tmp_path: Path) -> None:
+    whole = load_dataset("digits", test_fraction=None)
+    ds = load_dataset("digits")
+    assert not whole.has_test and ds.has_test
+    assert torch.equal(ds.x_train, whole.x_train)  # the training split (the shipped weights' one) is untouched
+    held = {tuple(r.tolist()) for r in whole.x_val.flatten(1)}
+    val = {tuple(r.tolist()) for r in ds.x_val.flatten(1)}
+    test = {tuple(r.tolist()) for r in ds.x_test.flatten(1)}  # type: ignore[union-attr]
+    assert val | test <= held and not (val & test)
+    assert torch.equal(ds.x_test, load_dataset("digits").x_test)  # type: ignore[arg-type]
+    assert not torch.equal(ds.x_test, load_dataset("digits", seed=1).x_test)  # type: ignore[arg-type]
+    view = ds.test_view()
+    assert torch.equal(view.x_val, ds.x_test) and torch.equal(view.y_val, ds.y_test)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="no test split"):
+        whole.test_view()
+    with pytest.raises(InvalidConfigError, match="test_fraction"):
+        load_dataset("digits", test_fraction=1.0)
+
+
+def test_npz_with_its_own_test_split(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "three.npz"
+    np.savez(
+        path,
+        x_train=rng.normal(size=(8, 3)),
+        y_train=np.array([0, 1] * 4),
+        x_val=rng.normal(size=(4, 3)),
+        y_val=np.array([0, 1, 0, 1]),
+        x_test=rng.normal(size=(5, 3)),
+        y_test=np.array([0, 1, 2, 0, 1]),
+    )
+    ds = load_dataset(path)
+    assert (ds.num_train, ds.num_val, ds.num_test, ds.num_classes) == (8, 4, 5, 3)  # the file's split is kept
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=rng.normal(size=(8, 3)), y_train=np.zeros(8, int), x_val=rng.normal(size=(4, 3)),
+             y_val=np.zeros(4, int), x_test=rng.normal(size=(5, 3)))  # fmt: skip
+    with pytest.raises(DatasetError, match="y_test"):
+        load_dataset(bad)
+    with pytest.raises(DatasetError, match="same sample shape"):
+        Dataset("d", torch.rand(4, 3), None, torch.rand(4, 3), None, x_test=torch.rand(4, 2))
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:

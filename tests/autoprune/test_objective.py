@@ -324,6 +324,37 @@ def test_callable_metric_without_dataset() -> None:
     assert _same_weights(obj.materialize(e.plan), obj.prune(e.plan))  # nothing to recover without data
 
 
+def test_fine_tuning_without_data_is_refused_not_labelled() -> None:
+    model = _mlp()
+    with pytest.raises(InvalidConfigError, match="fine-tuning needs data"):
+        Objective(model, example_inputs(model), None, metric=lambda m: 1.0, recovery=RecoveryConfig(finetune_steps=5))
+    obj = Objective(model, example_inputs(model), None, metric=lambda m: 1.0, latency=DeterministicMeter())
+    with pytest.raises(InvalidConfigError, match="without data"):
+        obj.evaluate({"body.0": 0.5}, recovery=RecoveryConfig(finetune_steps=5), stage="finetuned")
+
+
+def test_delivered_models_get_a_held_out_test_figure(digits_objective: Objective) -> None:
+    obj = digits_objective
+    assert obj.has_test and obj.dataset is not None and obj.dataset.x_test is not None
+    plan = obj.plan(dict.fromkeys(obj.group_names, 0.25))
+    searched = obj.evaluate(plan)
+    assert searched.test_quality is None and searched.base_test_quality is None  # never chosen on test
+    delivered = obj.evaluate(plan, stage="finetuned")
+    assert delivered.test_quality is not None and delivered.base_test_quality == obj.base_test_quality
+    # the figure is the metric on the test split, which is not the validation split
+    model = obj.materialize(plan)
+    test_acc = float(obj.metric(model, obj.dataset.test_view(), batch_size=256))
+    assert delivered.test_quality == pytest.approx(test_acc)
+    assert Evaluation.from_json(delivered.to_json()).test_quality == delivered.test_quality
+    assert delivered.to_json()["derived"]["test_quality_drop"] == pytest.approx(
+        (obj.base_test_quality - delivered.test_quality) / obj.base_test_quality  # type: ignore[operator]
+    )
+    no_test = Objective(
+        obj.base, obj.example_inputs, obj.dataset.test_view().subset(64, 32), latency=DeterministicMeter()
+    )
+    assert not no_test.has_test and no_test.evaluate(plan, stage="finetuned").test_quality is None
+
+
 def test_named_metric_without_dataset_is_refused() -> None:
     model = _mlp()
     with pytest.raises(InvalidConfigError, match="dataset"):
