@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
     from agents.base import Failure
     from autoprune.objective import Evaluation, Objective
-    from autoprune.recovery import RecoveryConfig
+    from autoprune.recovery import FinetuneReport, RecoveryConfig
 
 SELECT_KEYS = ("reward", "latency", "quality")
 
@@ -132,8 +133,12 @@ class SearchResult:
         *,
         key: str = "reward",
         progress: Callable[[int, int, Evaluation], None] | None = None,
+        on_finetune: Callable[[Evaluation, FinetuneReport], None] | None = None,
     ) -> list[Evaluation]:
         """Fine-tune the top ``k`` front points (by ``key``), re-evaluate and re-measure them (not from the cache).
+
+        ``progress(done, total, tuned)`` follows the points; ``on_finetune(point, report)`` each point's
+        fine-tune as it trains (the search evaluation being fine-tuned, and its progress report).
 
         The new evaluations have ``stage == "finetuned"`` and their recovery recipe in ``extra["recovery"]``;
         they join the front next to the search figures. Returns them.
@@ -152,7 +157,14 @@ class SearchResult:
         chosen = sorted(candidates, key=order[key])[:k]
         out = []
         for i, e in enumerate(chosen):
-            tuned = objective.evaluate(e.plan, recovery=recovery, stage="finetuned", remeasure=True)
+            tuned = objective.evaluate(
+                e.plan,
+                recovery=recovery,
+                stage="finetuned",
+                remeasure=True,
+                keep_model=True,  # materialize / export hand this model over: a point is fine-tuned once
+                on_finetune=None if on_finetune is None else functools.partial(on_finetune, e),
+            )
             tuned = dataclasses.replace(
                 tuned,
                 index=e.index,

@@ -100,6 +100,64 @@ def _guard(fn: Any) -> Any:
     return wrapper
 
 
+def _knob_help(knob: Any) -> str:
+    if knob.default is None:
+        return knob.doc
+    if knob.kind is bool:
+        default = "on" if knob.default else "off"
+    elif knob.kind is tuple:
+        default = ", ".join(knob.default)
+    else:
+        default = f"{knob.default:g}" if isinstance(knob.default, float) else str(knob.default)
+    listed = knob.choices and knob.kind is str and not all(c in knob.doc for c in knob.choices)
+    choices = f" One of: {', '.join(knob.choices or ())}." if listed else ""
+    return f"{knob.doc}{choices} Default: {default}."
+
+
+def spec_flags(fn: Any) -> Any:
+    """Give a command one option per :meth:`JobSpec.knobs` setting (flag, help, default from the spec) before its
+    ``spec`` parameter; the command receives the ones given on the command line as ``knobs`` (a dict keyed like
+    the spec), so flags, spec files and API bodies share names, help and defaults."""
+    import functools
+    import inspect
+    import typing
+
+    from autoprune.job import JobSpec
+
+    kinds: dict[type, Any] = {int: int, float: float, str: str, bool: bool, tuple: list[str]}
+    extra = []
+    names = []
+    for knob in JobSpec.knobs():
+        if knob.flag == "":  # a setting with its own flags (strategy_options: --option KEY=VALUE)
+            continue
+        flags = [f"{knob.cli_flag}/--no-{knob.cli_flag[2:]}"] if knob.kind is bool else [knob.cli_flag]
+        if knob.short:
+            flags.append(knob.short)
+        option = typer.Option(*flags, help=_knob_help(knob), show_default=False)
+        kind = kinds[knob.kind]
+        annotation = Annotated[kind | None, option]  # type: ignore[valid-type]
+        extra.append(inspect.Parameter(knob.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        names.append(knob.name)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != "knobs"
+    ]
+    at = next((i for i, p in enumerate(own) if p.name == "spec"), len(own))
+    params = own[:at] + extra + own[at:]
+
+    @functools.wraps(fn)
+    def wrapper(**values: Any) -> Any:
+        knobs = {name: values.pop(name) for name in names}
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items() if v is not None}
+        return fn(**values, knobs=knobs)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
 def _fmt_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f} ms"
 
@@ -205,7 +263,7 @@ def prune(
     finetune_epochs: Annotated[
         float, typer.Option("--finetune-epochs", help="Fine-tune for this many epochs (instead of --finetune-steps).")
     ] = 0.0,
-    lr: Annotated[float, typer.Option("--lr", help="Peak fine-tuning learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", "--finetune-lr", help="Peak fine-tuning learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option("--optimizer", help="Fine-tuning optimizer: adamw or sgd.")] = "adamw",
     lr_schedule: Annotated[
         str, typer.Option("--lr-schedule", help="constant, cosine or onecycle (after --warmup-steps).")
@@ -339,6 +397,7 @@ def _opt(help_text: str, *names: str) -> Any:
 
 @app.command()
 @_guard
+@spec_flags
 def search(
     model: Annotated[
         str | None, _opt("Built-in architecture (see `autoprune architectures`) or a .pt2 file.", "--model", "-m")
@@ -348,49 +407,7 @@ def search(
     ] = None,
     kw: KwOpt = None,
     weights: Annotated[str | None, _opt("Weights for the architecture (.safetensors).", "--weights", "-w")] = None,
-    strategy: Annotated[
-        str | None, _opt("Search strategy (see `autoprune strategies`). Default: random.", "--strategy", "-s")
-    ] = None,
     option: Annotated[list[str] | None, _opt("Strategy option KEY=VALUE (JSON value), repeatable.", "--option")] = None,
-    budget: Annotated[int | None, _opt("Number of candidate evaluations. Default: 20.", "--budget", "-n")] = None,
-    seconds: Annotated[
-        float | None, _opt("Wall-clock limit in seconds (checked between evaluations).", "--seconds")
-    ] = None,
-    seed: Annotated[int | None, _opt("Seed. Default: 0.", "--seed")] = None,
-    metric: Annotated[str | None, _opt("accuracy, agreement, kl or cosine. Default: accuracy.", "--metric")] = None,
-    objective: Annotated[
-        str | None, _opt("Reward: mnasnet, budget or weighted. Default: mnasnet.", "--objective")
-    ] = None,
-    target: Annotated[
-        float | None, _opt("Target latency as a fraction of the unpruned model's. Default: 0.5.", "--target")
-    ] = None,
-    select: Annotated[
-        str | None,
-        _opt(
-            "Best point: reward, latency (fastest within --max-quality-drop) or quality. Default: reward.", "--select"
-        ),
-    ] = None,
-    max_quality_drop: Annotated[
-        float | None, _opt("Relative quality loss allowed by --select latency. Default: 0.01.", "--max-quality-drop")
-    ] = None,
-    max_ratio: Annotated[float | None, _opt("Largest ratio per group. Default: 0.8.", "--max-ratio")] = None,
-    criterion: Annotated[str | None, _opt("l1, l2, taylor, bn_scale or random. Default: l1.", "--criterion")] = None,
-    round_to: Annotated[int | None, _opt("Round kept widths to a multiple of this. Default: 8.", "--round-to")] = None,
-    val_samples: Annotated[
-        int | None, _opt("Evaluate candidates on this many validation samples. Default: all.", "--val-samples")
-    ] = None,
-    finetune_top: Annotated[
-        int | None, _opt("Fine-tune the top K front points after the search. Default: 0.", "--finetune-top")
-    ] = None,
-    finetune_steps: Annotated[
-        int | None, _opt("Steps of that fine-tune (distilled). Default: 200.", "--finetune-steps")
-    ] = None,
-    train_epochs: Annotated[
-        int | None, _opt("Train the model first when there are no weights. Default: 0.", "--train-epochs")
-    ] = None,
-    runtime: Annotated[str | None, _opt("Latency runtime: torch or onnxruntime. Default: torch.", "--runtime")] = None,
-    threads: Annotated[int | None, _opt("Threads pinned while timing. Default: 1.", "--threads")] = None,
-    batch_size: Annotated[int | None, _opt("Batch size of the timed input. Default: 1.", "--batch-size")] = None,
     spec: Annotated[
         Path | None, _opt("A JSON/YAML job spec (same keys as these flags); flags override it.", "--spec")
     ] = None,
@@ -398,6 +415,7 @@ def search(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the search recorded in --out (nothing evaluated is redone).")
     ] = False,
+    knobs: dict[str, Any] | None = None,
 ) -> None:
     """Search per-group pruning ratios; write every evaluation, the Pareto front, a plot, a report and the best model.
 
@@ -411,30 +429,7 @@ def search(
     base: dict[str, Any] = {}
     if spec is not None:
         base = JobSpec.from_file(spec).to_json()
-    flags = {
-        "model": model,
-        "data": data,
-        "weights": weights,
-        "strategy": strategy,
-        "budget": budget,
-        "seconds": seconds,
-        "seed": seed,
-        "metric": metric,
-        "objective": objective,
-        "target": target,
-        "select": select,
-        "max_quality_drop": max_quality_drop,
-        "max_ratio": max_ratio,
-        "criterion": criterion,
-        "round_to": round_to,
-        "val_samples": val_samples,
-        "finetune_top": finetune_top,
-        "finetune_steps": finetune_steps,
-        "train_epochs": train_epochs,
-        "runtime": runtime,
-        "threads": threads,
-        "batch_size": batch_size,
-    }
+    flags = {"model": model, "data": data, "weights": weights, **(knobs or {})}
     merged = {**base, **{k: v for k, v in flags.items() if v is not None}}
     if kw:
         merged["kwargs"] = {**merged.get("kwargs", {}), **_parse_kwargs(kw)}
@@ -506,7 +501,8 @@ def search(
     if result.failures:
         err_console.print(f"note: {result.failures_note()}", highlight=False, markup=False)
     if result.finetuned:
-        console.print(f"fine-tuned the top {len(result.finetuned)} front points ({job.finetune_steps} steps)")
+        recipe = job.finetune_recovery().describe()
+        console.print(f"fine-tuned the top {len(result.finetuned)} front points ({recipe})", highlight=False)
     with console.status("exporting the best model (ONNX verified and re-measured in ONNX Runtime)..."):
         files = write_outputs(
             result,

@@ -16,12 +16,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoprune.errors import InvalidConfigError
+from autoprune.names import (
+    CRITERIA,
+    EXPORT_FORMATS,
+    FORMS,
+    LR_SCHEDULES,
+    MAX_RATIO,
+    METHODS,
+    METRICS,
+    OPTIMIZERS,
+    RUNTIMES,
+    SELECTIONS,
+    SHARED_STRATEGIES,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -35,16 +49,113 @@ if TYPE_CHECKING:
     from autoprune.recovery import RecoveryConfig
     from autoprune.reward import RewardConfig
 
-SELECTIONS = ("reward", "latency", "quality")
-METRICS = ("accuracy", "agreement", "kl", "cosine")
-SHARED_STRATEGIES = ("optuna-tpe", "optuna-nsga2")
-"""Strategies whose search state lives in a database (an Optuna study), so several workers can share a job."""
-"""The quality metrics a job spec may name (``autoprune.quality.metric_names()``; kept here torch-free)."""
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting of a job as every surface shows it: the spec key, the CLI flag (``--finetune-top``), the API
+    field (``finetune_top``), their help text, default and the bounds :meth:`JobSpec.validate` enforces."""
+
+    name: str
+    doc: str
+    kind: type
+    """``int``, ``float``, ``str``, ``bool``, ``tuple`` (of strings) or ``dict``."""
+    optional: bool
+    """Whether ``None`` is allowed."""
+    default: Any
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    """Whether ``lo`` itself is excluded."""
+    choices: tuple[str, ...] | None = None
+    label: str = ""
+    """How errors name the setting's choices (``unknown quality metric 'x'``)."""
+    short: str | None = None
+    """A one-letter CLI alias (``-s``)."""
+    flag: str | None = None
+    """The CLI flag when it is not ``--`` + the name with dashes; ``""`` for a setting with its own flags."""
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag if self.flag is not None else "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> None:
+        """:class:`InvalidConfigError` unless ``value`` is allowed."""
+        if value is None:
+            if self.optional:
+                return
+            raise InvalidConfigError(f"{self.name} must be set")
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidConfigError(f"{self.name} must be an integer, got {value!r}")
+            if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+                upper = f" and <= {int(self.hi)}" if self.hi is not None else ""
+                lower = f" >= {int(self.lo)}" if self.lo is not None else ""
+                raise InvalidConfigError(f"{self.name} must be an integer{lower}{upper}, got {value!r}")
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidConfigError(f"{self.name} must be a number, got {value!r}")
+            below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            if below or (self.hi is not None and value > self.hi):
+                lo = "-inf" if self.lo is None else f"{self.lo:g}"
+                hi = "inf" if self.hi is None else f"{self.hi:g}"
+                raise InvalidConfigError(
+                    f"{self.name} must be in {'(' if self.lo_open else '['}{lo}, {hi}], got {value!r}"
+                )
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidConfigError(f"{self.name} must be true or false, got {value!r}")
+        elif self.kind is str:
+            if not isinstance(value, str):
+                raise InvalidConfigError(f"{self.name} must be a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                raise InvalidConfigError(
+                    f"unknown {self.label or self.name} {value!r}; choose one of {', '.join(self.choices)}"
+                )
+        elif self.kind is tuple:
+            bad = [v for v in value if self.choices is not None and v not in self.choices]
+            if isinstance(value, str) or not isinstance(value, tuple | list) or not value or bad:
+                raise InvalidConfigError(
+                    f"{self.name} must be a non-empty list among {', '.join(self.choices or ())}; got {value!r}"
+                )
+        elif self.kind is dict and not isinstance(value, Mapping):
+            raise InvalidConfigError(f"{self.name} must be a mapping, got {value!r}")
+
+
+def _knob(
+    default: Any,
+    doc: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+    label: str = "",
+    short: str | None = None,
+    flag: str | None = None,
+) -> Any:
+    meta = {
+        "doc": doc,
+        "lo": lo,
+        "hi": hi,
+        "lo_open": lo_open,
+        "choices": choices,
+        "label": label,
+        "short": short,
+        "flag": flag,
+    }
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A search job as the CLI's flags, a JSON/YAML spec file or the service's job body describe it."""
+    """A search job as the CLI's flags, a JSON/YAML spec file or the service's job body describe it.
+
+    ``model``, ``data``, ``kwargs`` and ``weights`` name the inputs; every other field is a :class:`Knob`
+    (:meth:`knobs`): the CLI's ``search`` and ``submit`` flags and the API's job body are made from them, with
+    their help text, defaults and bounds, so the four surfaces cannot drift apart.
+    """
 
     model: str
     """Built-in architecture name (``autoprune architectures``) or a ``.pt2`` file."""
@@ -55,46 +166,94 @@ class JobSpec:
     weights: str | None = None
     """Weights for the architecture (``.safetensors``); without them the shipped reference weights are used
     when there are some for (model, data), else the model is trained for ``train_epochs``."""
-    train_epochs: int = 0
-    strategy: str = "random"
-    strategy_options: Mapping[str, Any] = field(default_factory=dict)
-    budget: int | None = 20
-    """Number of candidate evaluations."""
-    seconds: float | None = None
-    """Wall-clock limit (checked between evaluations)."""
-    seed: int = 0
-    metric: str = "accuracy"
-    """``accuracy`` (needs labels), or the label-free ``agreement``, ``kl``, ``cosine``."""
-    objective: str = "mnasnet"
-    """Reward form: ``mnasnet`` (quality x (latency/target)^w), ``budget`` (hard latency target) or ``weighted``."""
-    target: float = 0.5
-    """Target latency as a fraction of the unpruned model's."""
-    select: str = "reward"
-    """Which point is "best": ``reward``, ``latency`` (fastest within ``max_quality_drop``) or ``quality``
-    (best within ``max_latency_ratio``)."""
-    max_quality_drop: float = 0.01
-    max_latency_ratio: float = 0.5
-    max_ratio: float = 0.8
-    """Largest pruning ratio a strategy may give a group."""
-    method: str = "structured"
-    criterion: str = "l1"
-    round_to: int = 8
-    bn_batches: int = 8
-    """BatchNorm re-estimation batches after pruning each candidate (0: off)."""
-    val_samples: int | None = None
-    """Evaluate candidates on this many validation samples (all when unset)."""
-    runtime: str = "torch"
-    threads: int = 1
-    batch_size: int = 1
-    finetune_top: int = 0
-    """After the search, fine-tune the top K front points and re-measure them (0: off)."""
-    finetune_steps: int = 200
-    distill: bool = True
-    export_formats: tuple[str, ...] = ("onnx", "safetensors")
-    workers: int = 1
-    """How many service workers may run this job at once, sharing one Optuna study (``optuna-tpe`` /
-    ``optuna-nsga2`` only; the study needs a database both reach: the service's PostgreSQL or a ``storage``
-    URL). A local run ignores it."""
+    train_epochs: int = _knob(0, "Train the model first when it has no weights (0: off).", lo=0, hi=10_000)
+    strategy: str = _knob("random", "Search strategy (see `autoprune strategies`).", short="-s")
+    strategy_options: Mapping[str, Any] = _knob(
+        {},
+        "Options of the strategy (`autoprune strategies`); `storage` and `study_name` are the operator's.",
+        flag="",
+    )
+    budget: int | None = _knob(20, "Number of candidate evaluations.", lo=1, hi=1_000_000, short="-n")
+    seconds: float | None = _knob(
+        None, "Wall-clock limit in seconds (checked between evaluations).", lo=0, hi=1e9, lo_open=True
+    )
+    seed: int = _knob(0, "Seed of the strategy, the splits and the fine-tune.", lo=0, hi=2**32 - 1)
+    metric: str = _knob(
+        "accuracy",
+        "Quality metric: accuracy (needs labels), or the label-free agreement, kl, cosine.",
+        choices=METRICS,
+        label="quality metric",
+    )
+    objective: str = _knob(
+        "mnasnet",
+        "Reward: mnasnet (quality x (latency/target)^w), budget (hard latency target) or weighted.",
+        choices=FORMS,
+        label="reward form",
+    )
+    target: float = _knob(0.5, "Target latency as a fraction of the unpruned model's.", lo=0, hi=2, lo_open=True)
+    select: str = _knob(
+        "reward",
+        "Best point: reward, latency (fastest within max quality drop) or quality (best within max latency ratio).",
+        choices=SELECTIONS,
+        label="selection",
+    )
+    max_quality_drop: float = _knob(0.01, "Relative quality loss allowed by select=latency.", lo=0, hi=1)
+    max_latency_ratio: float = _knob(0.5, "Latency ratio allowed by select=quality.", lo=0, hi=10, lo_open=True)
+    max_ratio: float = _knob(
+        0.8, "Largest pruning ratio a strategy may give a group.", lo=0, hi=MAX_RATIO, lo_open=True
+    )
+    method: str = _knob("structured", "Pruning method (a search needs structured).", choices=METHODS, label="method")
+    criterion: str = _knob("l1", "Importance criterion.", choices=CRITERIA, label="criterion")
+    round_to: int = _knob(8, "Round kept widths to a multiple of this.", lo=1, hi=4096)
+    bn_batches: int = _knob(
+        8, "BatchNorm re-estimation batches after pruning each candidate (0: off).", lo=0, hi=10_000
+    )
+    val_samples: int | None = _knob(
+        None, "Evaluate candidates on this many validation samples (all when unset).", lo=1, hi=10**9
+    )
+    runtime: str = _knob("torch", "Latency runtime.", choices=RUNTIMES, label="runtime")
+    threads: int = _knob(1, "Threads pinned while timing.", lo=1, hi=1024)
+    batch_size: int = _knob(1, "Batch size of the timed input.", lo=1, hi=65536)
+    finetune_top: int = _knob(
+        0, "After the search, fine-tune the top K front points and re-measure them (0: off).", lo=0, hi=10_000
+    )
+    finetune_steps: int = _knob(
+        200, "Optimizer steps of that fine-tune (unless finetune epochs are set).", lo=1, hi=10**7
+    )
+    finetune_epochs: float = _knob(
+        0.0, "Fine-tune for this many epochs instead of finetune steps (0: use steps).", lo=0, hi=10_000
+    )
+    finetune_lr: float = _knob(2e-3, "Peak fine-tuning learning rate.", lo=0, hi=10, lo_open=True)
+    optimizer: str = _knob("adamw", "Fine-tuning optimizer.", choices=OPTIMIZERS, label="optimizer")
+    lr_schedule: str = _knob(
+        "constant", "Fine-tuning learning-rate schedule (after the warm-up).", choices=LR_SCHEDULES, label="lr_schedule"
+    )
+    warmup_steps: int = _knob(0, "Linear learning-rate warm-up steps of the fine-tune.", lo=0, hi=10**7)
+    early_stopping: int = _knob(
+        0,
+        "Stop a fine-tune after this many validation checks without improvement, keeping the best (0: off).",
+        lo=0,
+        hi=10_000,
+    )
+    distill: bool = _knob(True, "Distil from the unpruned model while fine-tuning.")
+    export_formats: tuple[str, ...] = _knob(
+        EXPORT_FORMATS,
+        "Formats the best model (the service: every front point) is exported in.",
+        choices=EXPORT_FORMATS,
+        flag="--export",
+    )
+    workers: int = _knob(
+        1,
+        "Workers that may run this job at once, sharing one Optuna study (optuna-tpe / optuna-nsga2; the service "
+        "on PostgreSQL or AUTOPRUNE_STUDY_STORAGE). A local run ignores it.",
+        lo=1,
+        hi=64,
+    )
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        """Every setting but the inputs, in declaration order (the order of ``--help`` and of the API schema)."""
+        return _knobs(cls)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -131,67 +290,25 @@ class JobSpec:
         """Check every field without loading anything heavy: no torch, no model, no data (the API uses it)."""
         from agents import check_options
 
-        def _int(name: str, lo: int, allow_none: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise InvalidConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-        def _num(name: str, lo: float, hi: float, allow_none: bool = False, lo_open: bool = True) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise InvalidConfigError(f"{name} must be a number, got {v!r}")
-            if (v <= lo if lo_open else v < lo) or v > hi:
-                raise InvalidConfigError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
-
         if not isinstance(self.model, str) or not self.model:
             raise InvalidConfigError("model must be an architecture name or a .pt2 path")
-        if not isinstance(self.kwargs, Mapping) or not isinstance(self.strategy_options, Mapping):
-            raise InvalidConfigError("kwargs and strategy_options must be mappings")
+        if not isinstance(self.kwargs, Mapping):
+            raise InvalidConfigError("kwargs must be a mapping")
+        for knob in self.knobs():
+            knob.check(getattr(self, knob.name))
         check_options(self.strategy, self.strategy_options)
         if self.budget is None and self.seconds is None:
             raise InvalidConfigError("give a budget (evaluations) and/or seconds")
-        _int("budget", 1, allow_none=True)
-        _num("seconds", 0.0, 1e9, allow_none=True)
-        _int("seed", 0)
-        _int("train_epochs", 0)
-        from autoprune.reward import RewardConfig
-
-        if self.metric not in METRICS:
-            raise InvalidConfigError(f"unknown quality metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        RewardConfig(form=self.objective, target=self.target)
-        if self.select not in SELECTIONS:
-            raise InvalidConfigError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")
-        _num("max_quality_drop", 0.0, 1.0, lo_open=False)
-        _num("max_latency_ratio", 0.0, 10.0)
-        _num("max_ratio", 0.0, 0.95)
-        if self.method not in ("structured", "unstructured"):
-            raise InvalidConfigError(f"method must be structured or unstructured, got {self.method!r}")
         if self.method == "unstructured":
             raise InvalidConfigError("search over unstructured plans is not supported: sparsity does not cut latency")
-        from autoprune.plan import Plan
+        from autoprune.reward import RewardConfig
 
-        Plan(criterion=self.criterion, round_to=self.round_to)
-        _int("bn_batches", 0)
-        _int("val_samples", 1, allow_none=True)
-        if self.runtime not in ("torch", "onnxruntime"):
-            raise InvalidConfigError(f"runtime must be torch or onnxruntime, got {self.runtime!r}")
-        _int("threads", 1)
-        _int("batch_size", 1)
-        _int("finetune_top", 0)
-        _int("finetune_steps", 1)
-        _int("workers", 1)
+        RewardConfig(form=self.objective, target=self.target)
         if self.workers > 1 and self.strategy not in SHARED_STRATEGIES:
             raise InvalidConfigError(
                 f"workers > 1 needs a strategy that shares its state across workers ({', '.join(SHARED_STRATEGIES)}); "
                 f"{self.strategy!r} runs on one worker (workers=1)"
             )
-        unknown_formats = [f for f in self.export_formats if f not in ("onnx", "safetensors", "pt2")]
-        if unknown_formats or not self.export_formats:
-            raise InvalidConfigError(f"export_formats must be among onnx, safetensors, pt2; got {self.export_formats}")
 
     # -- building the job ---------------------------------------------------------------------------------
     def latency_config(self) -> LatencyConfig:
@@ -205,13 +322,19 @@ class JobSpec:
         return RewardConfig(form=self.objective, target=self.target)
 
     def finetune_recovery(self) -> RecoveryConfig:
+        """The recipe of the final fine-tune (``finetune_top``) as a :class:`~autoprune.recovery.RecoveryConfig`."""
         from autoprune.recovery import RecoveryConfig
 
         return RecoveryConfig(
             bn_recalibration_batches=self.bn_batches,
-            finetune_steps=self.finetune_steps,
+            finetune_steps=0 if self.finetune_epochs > 0 else self.finetune_steps,
+            finetune_epochs=self.finetune_epochs,
+            finetune_lr=self.finetune_lr,
+            optimizer=self.optimizer,
+            lr_schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            early_stopping_patience=self.early_stopping,
             distill=self.distill,
-            finetune_lr=2e-3,
             seed=self.seed,
         )
 
@@ -241,6 +364,22 @@ class JobSpec:
             criterion=self.criterion,
             round_to=self.round_to,
         )
+
+
+def _knobs(cls: type[JobSpec]) -> tuple[Knob, ...]:
+    hints = typing.get_type_hints(cls)
+    knobs = []
+    for f in dataclasses.fields(cls):
+        if "doc" not in f.metadata:
+            continue
+        args = typing.get_args(hints[f.name])
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hints[f.name]) if optional else hints[f.name]
+        origin = typing.get_origin(base) or base
+        kind = dict if origin is Mapping or origin is dict else origin
+        default = {} if f.default is dataclasses.MISSING else f.default
+        knobs.append(Knob(name=f.name, kind=kind, optional=optional, default=default, **f.metadata))
+    return tuple(knobs)
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:

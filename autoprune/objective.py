@@ -27,7 +27,7 @@ from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter,
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
-from autoprune.recovery import RecoveryConfig, recalibration_batches, recover
+from autoprune.recovery import FinetuneReport, RecoveryConfig, recalibration_batches, recover
 from autoprune.reward import RewardConfig, compute_reward
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -257,7 +257,12 @@ class Objective:
             self._recover(model, recovery or self.recovery)
         return model.eval()
 
-    def _recover(self, model: nn.Module, recovery: RecoveryConfig) -> None:
+    def _recover(
+        self,
+        model: nn.Module,
+        recovery: RecoveryConfig,
+        on_finetune: Callable[[FinetuneReport], None] | None = None,
+    ) -> None:
         """Recover in place; the BatchNorm recalibration batches are drawn once per recipe, not per candidate."""
         assert self.dataset is not None
         key = (recovery.batch_size, recovery.seed, recovery.bn_recalibration_batches)
@@ -265,7 +270,9 @@ class Objective:
             self._bn_batches[key] = recalibration_batches(self.dataset, recovery)
         if self.method == "unstructured" and recovery.finetunes and not recovery.keep_sparsity:
             recovery = dataclasses.replace(recovery, keep_sparsity=True)  # else fine-tuning refills the zeros
-        recover(model, self.dataset, recovery, teacher=self.base, bn_batches=self._bn_batches[key])
+        recover(
+            model, self.dataset, recovery, teacher=self.base, bn_batches=self._bn_batches[key], on_progress=on_finetune
+        )
 
     @staticmethod
     def _kept_key(plan: Plan, recovery: RecoveryConfig) -> tuple[str, RecoveryConfig]:
@@ -322,8 +329,12 @@ class Objective:
         keep_model: bool = False,
         remeasure: bool = False,
         test: bool | None = None,
+        on_finetune: Callable[[FinetuneReport], None] | None = None,
     ) -> Evaluation:
         """Prune, recover, evaluate and measure ``plan``.
+
+        ``on_finetune`` receives the fine-tune's progress (:class:`~autoprune.recovery.FinetuneReport`, at every
+        validation check and at the end) when the recipe fine-tunes.
 
         ``test`` adds the held-out test figure (``test_quality``); by default delivered stages get it
         (``stage != "search"``) and search candidates do not, so nothing is ever chosen on the test split.
@@ -347,7 +358,7 @@ class Objective:
         timings["prune"] = time.perf_counter() - start
         t = time.perf_counter()
         if self.dataset is not None:
-            self._recover(model, recovery)
+            self._recover(model, recovery, on_finetune)
         timings["recover"] = time.perf_counter() - t
         self._count += 1
         evaluation = self._evaluate_model(

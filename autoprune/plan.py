@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from autoprune.errors import InvalidPlanError
+from autoprune.names import CRITERIA, MAX_RATIO, METHODS
 
 Method = Literal["structured", "unstructured"]
-CRITERIA = ("l1", "l2", "taylor", "bn_scale", "random")
-METHODS = ("structured", "unstructured")
-MAX_RATIO = 0.95
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torch import nn
 from autoprune.cost import eval_mode
 from autoprune.data import Batch, Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError
+from autoprune.names import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = [
     "OPTIMIZERS",
@@ -37,8 +38,7 @@ __all__ = [
     "recover",
 ]
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
+SCHEDULES = LR_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,20 @@ class RecoveryConfig:
     def finetunes(self) -> bool:
         """Whether this recipe trains at all."""
         return self.finetune_steps > 0 or self.finetune_epochs > 0
+
+    def describe(self) -> str:
+        """The fine-tuning recipe in a few words (``20 epochs, sgd lr 0.05 cosine, warm-up 20, distilled``)."""
+        if not self.finetunes:
+            return "no fine-tuning"
+        length = f"{self.finetune_epochs:g} epochs" if self.finetune_epochs > 0 else f"{self.finetune_steps} steps"
+        parts = [length, f"{self.optimizer} lr {self.finetune_lr:g} {self.lr_schedule}"]
+        if self.warmup_steps:
+            parts.append(f"warm-up {self.warmup_steps}")
+        if self.early_stopping_patience:
+            parts.append(f"early stopping {self.early_stopping_patience}")
+        if self.distill:
+            parts.append("distilled")
+        return ", ".join(parts)
 
     def total_steps(self, num_train: int) -> int:
         """Optimizer steps this recipe takes on a training split of ``num_train`` samples (before early

@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autoprune.errors import InvalidConfigError
-
-FORMS = ("mnasnet", "budget", "weighted")
+from autoprune.names import FORMS
 
 
 @dataclass(frozen=True)

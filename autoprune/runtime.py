@@ -20,8 +20,8 @@ from torch import nn
 
 from autoprune.cost import as_tuple, ensure_eval
 from autoprune.errors import ExportError, InvalidConfigError
+from autoprune.names import RUNTIMES
 
-RUNTIMES = ("torch", "onnxruntime")
 Runner = Callable[[], Any]
 
 

@@ -27,7 +27,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from autoprune.cli import _fail, _opt, _parse_kwargs, app, console, err_console
+from autoprune.cli import _fail, _opt, _parse_kwargs, app, console, err_console, spec_flags
+from autoprune.names import SUFFIXES
 
 __all__ = ["app", "main"]
 
@@ -44,7 +45,6 @@ KeyOpt = Annotated[
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Data directory (env AUTOPRUNE_DATA_DIR; default ./autoprune-data).")
 ]
-SUFFIXES = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
 
 
 class CliError(Exception):
@@ -162,6 +162,13 @@ def watch_job(client: Any, job_id: str) -> dict[str, Any]:
                     progress.console.print(
                         f"{data.get('from_state')} -> {to}" + (f": {note}" if note else ""), highlight=False
                     )
+            elif ev.event == "finetune":
+                loss = inner.get("best_val_loss")
+                progress.update(
+                    task,
+                    description=f"fine-tuning point {inner.get('index')}: step {inner.get('step')}/{inner.get('total')}"
+                    + (f", val loss {loss:.4f}" if isinstance(loss, int | float) else ""),
+                )
             elif ev.event == "log" and inner.get("message"):
                 progress.console.print(f"[dim]{inner['message']}[/]", highlight=False)
     job: dict[str, Any] = client.job(job_id)
@@ -184,6 +191,7 @@ def watch_job(client: Any, job_id: str) -> dict[str, Any]:
 
 @app.command()
 @_guard
+@spec_flags
 def submit(
     model: Annotated[str | None, _opt("Built-in architecture name or a .pt2 file.", "--model", "-m")] = None,
     data: Annotated[
@@ -192,37 +200,13 @@ def submit(
     weights: Annotated[Path | None, _opt("Weights for the architecture (.safetensors).", "--weights", "-w")] = None,
     pt2: Annotated[Path | None, _opt("A torch.export program (.pt2) instead of an architecture.", "--pt2")] = None,
     kw: Annotated[list[str] | None, _opt("Architecture keyword argument KEY=VALUE (JSON value).", "--kw")] = None,
-    strategy: Annotated[str | None, _opt("Search strategy (default random).", "--strategy", "-s")] = None,
     option: Annotated[list[str] | None, _opt("Strategy option KEY=VALUE (JSON value).", "--option")] = None,
-    budget: Annotated[int | None, _opt("Candidate evaluations (default 20).", "--budget", "-n")] = None,
-    seconds: Annotated[float | None, _opt("Wall-clock limit in seconds.", "--seconds")] = None,
-    seed: Annotated[int | None, _opt("Seed (default 0).", "--seed")] = None,
-    metric: Annotated[str | None, _opt("accuracy, agreement, kl or cosine.", "--metric")] = None,
-    objective: Annotated[str | None, _opt("Reward: mnasnet, budget or weighted.", "--objective")] = None,
-    target: Annotated[float | None, _opt("Target latency ratio (default 0.5).", "--target")] = None,
-    select: Annotated[str | None, _opt("Best point: reward, latency or quality.", "--select")] = None,
-    max_quality_drop: Annotated[float | None, _opt("For --select latency.", "--max-quality-drop")] = None,
-    max_latency_ratio: Annotated[float | None, _opt("For --select quality.", "--max-latency-ratio")] = None,
-    max_ratio: Annotated[float | None, _opt("Largest ratio per group (default 0.8).", "--max-ratio")] = None,
-    criterion: Annotated[str | None, _opt("l1, l2, taylor, bn_scale or random.", "--criterion")] = None,
-    round_to: Annotated[int | None, _opt("Round kept widths to a multiple of this.", "--round-to")] = None,
-    val_samples: Annotated[int | None, _opt("Validation samples per candidate.", "--val-samples")] = None,
-    runtime: Annotated[str | None, _opt("Latency runtime: torch or onnxruntime.", "--runtime")] = None,
-    threads: Annotated[int | None, _opt("Threads pinned while timing.", "--threads")] = None,
-    batch_size: Annotated[int | None, _opt("Batch size of the timed input.", "--batch-size")] = None,
-    train_epochs: Annotated[int | None, _opt("Train first when there are no weights.", "--train-epochs")] = None,
-    finetune_top: Annotated[int | None, _opt("Fine-tune the top K front points.", "--finetune-top")] = None,
-    workers: Annotated[
-        int | None,
-        _opt("Workers that may run the job at once, sharing one Optuna study (optuna-*, PostgreSQL).", "--workers"),
-    ] = None,
-    finetune_steps: Annotated[int | None, _opt("Steps of that fine-tune.", "--finetune-steps")] = None,
-    export: Annotated[list[str] | None, _opt("Export format (onnx, safetensors, pt2), repeatable.", "--export")] = None,
     spec: Annotated[Path | None, _opt("A JSON/YAML job spec (same keys); flags override it.", "--spec")] = None,
     idempotency_key: Annotated[str | None, _opt("Idempotency-Key of the job request.", "--idempotency-key")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow the job live until it finishes.")] = False,
     url: UrlOpt = None,
     key: KeyOpt = None,
+    knobs: dict[str, Any] | None = None,
 ) -> None:
     """Upload a model and data to the server and create a search job; prints the job id."""
     base: dict[str, Any] = {}
@@ -230,32 +214,8 @@ def submit(
         from autoprune.job import read_spec_file
 
         base = read_spec_file(spec)  # InvalidConfigError: one line, exit 2 (see _guard)
-    knobs = {
-        "strategy": strategy,
-        "budget": budget,
-        "seconds": seconds,
-        "seed": seed,
-        "metric": metric,
-        "objective": objective,
-        "target": target,
-        "select": select,
-        "max_quality_drop": max_quality_drop,
-        "max_latency_ratio": max_latency_ratio,
-        "max_ratio": max_ratio,
-        "criterion": criterion,
-        "round_to": round_to,
-        "val_samples": val_samples,
-        "runtime": runtime,
-        "threads": threads,
-        "batch_size": batch_size,
-        "train_epochs": train_epochs,
-        "finetune_top": finetune_top,
-        "workers": workers,
-        "finetune_steps": finetune_steps,
-        "export_formats": export or None,
-    }
     body = {k: v for k, v in base.items() if k not in ("model", "data", "weights", "kwargs")}
-    body.update({k: v for k, v in knobs.items() if v is not None})
+    body.update({k: list(v) if isinstance(v, tuple) else v for k, v in (knobs or {}).items()})
     if option:
         body["strategy_options"] = {**body.get("strategy_options", {}), **_parse_kwargs(option, "--option")}
     kwargs = {**(base.get("kwargs") or {}), **_parse_kwargs(kw, "--kw")}

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -68,6 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.artefacts import ArtefactStore
 from service.db.engine import (
     check_job_workers,
@@ -88,14 +90,13 @@ if TYPE_CHECKING:
     from agents.result import SearchResult
     from autoprune.job import JobSpec
     from autoprune.objective import Evaluation, Objective
+    from autoprune.recovery import FinetuneReport
 
 log = logging.getLogger("autoprune.worker")
 
 MAX_ATTEMPTS = 10
 """A job claimed this many times without finishing (its worker keeps dying) is failed instead of retried."""
 _SPEC_INPUT_KEYS = ("model", "data", "weights", "kwargs")
-_MEDIA = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/octet-stream"}
-_SUFFIX = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
 
 
 class _Stop(Exception):  # control flow inside the worker
@@ -595,12 +596,29 @@ class Worker:
                 # a one-point result: finetune_front's own recipe (re-measured, recovery recorded in extra)
                 single = dataclasses.replace(result, evaluations=[point], finetuned=[])
                 assert isinstance(single, SearchResult)
-                tuned_list = single.finetune_front(1, recovery, key=spec.select)
+                self.repo.add_event(job.id, "log", message=f"fine-tuning point {point.index} ({recovery.describe()})")
+                tuned_list = single.finetune_front(
+                    1, recovery, key=spec.select, on_finetune=functools.partial(self._finetune_event, job.id)
+                )
                 if not tuned_list:
                     continue
                 tuned = tuned_list[0]
             result.finetuned.append(tuned)
             record(tuned, len(result.evaluations), best_of(result.evaluations, result.finetuned), result.front())
+
+    def _finetune_event(self, job_id: str, point: Evaluation, report: FinetuneReport) -> None:
+        """A ``finetune`` event: which point, steps done of total, the best validation loss so far, and how it
+        stopped (``running`` until the end)."""
+        val_loss = report.best_val_loss
+        self.repo.add_event(
+            job_id,
+            "finetune",
+            index=point.index,
+            step=report.steps,
+            total=report.total_steps,
+            best_val_loss=None if val_loss is None or not math.isfinite(val_loss) else val_loss,
+            stopped=report.stopped,
+        )
 
     # -- exports ------------------------------------------------------------------------------------------
     def _export(self, job: JobRow, spec: JobSpec, result: SearchResult, objective: Objective, lease: _Lease) -> None:
@@ -626,13 +644,13 @@ class Worker:
                     except ExportError as exc:
                         self._log(job.id, f"export of {point.stage} point {point.index} as {fmt} failed: {exc}")
                         continue
-                    sha, size = self.store.put_file(path, _SUFFIX[fmt])
-                    self.repo.add_artefact(sha, size, _MEDIA[fmt], _SUFFIX[fmt])
+                    sha, size = self.store.put_file(path, SUFFIXES[fmt])
+                    self.repo.add_artefact(sha, size, MEDIA_TYPES[fmt], SUFFIXES[fmt])
                     meta = {
                         "point": {"stage": point.stage, "index": point.index},
                         "best": is_best,
                         "select": spec.select,
-                        "filename": f"{job.id}-{point.stage}-{point.index}{_SUFFIX[fmt]}",
+                        "filename": f"{job.id}-{point.stage}-{point.index}{SUFFIXES[fmt]}",
                         "evaluation": evaluation_summary(point.to_json()),
                         "plan": point.plan.to_json(),
                         "export": report,

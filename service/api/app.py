@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
     def get_catalog() -> Catalog:
         """Names the API accepts: architectures, built-in datasets, strategies (with their options), metrics."""
         from agents import STORAGE_OPTIONS, list_strategies
-        from autoprune.job import METRICS
+        from autoprune.names import METRICS
         from autoprune.reward import FORMS
 
         return Catalog(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from autoprune.names import EXPORT_FORMATS  # noqa: F401  (re-exported: the catalog lists them)
+
 BUILTIN_ARCHITECTURES = (
     "cnn1d",
     "gru",
@@ -24,7 +26,6 @@ BUILTIN_ARCHITECTURES = (
 )
 BUILTIN_DATASETS = ("digits", "mnist1d")
 ENTRY_POINT_GROUP = "autoprune.architectures"
-EXPORT_FORMATS = ("onnx", "safetensors", "pt2")
 
 
 def architectures() -> list[str]:

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from autoprune.errors import AutopruneError
 from autoprune.job import JobSpec
+from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.api import deps
 from service.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_responses
 from service.api.schemas import (
@@ -45,8 +46,6 @@ StateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Format = Literal["onnx", "safetensors", "pt2"]
 Stage = Literal["search", "finetuned"]
 
-MEDIA_TYPES = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/zip"}
-SUFFIXES = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
 SPEC_KEYS = tuple(k for k in JobCreate.model_fields if k not in ("model_id", "dataset_id"))
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from agents import STRATEGIES
-from autoprune.job import METRICS, SELECTIONS
-from autoprune.plan import CRITERIA
-from autoprune.reward import FORMS
+from autoprune.job import JobSpec, Knob
 from service.db.models import DatasetRow, EvaluationRow, ExportRow, JobEvent, JobRow, ModelRow
 
 
@@ -22,58 +19,47 @@ class _Request(BaseModel):
 ExportFormat = Literal["onnx", "safetensors", "pt2"]
 
 
-def _default_formats() -> list[ExportFormat]:
-    return ["onnx", "safetensors", "pt2"]  # every point downloadable in every format
+def _spec_field(knob: Knob) -> tuple[Any, Any]:
+    """A job body field from a :class:`JobSpec` setting: its type, default, description and bounds (``JobSpec.
+    validate`` enforces them again, with its own messages, for spec files and the CLI)."""
+    kinds: dict[type, Any] = {int: int, float: float, str: str, bool: bool, tuple: list[ExportFormat]}
+    kind = kinds.get(knob.kind, dict[str, Any])
+    extra: dict[str, Any] = {"description": knob.doc}
+    if knob.kind in (int, float):
+        if knob.lo is not None:
+            extra["gt" if knob.lo_open else "ge"] = knob.lo
+        if knob.hi is not None:
+            extra["le"] = knob.hi
+    choices = list(STRATEGIES) if knob.name == "strategy" else knob.choices
+    if choices and knob.kind is str:
+        extra["json_schema_extra"] = {"enum": list(choices)}
+    if knob.kind is tuple:
+        default = list(knob.default)
+        extra.update(default_factory=lambda: list(default), min_length=1, max_length=len(knob.choices or ()))
+    elif knob.kind is dict:
+        extra["default_factory"] = dict
+    else:
+        extra["default"] = knob.default
+    return (kind | None if knob.optional else kind), Field(**extra)
 
 
-def _choice(default: str, values: Iterable[str], description: str) -> Any:
-    """A string field whose choices the OpenAPI document lists (``JobSpec.validate`` is what enforces them,
-    with its own messages)."""
-    return Field(default, description=description, json_schema_extra={"enum": list(values)})
+if TYPE_CHECKING:
 
+    class JobCreate(_Request):
+        model_id: str
+        dataset_id: str
 
-class JobCreate(_Request):
-    """A search job: the model and dataset (ids from ``POST /v1/models`` and ``POST /v1/datasets``) and the
-    :class:`autoprune.job.JobSpec` settings (same names and defaults as ``autoprune search``)."""
+        def __getattr__(self, name: str) -> Any: ...
 
-    model_id: str = Field(min_length=1, max_length=32)
-    dataset_id: str = Field(min_length=1, max_length=32)
-    strategy: str = _choice("random", STRATEGIES, "Search strategy (`GET /v1/catalog`).")
-    strategy_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Options of the strategy (`GET /v1/catalog`); `storage` and `study_name` are refused: "
-        "the operator sets where studies are kept.",
-    )
-    budget: int | None = Field(20, ge=1, le=1_000_000, description="Number of candidate evaluations.")
-    seconds: float | None = Field(None, gt=0, le=1e9, description="Wall-clock limit (checked between evaluations).")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    metric: str = _choice("accuracy", METRICS, "Quality metric (`agreement`, `kl`, `cosine` need no labels).")
-    objective: str = _choice("mnasnet", FORMS, "Reward form.")
-    target: float = Field(0.5, gt=0, le=2, description="Target latency as a fraction of the unpruned model's.")
-    select: str = _choice("reward", SELECTIONS, "Which point is best.")
-    max_quality_drop: float = Field(0.01, ge=0, le=1, description="For select=latency: relative quality loss allowed.")
-    max_latency_ratio: float = Field(0.5, gt=0, le=10, description="For select=quality: latency ratio allowed.")
-    max_ratio: float = Field(0.8, gt=0, le=0.95, description="Largest pruning ratio per group.")
-    criterion: str = _choice("l1", CRITERIA, "Importance criterion.")
-    round_to: int = Field(8, ge=1, le=4096, description="Round kept widths to a multiple of this.")
-    bn_batches: int = Field(8, ge=0, le=10_000, description="BatchNorm re-estimation batches per candidate (0: off).")
-    val_samples: int | None = Field(
-        None, ge=1, le=10**9, description="Evaluate on this many validation samples (all when unset)."
-    )
-    runtime: str = _choice("torch", ("torch", "onnxruntime"), "Latency runtime.")
-    threads: int = Field(1, ge=1, le=1024, description="Threads pinned while timing.")
-    batch_size: int = Field(1, ge=1, le=65536, description="Batch size of the timed input.")
-    train_epochs: int = Field(0, ge=0, le=10_000, description="Train the model first when it has no weights (0: off).")
-    finetune_top: int = Field(0, ge=0, le=10_000, description="Fine-tune the top K front points after the search.")
-    finetune_steps: int = Field(200, ge=1, le=10**7)
-    distill: bool = True
-    export_formats: list[ExportFormat] = Field(default_factory=_default_formats, min_length=1, max_length=3)
-    workers: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Workers that may run this job at once, sharing one Optuna study (optuna-tpe / optuna-nsga2; "
-        "needs the service on PostgreSQL or AUTOPRUNE_STUDY_STORAGE).",
+else:
+    JobCreate = create_model(
+        "JobCreate",
+        __base__=_Request,
+        __doc__="A search job: the model and dataset (ids from `POST /v1/models` and `POST /v1/datasets`) and "
+        "the settings of `autoprune.job.JobSpec` (the same names, defaults and bounds as `autoprune search`).",
+        model_id=(str, Field(min_length=1, max_length=32)),
+        dataset_id=(str, Field(min_length=1, max_length=32)),
+        **{knob.name: _spec_field(knob) for knob in JobSpec.knobs()},
     )
 
 

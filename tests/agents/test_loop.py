@@ -225,6 +225,34 @@ def test_finetune_front_adds_labelled_points_that_materialize(objective: Objecti
         result.finetune_front(-1, RecoveryConfig())
 
 
+def test_a_finetuned_point_is_trained_once_and_reports_its_progress(
+    objective: Objective, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import autoprune.objective as objective_module
+    from autoprune.recovery import RecoveryConfig, recover
+
+    result = run_search(objective, "uniform", 3, max_ratio=0.6)
+    trained: list[int] = []
+
+    def counting_recover(model: Any, dataset: Any, config: RecoveryConfig, **kwargs: Any) -> Any:
+        trained.append(config.finetune_steps)
+        return recover(model, dataset, config, **kwargs)
+
+    monkeypatch.setattr(objective_module, "recover", counting_recover)
+    reports: list[tuple[int, int, int, str]] = []
+    recipe = RecoveryConfig(finetune_steps=4, eval_every=2, distill=True)
+    tuned = result.finetune_front(
+        1, recipe, on_finetune=lambda point, r: reports.append((point.index, r.steps, r.total_steps, r.stopped))
+    )
+    assert trained == [4]
+    assert [r[1:] for r in reports] == [(2, 4, "running"), (4, 4, "running"), (4, 4, "done")]
+    assert {r[0] for r in reports} == {tuned[0].index}
+    result.materialize(tuned[0])  # the fine-tuned model is handed over, not trained again
+    assert trained == [4]
+    result.materialize(tuned[0])  # handed over once; later calls rebuild it
+    assert trained == [4, 4]
+
+
 # -- job specs and the facade -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("data", "needle"),
@@ -246,6 +274,41 @@ def test_job_spec_errors_come_before_any_work(data: dict[str, Any], needle: str)
 
     with pytest.raises(InvalidConfigError, match=needle):
         JobSpec.from_mapping(data)
+
+
+def test_job_spec_settings_are_the_flags_and_the_api_fields() -> None:
+    from typer.testing import CliRunner
+
+    from autoprune.cli import app
+    from autoprune.job import JobSpec
+
+    knobs = {k.name: k for k in JobSpec.knobs()}
+    assert {"finetune_epochs", "optimizer", "lr_schedule", "warmup_steps", "early_stopping"} <= set(knobs)
+    assert not {"model", "data", "kwargs", "weights"} & set(knobs)
+    spec = JobSpec.from_mapping(
+        {"model": "resnet20", "finetune_epochs": 3, "optimizer": "sgd", "lr_schedule": "cosine", "early_stopping": 2}
+    )
+    recipe = spec.finetune_recovery()
+    assert (recipe.finetune_epochs, recipe.finetune_steps, recipe.optimizer, recipe.lr_schedule) == (
+        3,
+        0,
+        "sgd",
+        "cosine",
+    )
+    assert recipe.early_stopping_patience == 2 and recipe.distill
+    for bad, needle in [
+        ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+        ({"max_ratio": 0.99}, "max_ratio must be in"),
+        ({"export_formats": ["tflite"]}, "export_formats"),
+        ({"finetune_lr": 0}, "finetune_lr"),
+        ({"budget": 2_000_000}, "budget must be an integer >= 1 and <= 1000000"),
+    ]:
+        with pytest.raises(InvalidConfigError, match=needle):
+            JobSpec.from_mapping({"model": "resnet20", **bad})
+    text = CliRunner().invoke(app, ["search", "--help"], env={"COLUMNS": "300"}).output
+    for knob in knobs.values():
+        if knob.flag != "":
+            assert knob.cli_flag in text, knob.name
 
 
 def test_job_spec_round_trips_through_json_and_yaml(tmp_path: Any) -> None:

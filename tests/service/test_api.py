@@ -114,6 +114,13 @@ def test_health_openapi_and_docs_need_no_key(server: Server) -> None:
         assert spec.status_code == 200 and spec.json()["openapi"].startswith("3.1")
         assert "/v1/jobs/{job_id}/events" in spec.json()["paths"]
         assert spec.json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        # the job body is the job spec: every setting, with the spec's help text and bounds
+        from autoprune.job import JobSpec
+
+        body = spec.json()["components"]["schemas"]["JobCreate"]["properties"]
+        for knob in JobSpec.knobs():
+            assert body[knob.name]["description"] == knob.doc, knob.name
+        assert body["max_ratio"]["maximum"] == 0.95 and body["optimizer"]["enum"] == ["adamw", "sgd"]
         docs = anon.get("/docs")
         assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
         # every URL the page loads is served by this server: nothing from a CDN
@@ -435,6 +442,10 @@ def test_create_job(api: httpx.Client, inputs: tuple[str, str]) -> None:
         ({"model_id": "nope"}, 422, ["no model"]),
         ({"dataset_id": "nope"}, 422, ["no dataset"]),
         ({"workers": 0}, 422, ["workers"]),
+        ({"optimizer": "lion"}, 422, ["unknown optimizer", "adamw"]),
+        ({"lr_schedule": "step"}, 422, ["lr_schedule"]),
+        ({"finetune_epochs": -1}, 422, ["finetune_epochs"]),
+        ({"warmup_steps": 1.5}, 422, ["warmup_steps"]),
         ({"workers": 2}, 422, ["workers"]),  # random search cannot share a study
         ({"workers": 2, "strategy": "optuna-tpe"}, 422, ["PostgreSQL"]),  # this test server runs on SQLite
         # where studies live is the operator's: a caller must not make the worker create files or probe hosts
