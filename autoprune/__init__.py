@@ -25,6 +25,14 @@ _LAZY = {
     "RewardConfig": "autoprune.reward",
     "search": "autoprune.job",
     "JobSpec": "autoprune.job",
+    "finetune": "autoprune.recovery",
+    "recover": "autoprune.recovery",
+    "PolynomialDecay": "autoprune.gradual",
+    "gradual_magnitude_prune": "autoprune.gradual",
+    "iterative_prune": "autoprune.gradual",
+    "strip": "autoprune.gradual",
+    "find_ticket": "autoprune.lottery",
+    "random_reinit": "autoprune.lottery",
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]
