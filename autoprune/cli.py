@@ -277,6 +277,24 @@ def prune(
             "the best checkpoint (0: off).",
         ),
     ] = 0,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            help="Structured: reach the plan in this many prune + recover increments (1: one shot).",
+        ),
+    ] = 1,
+    schedule: Annotated[
+        str, typer.Option("--schedule", help="Increments of --steps: linear, or cubic (large cuts first).")
+    ] = "linear",
+    gradual: Annotated[
+        bool,
+        typer.Option(
+            "--gradual",
+            help="Unstructured: raise sparsity from 0 to --ratio during the fine-tune (cubic polynomial schedule, "
+            "masks updated 20 times over the first 3/4 of it) instead of cutting first.",
+        ),
+    ] = False,
     train_epochs: Annotated[int, typer.Option("--train-epochs", help="Train the model first (no --weights).")] = 0,
     runtime: RuntimeOpt = "torch",
     threads: ThreadsOpt = 1,
@@ -286,7 +304,11 @@ def prune(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply a plan (or a uniform ratio) to a model and report quality, measured latency and size."""
+    """Apply a plan (or a uniform ratio) to a model and report quality, measured latency and size.
+
+    The cut is one shot by default; `--steps K` reaches a structured plan in K increments with recovery between
+    them, and `--gradual` prunes unstructured weights during the fine-tune. The result is a plain model (no masks).
+    """
     from autoprune.latency import LatencyConfig
     from autoprune.objective import Objective
     from autoprune.plan import MAX_RATIO, Plan
@@ -307,6 +329,20 @@ def prune(
         early_stopping_patience=early_stopping,
         distill=distill,
     )
+    from autoprune.gradual import ITERATIVE_SCHEDULES
+
+    if steps < 1:
+        _fail(f"--steps must be >= 1, got {steps}")
+    if schedule not in ITERATIVE_SCHEDULES:
+        _fail(f"--schedule must be one of {', '.join(ITERATIVE_SCHEDULES)}, got {schedule!r}")
+    if steps > 1 and method != "structured":
+        _fail("--steps applies to structured pruning; for unstructured sparsity use --gradual")
+    if gradual and (method != "unstructured" or ratio is None):
+        _fail("--gradual takes --method unstructured with --ratio (one global sparsity)")
+    if gradual and not recovery.finetunes:
+        _fail("--gradual prunes while fine-tuning: give --finetune-steps or --finetune-epochs")
+    if gradual and (recovery.distill or recovery.early_stopping_patience):
+        _fail("--gradual trains with the labelled loss and keeps every step: drop --distill and --early-stopping")
     net, ex, dataset, note = _load(model, _parse_kwargs(kw), weights, data, train_epochs)
     if dataset is None:
         _fail("--data is needed to evaluate quality")
@@ -330,16 +366,57 @@ def prune(
         assert ratio is not None
         names = objective.group_names if method == "structured" else ("*",)
         the_plan = objective.plan({n: ratio for n in names})
-    evaluation = objective.evaluate(the_plan, test=True)  # the delivered model: its held-out test figure too
-    report: dict[str, Any] = {
-        "baseline": objective.baseline.to_json(),
-        "pruned": evaluation.to_json(),
-        "recovery": dataclasses.asdict(recovery),
-    }
+    report: dict[str, Any] = {"baseline": objective.baseline.to_json()}
+    built = None  # a model pruned by a schedule (evaluated as it is, not rebuilt from the plan)
+    if steps > 1:
+        from autoprune.gradual import iterative_prune
+
+        done = iterative_prune(
+            objective.base,
+            ex,
+            dataset,
+            the_plan,
+            steps=steps,
+            recovery=recovery,
+            schedule=schedule,
+            keep=objective.keep,
+        )
+        built = done.model
+        report["schedule"] = {
+            "kind": "iterative",
+            "steps": steps,
+            "schedule": schedule,
+            "widths": [dict(s.widths) for s in done.steps],
+        }
+    elif gradual:
+        import copy
+
+        from autoprune.gradual import PolynomialDecay, gradual_magnitude_prune, sparsity, strip
+
+        assert ratio is not None
+        built = copy.deepcopy(objective.base)
+        total = recovery.total_steps(dataset.num_train)
+        end = max(0, total * 3 // 4 - 1)
+        poly = PolynomialDecay(0.0, ratio, begin_step=0, end_step=end, frequency=max(1, end // 20 or 1))
+        done_gradual = gradual_magnitude_prune(built, dataset, poly, recovery, keep=objective.keep)
+        strip(built)
+        report["schedule"] = {
+            "kind": "gradual",
+            "final_sparsity": ratio,
+            "end_step": end,
+            "updates": len(done_gradual.updates),
+            "sparsity": sparsity(built, objective.keep),
+        }
+    if built is None:
+        evaluation = objective.evaluate(the_plan, test=True)  # the delivered model: its held-out test figure too
+    else:
+        evaluation = objective.evaluate_model(built, the_plan, stage="search", test=True)
+    report["pruned"] = evaluation.to_json()
+    report["recovery"] = dataclasses.asdict(recovery)
     if out is not None:
         from autoprune.export import export_model
 
-        pruned = objective.materialize(the_plan)
+        pruned = objective.materialize(the_plan) if built is None else built
         exported = export_model(
             pruned,
             ex,
@@ -353,6 +430,15 @@ def prune(
         print(json.dumps(report, indent=2, default=str))
         return
     _print_comparison(objective.baseline, evaluation)
+    sched = report.get("schedule")
+    if sched and sched["kind"] == "iterative":
+        console.print(f"reached in {steps} {schedule} increments, recovered after each", highlight=False)
+    elif sched:
+        console.print(
+            f"pruned during the fine-tune: {sched['updates']} mask updates to {sched['final_sparsity']:.0%} "
+            f"(cubic schedule); the stripped model has {sched['sparsity']:.1%} zeros",
+            highlight=False,
+        )
     if out is not None:
         ex_rep = report["export"]
         console.print(
@@ -371,12 +457,15 @@ def _print_comparison(base: Any, ev: Any) -> None:
     columns = ["", "quality (val)", *(["quality (test)"] if tested else []), "latency (median)", "spread (IQR)"]
     for col in (*columns, "speed-up", "MACs", "params", "size"):
         table.add_column(col)
+    # the unpruned model's time is the one taken interleaved with the pruned model's (same window, same load)
+    paired = ev.latency.reference_median_ms
     for label, e, test in (("unpruned", base, ev.base_test_quality), ("pruned", ev, ev.test_quality)):
+        median = paired if e is base and paired is not None else e.latency.median_ms
         table.add_row(
             label,
             f"{e.quality:.4f}",
             *([f"{test:.4f}"] if tested else []),
-            _fmt_ms(e.latency.median_ms),
+            _fmt_ms(median),
             f"{100 * e.latency.spread:.1f}%",
             f"{e.speedup:.2f}x",
             f"{e.macs:,}",

@@ -91,6 +91,51 @@ def test_prune_fine_tunes_with_the_recipe_and_keeps_unstructured_zeros(tmp_path:
     assert pruned["nonzero_params"] <= 0.55 * pruned["params"]
 
 
+def test_prune_reaches_a_plan_in_steps_or_prunes_during_the_fine_tune(tmp_path: Path) -> None:
+    stepped = cli(
+        "prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "0.5", "--steps", "3", "--schedule", "cubic",
+        "--finetune-steps", "4", "--json", *FAST_LATENCY,
+    )  # fmt: skip
+    assert stepped.returncode == 0, stepped.stderr
+    report = json.loads(stepped.stdout)
+    widths = report["schedule"]["widths"]
+    assert report["schedule"]["kind"] == "iterative" and len(widths) == 3
+    for group in widths[0]:  # every increment narrows (or keeps) each group; cubic cuts most in the first
+        assert widths[0][group] >= widths[1][group] >= widths[2][group]
+    one_shot = json.loads(
+        cli("prune", "--model", "cnn1d", "--data", "mnist1d", "--ratio", "0.5", "--json", *FAST_LATENCY).stdout
+    )
+    assert report["pruned"]["params"] == one_shot["pruned"]["params"]  # the same widths as cutting at once
+    assert report["pruned"]["test_quality"] is not None
+
+    gradual = cli(
+        "prune", "--model", "cnn1d", "--data", "mnist1d", "--method", "unstructured", "--ratio", "0.5", "--gradual",
+        "--finetune-steps", "40", "--json", *FAST_LATENCY,
+    )  # fmt: skip
+    assert gradual.returncode == 0, gradual.stderr
+    report = json.loads(gradual.stdout)
+    assert report["schedule"]["kind"] == "gradual" and report["schedule"]["updates"] > 1
+    assert abs(report["schedule"]["sparsity"] - 0.5) < 0.01
+    assert report["pruned"]["nonzero_params"] <= 0.55 * report["pruned"]["params"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--ratio", "0.5", "--steps", "0"), "--steps must be >= 1"),
+        (("--ratio", "0.5", "--steps", "2", "--schedule", "exp"), "--schedule must be one of linear, cubic"),
+        (("--ratio", "0.5", "--steps", "2", "--method", "unstructured"), "use --gradual"),
+        (("--ratio", "0.5", "--gradual"), "--method unstructured"),
+        (("--ratio", "0.5", "--gradual", "--method", "unstructured"), "give --finetune-steps"),
+        (("--ratio", "0.5", "--gradual", "--method", "unstructured", "--finetune-steps", "9", "--distill"), "drop"),
+    ],
+)
+def test_prune_schedules_refuse_bad_input_before_loading(args: tuple[str, ...], needle: str) -> None:
+    result = cli("prune", "--model", "cnn1d", "--data", "mnist1d", *args)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_plan_naming_missing_group_is_refused(tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"ratios": {"no.such.layer": 0.5}}))
