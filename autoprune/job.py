@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from autoprune.data import Dataset
     from autoprune.latency import LatencyConfig, LatencyMeter
     from autoprune.objective import Evaluation, Objective
-    from autoprune.recovery import RecoveryConfig
+    from autoprune.recovery import RecoveryConfig, TrainStep
     from autoprune.reward import RewardConfig
 
 
@@ -498,6 +498,7 @@ def search(
     finetune_top: int = 0,
     finetune: RecoveryConfig | None = None,
     strategy_options: Mapping[str, Any] | None = None,
+    train_step: TrainStep | None = None,
     callbacks: Sequence[ProgressCallback] = (),
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
@@ -508,7 +509,8 @@ def search(
     architecture name; ``data`` a :class:`~autoprune.data.Dataset` or a built-in name / file path. Without data,
     pass ``evaluate=fn(model) -> float`` (higher is better) to score candidates. Every candidate is pruned for
     real, recovered (BatchNorm re-estimation by default), evaluated and measured interleaved with the unpruned
-    model; ``finetune_top=K`` fine-tunes the K best front points afterwards (``finetune`` sets the recipe).
+    model; ``finetune_top=K`` fine-tunes the K best front points afterwards (``finetune`` sets the recipe;
+    ``train_step(model, (x, y)) -> loss`` plugs in your own loss for every fine-tune).
     """
     from agents import Budget, check_strategy, run_search
     from autoprune.data import Dataset, load_dataset
@@ -540,6 +542,7 @@ def search(
         criterion=criterion,
         round_to=round_to,
         keep=keep,
+        train_step=train_step,
     )
     result = run_search(
         objective,

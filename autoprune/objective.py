@@ -27,7 +27,7 @@ from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter,
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
-from autoprune.recovery import FinetuneReport, RecoveryConfig, recalibration_batches, recover
+from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, recalibration_batches, recover
 from autoprune.reward import RewardConfig, compute_reward
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -150,8 +150,11 @@ class Objective:
         keep: Sequence[str] = (),
         eval_batch_size: int = 256,
         calibration_batches: int = 4,
+        train_step: TrainStep | None = None,
     ) -> None:
         self.base = copy.deepcopy(model).eval()
+        self.train_step = train_step
+        """The user's loss for every fine-tune (:data:`autoprune.recovery.TrainStep`); None: the built-in one."""
         self.example_inputs = example_inputs
         self.dataset = dataset
         self.metric = self._metric(metric)
@@ -271,7 +274,13 @@ class Objective:
         if self.method == "unstructured" and recovery.finetunes and not recovery.keep_sparsity:
             recovery = dataclasses.replace(recovery, keep_sparsity=True)  # else fine-tuning refills the zeros
         recover(
-            model, self.dataset, recovery, teacher=self.base, bn_batches=self._bn_batches[key], on_progress=on_finetune
+            model,
+            self.dataset,
+            recovery,
+            teacher=self.base,
+            bn_batches=self._bn_batches[key],
+            on_progress=on_finetune,
+            train_step=self.train_step,
         )
 
     @staticmethod

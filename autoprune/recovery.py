@@ -246,19 +246,19 @@ def _loss(
     return loss
 
 
+TrainStep = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]
+"""A user's loss: ``train_step(model, (x, y)) -> loss`` (``y`` is None on label-free data); the fine-tune
+calls ``backward`` and steps the optimizer."""
+
+
 def _val_loss(
-    model: nn.Module,
-    teacher: nn.Module | None,
-    dataset: Dataset,
-    config: RecoveryConfig,
-    use_kd: bool,
-    alpha: float,
+    model: nn.Module, dataset: Dataset, config: RecoveryConfig, loss_of: Callable[[Any, Any], torch.Tensor]
 ) -> float:
     """Mean training loss on the validation split, in eval mode (the early-stopping signal)."""
     total, n = 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in dataset.val_batches(max(config.batch_size, 256)):
-            total += float(_loss(model, teacher, x, y, config, use_kd, alpha)) * x.shape[0]
+            total += float(loss_of(x, y)) * x.shape[0]
             n += x.shape[0]
     return total / max(n, 1)
 
@@ -270,9 +270,14 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     on_progress: Callable[[FinetuneReport], None] | None = None,
+    train_step: TrainStep | None = None,
 ) -> nn.Module:
     """Fine-tune ``model`` in place under ``config`` (steps or epochs, optimizer, LR schedule, warm-up,
     distillation, early stopping on the validation loss, time budget, kept sparsity).
+
+    ``train_step(model, (x, y)) -> loss`` replaces the built-in loss with the user's own (a detection loss, a
+    masked-LM loss, ...): the recipe still sets the optimizer, schedule, batches, early stopping (on the same loss
+    over the validation split) and kept sparsity. It cannot be combined with ``config.distill``.
 
     Loss: cross-entropy on labels; with ``config.distill`` (needs ``teacher``) ``alpha * KD + (1 - alpha) *
     CE``; on a label-free dataset pure distillation from ``teacher`` (inputs alone). KD is the ``T**2``-scaled
@@ -284,7 +289,11 @@ def finetune(
     if not config.finetunes:
         return model.eval()
     labelled = dataset.has_labels
-    if not labelled and teacher is None:
+    if train_step is not None and config.distill:
+        raise InvalidConfigError("train_step is the loss: distil inside it, or drop distill")
+    if train_step is not None:
+        teacher = None  # the user's loss decides what it compares with
+    elif not labelled and teacher is None:
         raise DatasetError(
             f"dataset {dataset.name!r} has no labels: fine-tuning it needs a teacher model to distil from"
         )
@@ -292,6 +301,13 @@ def finetune(
         raise InvalidConfigError("distill=True needs a teacher model")
     use_kd = teacher is not None and (config.distill or not labelled)
     alpha = config.distill_alpha if labelled else 1.0
+    device = model_device(model)
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if train_step is None:
+            return _loss(model, teacher, x, y, config, use_kd, alpha)
+        return train_step(model, (x.to(device), None if y is None else y.to(device)))
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return model.eval()
@@ -333,7 +349,7 @@ def finetune(
             for x, y in batches:
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr_at(step, total)
-                loss = _loss(model, teacher, x, y, config, use_kd, alpha)
+                loss = loss_of(x, y)
                 if not bool(torch.isfinite(loss)):
                     stopped = "non_finite_loss"
                     break
@@ -346,7 +362,7 @@ def finetune(
                         for p, keep in masks:
                             p.mul_(keep)
                 if config.early_stopping_patience > 0 and (step % eval_every == 0 or step == total):
-                    last_val = _val_loss(model, teacher, dataset, config, use_kd, alpha)
+                    last_val = _val_loss(model, dataset, config, loss_of)
                     if best is None or last_val < best[0]:
                         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                         best, checks_since_best = (last_val, step, state), 0
@@ -403,9 +419,11 @@ def recover(
     teacher: nn.Module | None = None,
     bn_batches: Sequence[Batch] | None = None,
     on_progress: Callable[[FinetuneReport], None] | None = None,
+    train_step: TrainStep | None = None,
 ) -> nn.Module:
     """Recover a pruned model in place: BatchNorm recalibration on ``config.bn_recalibration_batches``
-    training batches, then fine-tuning when the recipe asks for it (see :func:`finetune`).
+    training batches, then fine-tuning when the recipe asks for it (see :func:`finetune`; ``train_step``: the
+    user's own loss).
     Deterministic: the same inputs and seed give identical weights. Returns ``model`` in eval mode.
 
     ``bn_batches``: the recalibration batches, if already drawn with :func:`recalibration_batches` for this
@@ -414,5 +432,5 @@ def recover(
     if config.bn_recalibration_batches > 0:
         recalibrate_batchnorm(model, recalibration_batches(dataset, config) if bn_batches is None else bn_batches)
     if config.finetunes:
-        return finetune(model, dataset, config, teacher=teacher, on_progress=on_progress)
+        return finetune(model, dataset, config, teacher=teacher, on_progress=on_progress, train_step=train_step)
     return model.eval()

@@ -124,6 +124,37 @@ def test_label_free_finetune_distils_from_the_teacher(trained: nn.Sequential, di
         finetune(_conv_bn(), digits, RecoveryConfig(finetune_steps=1, distill=True))
 
 
+def test_a_users_train_step_is_the_loss_the_recipe_trains(digits: Dataset) -> None:
+    seen: list[tuple[tuple[int, ...], bool]] = []
+
+    def label_smoothed(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        x, y = batch
+        assert y is not None
+        seen.append((tuple(x.shape), model.training))
+        return F.cross_entropy(model(x), y, label_smoothing=0.1)
+
+    model = _conv_bn(seed=1)
+    before = _train_loss(model, digits)
+    recipe = RecoveryConfig(finetune_steps=25, finetune_lr=5e-3, batch_size=32, early_stopping_patience=3, eval_every=5)
+    finetune(model, digits, recipe, train_step=label_smoothed)
+    assert _train_loss(model, digits) < 0.5 * before
+    training = [shape for shape, mode in seen if mode]
+    assert len(training) == 25 and all(shape[0] == 32 for shape in training)
+    assert any(not mode for _, mode in seen)  # early stopping scored the same loss on the validation split, in eval
+    # label-free data needs no teacher when the loss is the user's own
+    unlabelled = Dataset("digits-x", digits.x_train, None, digits.x_val, None)
+    calls: list[bool] = []
+
+    def sparsity_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        calls.append(batch[1] is None)
+        return model(batch[0]).abs().mean()
+
+    finetune(_conv_bn(), unlabelled, RecoveryConfig(finetune_steps=3), train_step=sparsity_loss)
+    assert calls == [True, True, True]
+    with pytest.raises(InvalidConfigError, match="train_step"):
+        finetune(_conv_bn(), digits, RecoveryConfig(finetune_steps=1, distill=True), train_step=label_smoothed)
+
+
 def test_recover_is_deterministic_and_leaves_global_rng_alone(trained: nn.Sequential, digits: Dataset) -> None:
     cfg = RecoveryConfig(bn_recalibration_batches=4, finetune_steps=8, distill=True, seed=3)
     torch.manual_seed(1234)
