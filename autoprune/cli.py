@@ -597,6 +597,7 @@ def search(
             result,
             out,
             example_inputs=obj.example_inputs,
+            latency_config=job.latency_config(),  # the exported file is re-timed at the search's threads and batch
             select=job.select,
             max_quality_drop=job.max_quality_drop,
             max_latency_ratio=job.max_latency_ratio,

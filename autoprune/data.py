@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import CorruptFileError, DatasetError, InvalidConfigError, ShapeMismatchError
+from autoprune.names import MAX_CLASSES, MIN_PER_SPLIT
 
 __all__ = [
     "Batch",
@@ -51,7 +52,7 @@ Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 _BUILTINS = ("digits", "mnist1d")
 _FORMATS = ("npz", "safetensors")
-_MIN_PER_SPLIT = 2
+_MIN_PER_SPLIT = MIN_PER_SPLIT
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -69,6 +70,8 @@ def _as_x(value: Any, field: str) -> torch.Tensor:
             f"{field} has shape {tuple(t.shape)}; inputs need a batch dimension and at least one feature "
             "dimension, e.g. (N, F), (N, C, L) or (N, C, H, W)"
         )
+    if t.shape[0] == 0:
+        raise DatasetError(f"{field} has shape {tuple(t.shape)}: it holds no samples")
     if t[0].numel() == 0:
         raise DatasetError(f"{field} has shape {tuple(t.shape)}: samples are empty")
     if not bool(torch.isfinite(t).all()):
@@ -169,6 +172,11 @@ class Dataset:
             object.__setattr__(self, "y_test", y_test)
         top = max(int(y_train.max()), int(y_val.max()), -1 if y_test is None else int(y_test.max())) + 1
         num_classes = top if self.num_classes is None else int(self.num_classes)
+        if num_classes > MAX_CLASSES:
+            raise DatasetError(
+                f"{num_classes} classes (labels up to {top - 1}) is more than the {MAX_CLASSES} accepted; "
+                "labels are class indices 0..K-1"
+            )
         if num_classes < top:
             raise DatasetError(f"num_classes is {num_classes} but the labels go up to {top - 1}")
         object.__setattr__(self, "y_train", y_train)

@@ -32,3 +32,8 @@ MEDIA_TYPES = {"onnx": "application/onnx", "safetensors": "application/zip", "pt
 itself a zip archive)."""
 SUFFIXES = {"onnx": ".onnx", "safetensors": ".zip", "pt2": ".pt2"}
 """File suffix of each export format's download."""
+MIN_PER_SPLIT = 2
+"""The fewest samples a dataset split (train, val, test) may hold; one unsplit array needs twice as many."""
+MAX_CLASSES = 100_000
+"""The most classes a labelled dataset may have (labels are class indices; a label of 10**9 is a mistake, and a
+head that wide would not fit in memory)."""

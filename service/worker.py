@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -146,9 +147,15 @@ class _Lease:
                 return
 
 
+_ABSOLUTE_PATH = re.compile(r"""(?:/[^/\s'"():,]+)+/([^/\s'"():,]+)""")
+
+
 def _first_line(exc: BaseException) -> str:
+    """The error a job shows its caller: one line, server paths reduced to file names (the server's layout is
+    the operator's business; the full traceback stays in the worker's log and the database)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}"[:2000] if text else type(exc).__name__
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return _ABSOLUTE_PATH.sub(r"\1", line)[:2000]
 
 
 def _finite(value: Any) -> Any:
@@ -216,6 +223,7 @@ class Worker:
         lost)."""
         lease = _Lease(self.repo, job.id, self.worker_id, self.settings.lease_seconds, self.settings.heartbeat_seconds)
         lease.start()
+        outcome = "interrupted"
         try:
             try:
                 outcome = self._run(job, lease)
@@ -235,21 +243,25 @@ class Worker:
                 self.repo.release_job(job.id, self.worker_id)
             return outcome
         except LeaseLost:
-            return "lost"
+            outcome = "lost"
+            return outcome
         except (KeyboardInterrupt, SystemExit):
+            outcome = "released"
             self._leave(job.id, "released")
             raise
         except BaseException as exc:
             log.exception("job %s failed", job.id)
             if lease.lost:
-                return "lost"
+                outcome = "lost"
+                return outcome
+            outcome = "failed"
             self._leave(job.id, "failed", exc)
             if not isinstance(exc, Exception):
                 raise
-            return "failed"
+            return outcome
         finally:
             lease.stop()
-            log.info("worker %s: job %s done", self.worker_id, job.id)
+            log.info("worker %s: job %s %s", self.worker_id, job.id, outcome)  # released is not "done"
 
     def _leave(self, job_id: str, outcome: str, exc: BaseException | None = None) -> None:
         """Best effort: fail or release the job; if even that cannot be written, its lease expires."""

@@ -57,6 +57,9 @@ def archive_entries(zf: zipfile.ZipFile, max_bytes: int) -> dict[str, zipfile.Zi
     if not infos:
         raise CorruptFileError("not a .pt2 archive: the zip file is empty")
     names = [info.filename for info in infos]
+    for name in names:  # nothing is extracted, but a name that climbs or is absolute is refused outright
+        if "\\" in name or name.startswith("/") or any(seg in ("", ".", "..") for seg in name.split("/")):
+            raise CorruptFileError(f"refusing the .pt2 archive: unsafe entry name {name[:200]!r}")
     if len(set(names)) != len(names):
         raise CorruptFileError("not a .pt2 archive: the zip file has duplicate entries")
     tops = {name.split("/", 1)[0] for name in names}

@@ -51,6 +51,60 @@ def read_key_file(data_dir: Path) -> list[str]:
     return [key] if key else []
 
 
+MAX_JSON_BODY_BYTES = 64 * 1024
+"""The largest JSON request body (a job, a built-in dataset); files travel as raw uploads with their own limit."""
+
+
+class JsonBodyCap:
+    """ASGI middleware: a JSON request body over :data:`MAX_JSON_BODY_BYTES` is a 413 problem, whether its
+    ``Content-Length`` says so up front or a chunked body grows past it (the rest is not read)."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_JSON_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not headers.get("content-type", "").split(";")[0].strip().lower().endswith("json"):
+            await self.app(scope, receive, send)
+            return
+        message = f"a JSON request body is at most {self.max_bytes} bytes"
+        declared = headers.get("content-length", "")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        body = b""
+        more = not too_large
+        while more:  # a JSON body is small: read it here, up to the cap, and hand it on whole
+            event = await receive()
+            if event["type"] != "http.request":
+                break
+            body += event.get("body", b"")
+            more = event.get("more_body", False)
+            too_large = len(body) > self.max_bytes
+            if too_large:
+                break
+        if too_large:
+            from starlette.requests import Request
+
+            from service.api.problems import problem_response
+
+            response = problem_response(Request(scope), 413, message, headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.5) -> FastAPI:
     """The API app for ``settings`` (built from the environment when omitted). Keys: ``settings.api_keys``, or
     the key ``autoprune serve`` wrote into ``<data_dir>/api-key``; without any the app refuses to start."""
@@ -111,6 +165,7 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
         )
 
     app.include_router(v1)
+    app.add_middleware(JsonBodyCap)
 
     @app.get("/health", response_model=Health, tags=["meta"], responses={503: {"model": Health}})
     def health() -> Any:

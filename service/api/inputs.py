@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -66,6 +67,9 @@ async def _store_upload(
     media = "application/zip" if suffix in (".pt2", ".npz") else "application/octet-stream"
     await run_in_threadpool(repo.add_artefact, sha, stored, media, suffix)
     return sha, stored, info
+
+
+RowId = Annotated[str, PathParam(min_length=1, max_length=64, description="The id the upload returned.")]
 
 
 @router.post(
@@ -142,7 +146,7 @@ async def create_model(
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, responses=problem_responses(401, 404))
-def get_model(model_id: str, repo: Annotated[Repository, Depends(deps.repo)]) -> ModelOut:
+def get_model(model_id: RowId, repo: Annotated[Repository, Depends(deps.repo)]) -> ModelOut:
     return ModelOut.of(repo.get_model(model_id))
 
 
@@ -225,5 +229,5 @@ async def create_dataset(
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, responses=problem_responses(401, 404))
-def get_dataset(dataset_id: str, repo: Annotated[Repository, Depends(deps.repo)]) -> DatasetOut:
+def get_dataset(dataset_id: RowId, repo: Annotated[Repository, Depends(deps.repo)]) -> DatasetOut:
     return DatasetOut.of(repo.get_dataset(dataset_id))

@@ -329,7 +329,7 @@ def _find_evaluation(repo: Repository, job_id: str, index: int, stage: str) -> E
             return None
 
 
-PointPath = Annotated[str, Path(description="`best` or an evaluation index.", max_length=20)]
+PointPath = Annotated[str, Path(description="`best` or an evaluation index.", pattern=r"^(best|[0-9]{1,9})$")]
 FormatQuery = Annotated[Format, Query(description="onnx, safetensors (a zip with the plan) or pt2.")]
 StageQuery = Annotated[Stage | None, Query(description="search or finetuned (default: finetuned if exported).")]
 

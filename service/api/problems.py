@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.artefacts import TooLarge
 from service.db.repository import Conflict, LeaseLost, NotFound
@@ -87,7 +88,7 @@ def problem_response(
         "title": title or phrase,
         "status": status,
         "detail": detail,
-        "instance": request.url.path,
+        "instance": _clip(request.url.path),
         **extra,
     }
     return JSONResponse(
@@ -105,6 +106,11 @@ def _allowed_methods(request: Request) -> list[str]:
         if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
             allowed.append(method)
     return allowed
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A request path as a problem names it: never echoed at length (a 10,000-character id is cut)."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -170,6 +176,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(TooLarge)
     async def _too_large(request: Request, exc: TooLarge) -> JSONResponse:
         return problem_response(request, 413, str(exc), headers={"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # not the server's fault and nobody is left to answer: one line in the log, no traceback
+        log.warning("client went away during %s %s (request body incomplete)", request.method, _clip(request.url.path))
+        return problem_response(request, 400, "the client closed the connection before sending the whole body")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

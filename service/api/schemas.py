@@ -25,6 +25,8 @@ def _spec_field(knob: Knob) -> tuple[Any, Any]:
     kinds: dict[type, Any] = {int: int, float: float, str: str, bool: bool, tuple: list[ExportFormat]}
     kind = kinds.get(knob.kind, dict[str, Any])
     extra: dict[str, Any] = {"description": knob.doc}
+    if knob.kind in (int, float, bool):
+        extra["strict"] = True  # `budget: true` is not 1, `distill: 1` is not true
     if knob.kind in (int, float):
         if knob.lo is not None:
             extra["gt" if knob.lo_open else "ge"] = knob.lo

@@ -34,6 +34,7 @@ import numpy as np
 
 from autoprune.errors import CorruptFileError
 from autoprune.models.pt2_archive import archive_entries
+from autoprune.names import MAX_CLASSES, MIN_PER_SPLIT
 from service.api.problems import Problem
 from service.artefacts import TooLarge
 
@@ -189,7 +190,8 @@ def check_pt2(path: Path) -> dict[str, Any]:
 
 # --- datasets (.npz / .safetensors) ----------------------------------------------------------------------------
 
-_KNOWN = ("x", "y", "x_train", "y_train", "x_val", "y_val")
+_KNOWN = ("x", "y", "x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+_LABELS = ("y", "y_train", "y_val", "y_test")
 _LAYOUTS = "x_train,y_train,x_val,y_val | x,y | x | x_train,x_val | x_train"
 _NUMERIC_ST = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64"}
 _INT_ST = {"U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"}
@@ -202,28 +204,37 @@ class ArrayInfo:
     kind: str  # numpy kind: b i u f (c, O, ... are refused)
 
 
-def _check_layout(arrays: dict[str, ArrayInfo], labels_min: dict[str, int | None]) -> dict[str, Any]:
+def _check_layout(arrays: dict[str, ArrayInfo], labels: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """The checks of :func:`autoprune.data._dataset_from_arrays` that need no data: names, kinds, shapes."""
     keys = set(arrays) & set(_KNOWN)
     if not keys:
         raise UploadInvalid(f"no known arrays in the dataset (found {sorted(arrays)}); expected one of: {_LAYOUTS}")
-    if keys & {"x", "y"} and keys & {"x_train", "y_train", "x_val", "y_val"}:
+    splits = {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test"}
+    if keys & {"x", "y"} and keys & splits:
         raise UploadInvalid(f"the dataset mixes 'x'/'y' with split arrays (found {sorted(keys)})")
     for k in sorted(keys):
         a = arrays[k]
         if a.kind not in "biuf":
             raise UploadInvalid(f"array {k!r} has dtype {a.dtype}; only numeric arrays are accepted")
     pairs: list[tuple[str, str | None]]
-    if keys & {"x_train", "y_train", "x_val", "y_val"}:
+    if keys & splits:
         if "x_train" not in keys:
             raise UploadInvalid(f"the dataset has split arrays but no 'x_train' (found {sorted(keys)})")
         if "y_val" in keys and "x_val" not in keys:
             raise UploadInvalid("the dataset has 'y_val' without 'x_val'")
         if "x_val" in keys and ("y_train" in keys) != ("y_val" in keys):
             raise UploadInvalid("the dataset has labels for one split only; give both y_train and y_val or neither")
+        if keys & {"x_test", "y_test"} and "x_val" not in keys:
+            raise UploadInvalid("the dataset has a test split but no 'x_val'; give x_train, x_val and x_test")
+        if "y_test" in keys and "x_test" not in keys:
+            raise UploadInvalid("the dataset has 'y_test' without 'x_test'")
+        if "x_test" in keys and ("y_train" in keys) != ("y_test" in keys):
+            raise UploadInvalid("the dataset labels some splits only; give y_test with y_train and y_val, or none")
         pairs = [("x_train", "y_train" if "y_train" in keys else None)]
         if "x_val" in keys:
             pairs.append(("x_val", "y_val" if "y_val" in keys else None))
+        if "x_test" in keys:
+            pairs.append(("x_test", "y_test" if "y_test" in keys else None))
     else:
         if "x" not in keys:
             raise UploadInvalid(f"the dataset has 'y' but no 'x' (found {sorted(keys)})")
@@ -236,6 +247,9 @@ def _check_layout(arrays: dict[str, ArrayInfo], labels_min: dict[str, int | None
                 f"{xk} has shape {x.shape}; inputs need a batch dimension and a non-empty feature dimension, "
                 "e.g. (N, F), (N, C, L) or (N, C, H, W)"
             )
+        least = 2 * MIN_PER_SPLIT if xk == "x" else MIN_PER_SPLIT  # one array is split into train and val
+        if x.shape[0] < least:
+            raise UploadInvalid(f"{xk} holds {x.shape[0]} sample(s); at least {least} are needed")
         samples += x.shape[0]
         if yk is None:
             continue
@@ -246,9 +260,14 @@ def _check_layout(arrays: dict[str, ArrayInfo], labels_min: dict[str, int | None
             raise UploadInvalid(f"{yk} has shape {y.shape}; labels must be 1-D class indices")
         if y.shape[0] != x.shape[0]:
             raise UploadInvalid(f"{yk} has {y.shape[0]} labels but {xk} has {x.shape[0]} samples")
-        low = labels_min.get(yk)
-        if low is not None and low < 0:
+        low, high = labels.get(yk, (0, 0))
+        if low < 0:
             raise UploadInvalid(f"{yk} contains negative labels (min {low}); labels must be >= 0")
+        if high >= MAX_CLASSES:
+            raise UploadInvalid(
+                f"{yk} has labels up to {high}: more than the {MAX_CLASSES} classes accepted (labels are class "
+                "indices 0..K-1)"
+            )
     return {
         "arrays": {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in sorted(arrays.items())},
         "samples": samples,
@@ -273,7 +292,7 @@ def check_npz(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise UploadInvalid("a single .npy array, not an .npz archive of named arrays")
     arrays: dict[str, ArrayInfo] = {}
-    label_min: dict[str, int | None] = {}
+    label_range: dict[str, tuple[int, int]] = {}
     try:
         with loaded:
             for key in loaded.files:
@@ -281,8 +300,8 @@ def check_npz(path: Path) -> dict[str, Any]:
                 if not isinstance(arr, np.ndarray):  # NpzFile hands out non-.npy members as raw bytes
                     raise UploadInvalid(f"the .npz archive holds {key!r}, which is not a .npy array")
                 arrays[key] = ArrayInfo(tuple(int(d) for d in arr.shape), str(arr.dtype), arr.dtype.kind)
-                if key in ("y", "y_train", "y_val") and arr.dtype.kind in "iu" and arr.size:
-                    label_min[key] = int(arr.min())
+                if key in _LABELS and arr.dtype.kind in "iu" and arr.size:
+                    label_range[key] = (int(arr.min()), int(arr.max()))
                 elif key in _KNOWN and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
                     raise UploadInvalid(f"array {key!r} contains NaN or infinite values")
                 del arr
@@ -296,7 +315,7 @@ def check_npz(path: Path) -> dict[str, Any]:
         raise UploadInvalid(f"damaged .npz archive: {exc}") from None
     if not arrays:
         raise UploadInvalid("the .npz archive holds no arrays")
-    return {"format": "npz", **_check_layout(arrays, label_min)}
+    return {"format": "npz", **_check_layout(arrays, label_range)}
 
 
 def check_safetensors_dataset(path: Path) -> dict[str, Any]:
@@ -309,8 +328,8 @@ def check_safetensors_dataset(path: Path) -> dict[str, Any]:
         )
         for k, t in tensors.items()
     }
-    label_min: dict[str, int | None] = {}
-    labels = [k for k in ("y", "y_train", "y_val") if k in arrays and arrays[k].dtype in _INT_ST]
+    label_range: dict[str, tuple[int, int]] = {}
+    labels = [k for k in _LABELS if k in arrays and arrays[k].dtype in _INT_ST]
     if labels:
         from safetensors import safe_open
 
@@ -318,10 +337,11 @@ def check_safetensors_dataset(path: Path) -> dict[str, Any]:
             with safe_open(str(path), framework="numpy") as f:
                 for k in labels:
                     y = f.get_tensor(k)
-                    label_min[k] = int(y.min()) if y.size else None
+                    if y.size:
+                        label_range[k] = (int(y.min()), int(y.max()))
         except Exception as exc:  # safetensors' own errors
             raise UploadInvalid(f"corrupt safetensors file: {exc}") from None
-    return {"format": "safetensors", **_check_layout(arrays, label_min)}
+    return {"format": "safetensors", **_check_layout(arrays, label_range)}
 
 
 def sniff_dataset(path: Path) -> str:

@@ -219,6 +219,8 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
         ({"features": np.zeros((10, 2))}, "no known arrays"),
         ({"x": np.array(["a", "b", "c", "d"])}, "numeric"),
         ({"x": np.zeros(10)}, "batch dimension"),
+        ({"x_train": np.zeros((0, 2)), "x_val": np.zeros((4, 2))}, "holds no samples"),
+        ({"x": np.zeros((10, 2)), "y": np.full(10, 10**9)}, "more than the 100000"),
     ],
 )
 def test_invalid_contents_raise_dataset_error(arrays: dict[str, np.ndarray], match: str) -> None:

@@ -515,6 +515,16 @@ def _edit_json(edit: Callable[[dict[str, Any]], None]) -> Callable[[bytes], byte
     return apply
 
 
+@pytest.mark.parametrize("rel", ["extra/../../escape", "extra/./x", "models/..json/../model.json", "extra//x"])
+def test_entry_names_that_climb_are_refused(saved: dict[str, Any], tmp_path: Path, rel: str) -> None:
+    from autoprune.errors import CorruptFileError
+
+    _, _, path = saved["resnetish"]
+    bad = _rewrite(path, tmp_path / "climb.pt2", {rel: b"{}"})
+    with pytest.raises(CorruptFileError, match="unsafe entry name"):
+        load_pt2(bad)
+
+
 def test_pickle_in_sample_inputs_is_never_loaded(saved: dict[str, Any], tmp_path: Path) -> None:
     # torch.export.load would run this: it retries torch.load(weights_only=False) on the sample inputs
     model, x, path = saved["resnetish"]

@@ -260,6 +260,50 @@ def test_oversized_upload_declared_length_is_413_before_the_body(server: Server)
     assert b"application/problem+json" in reply and b"exceeds the limit" in reply
 
 
+@pytest.mark.parametrize("path", ["/v1/models/{}", "/v1/datasets/{}", "/v1/jobs/{}", "/v1/jobs/abc/models/{}"])
+def test_long_ids_are_refused_without_being_echoed(api: httpx.Client, path: str) -> None:
+    r = api.get(path.format("a" * 10_000))
+    assert_problem(r, 422, "at most" if "models/{}" not in path or path.startswith("/v1/models") else "pattern")
+    assert len(r.content) < 2_000
+    assert_problem(api.get("/v1/jobs/abc/models/12abc"), 422, "pattern")
+
+
+def test_a_job_body_has_a_size_cap_declared_or_streamed(api: httpx.Client) -> None:
+    from service.api.app import MAX_JSON_BODY_BYTES
+
+    big = json.dumps({"model_id": "m", "dataset_id": "d", "strategy_options": {"x": "y" * MAX_JSON_BODY_BYTES}})
+    headers = {"Content-Type": "application/json"}
+    assert_problem(api.post("/v1/jobs", content=big, headers=headers), 413, "at most")
+
+    def chunks() -> Any:  # no Content-Length: the cap holds while the body streams
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096].encode()
+
+    assert_problem(api.post("/v1/jobs", content=chunks(), headers=headers), 413, "at most")
+    assert api.get("/v1/jobs").status_code == 200  # the server carries on
+
+
+def test_an_upload_the_client_abandons_is_not_a_server_error(server: Server, api: httpx.Client) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            (
+                f"POST /v1/datasets HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+            ).encode()
+            + b"\1" * 5000
+        )
+    # the server notices on its next read; then it goes on serving, with nothing left behind and nothing logged
+    # as a crash
+    deadline = time.monotonic() + 10
+    while "client went away" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "client went away" in server.output()
+    assert api.get("/v1/jobs").status_code == 200
+    assert "Traceback" not in server.output() and "unhandled error" not in server.output()
+    assert [p for p in (server.data_dir / "artefacts").rglob(".*") if p.is_file()] == []
+
+
 def test_oversized_streamed_upload_is_413_once_the_limit_is_crossed(server: Server) -> None:
     """Chunked upload without a length: the server reads up to the limit, answers 413 and stops reading."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -387,6 +431,14 @@ def test_dataset_uploads(api: httpx.Client) -> None:
     assert unlabelled["info"]["labelled"] is False
 
     assert_problem(api.post("/v1/datasets", content=_npz(x=x, y=-y - 1)), 422, "negative")
+    assert_problem(api.post("/v1/datasets", content=_npz(x=x[:0], y=y[:0])), 422, "holds 0 sample(s)")
+    assert_problem(api.post("/v1/datasets", content=_npz(x_train=x, x_val=x[:1])), 422, "x_val holds 1 sample")
+    assert_problem(api.post("/v1/datasets", content=_npz(x=x, y=y * 0 + 10**9)), 422, "100000 classes")
+    split = {"x_train": x[:20], "y_train": y[:20], "x_val": x[20:30], "y_val": y[20:30]}
+    tested = api.post("/v1/datasets", content=_npz(**split, x_test=x[30:], y_test=y[30:]))
+    assert tested.status_code == 201 and tested.json()["info"]["samples"] == 40, tested.text
+    assert_problem(api.post("/v1/datasets", content=_npz(**split, x_test=x[30:])), 422, "labels some splits")
+    assert_problem(api.post("/v1/datasets", content=_npz(x_train=x, x_test=x)), 422, "no 'x_val'")
     assert_problem(api.post("/v1/datasets", content=_npz(x=x, y=y[:5])), 422, "labels")
     assert_problem(api.post("/v1/datasets", content=_npz(x=x, y=y.astype(np.float32))), 422, "integers")
     assert_problem(api.post("/v1/datasets", content=_npz(images=x)), 422, "no known arrays")
@@ -430,6 +482,9 @@ def test_create_job(api: httpx.Client, inputs: tuple[str, str]) -> None:
         ({"budget": 0}, 422, ["budget"]),
         ({"budget": None, "seconds": None}, 422, ["budget"]),
         ({"budget": "many"}, 422, ["budget"]),
+        ({"budget": True}, 422, ["budget"]),
+        ({"distill": 1}, 422, ["distill"]),
+        ({"target": True}, 422, ["target"]),
         ({"learning_rate": 0.1}, 422, ["learning_rate", "extra"]),
         ({"strategy": "random", "strategy_options": {"n_startup_trials": 3}}, 422, ["no option"]),
         ({"metric": "f1"}, 422, ["metric"]),

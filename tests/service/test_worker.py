@@ -229,6 +229,22 @@ def test_a_bad_job_fails_with_its_error(settings: Settings, repo: Repository) ->
     assert "Traceback" in failed.data["traceback"]
 
 
+def test_a_job_error_does_not_show_server_paths(settings: Settings, repo: Repository) -> None:
+    sha = "ab" * 32  # an artefact row whose file has gone: the worker cannot open the model's weights
+    repo.add_artefact(sha, 10, "application/octet-stream", ".safetensors")
+    model = repo.create_model(name="x", kind="architecture", architecture="resnet20", kwargs={}, artefact_sha256=sha)
+    data = repo.create_dataset(name="d", kind="builtin", builtin="digits", artefact_sha256=None, info={})
+    job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=dict(SPEC), progress_total=3)
+    worker = Worker(settings)
+    try:
+        assert worker.run_once()
+    finally:
+        worker.close()
+    row = repo.get_job(job.id)
+    assert row.state == "failed" and row.error
+    assert str(settings.data_dir) not in row.error and "/" not in row.error, row.error
+
+
 def test_a_stored_job_naming_a_study_storage_fails_without_touching_it(
     settings: Settings, repo: Repository, tmp_path: Path
 ) -> None:
@@ -321,6 +337,7 @@ def test_sigterm_releases_the_job_and_another_worker_resumes_it(
     before = search_rows(repo, job_id)
     assert 2 <= len(before) < BUDGET
     assert [e.data.get("reason") for e in repo.events_after(job_id) if e.to_state == "queued"][-1] == "released"
+    assert f"job {job_id} released" in log.read_text() and f"job {job_id} done" not in log.read_text()
 
     worker = Worker(settings, "w2")
     try:
