@@ -82,6 +82,12 @@ STRATEGIES: dict[str, StrategyInfo] = {
         ),
         StrategyInfo("random", "agents.baselines:RandomSearch", "independent uniform ratios per group"),
         StrategyInfo(
+            "knapsack",
+            "agents.knapsack:KnapsackSearch",
+            "latency-guided: each group probed alone (measured latency, quality), then a knapsack per target",
+            options=("probe_ratios", "min_target"),
+        ),
+        StrategyInfo(
             "optuna-tpe",
             "agents.optuna_search:OptunaTPE",
             "Optuna TPE on the scalar reward",

@@ -384,4 +384,5 @@ def run_search(
         wall_s=session.elapsed,
         replayed=session.replayed,
         objective=objective,
+        info=strategy.info() if callable(getattr(strategy, "info", None)) else {},  # type: ignore[attr-defined]
     )

@@ -115,6 +115,13 @@ def write_search_outputs(
     paths["plot"] = out / "pareto.png"
     _atomic_write(paths["plot"], _plot(result, front, best, rule, title))
 
+    table = result.info.get("sensitivity")
+    if table:
+        paths["sensitivity"] = out / "sensitivity.json"
+        _atomic_write(paths["sensitivity"], json.dumps(result.info, indent=2, sort_keys=True).encode())
+        paths["sensitivity_plot"] = out / "sensitivity.png"
+        _atomic_write(paths["sensitivity_plot"], _plot_sensitivity(table))
+
     paths["report"] = out / "report.md"
     text = _report(result, front, best, rule, export, export_error, title)
     _atomic_write(paths["report"], text.encode())
@@ -565,4 +572,76 @@ def _report(
         out.append(f"Reward terms: {terms}.")
     out += ["", "## Export", "", *_export_lines(export, export_error, best), ""]
     out += ["## Latency protocol", "", *_protocol_lines(result), ""]
+    if result.info.get("sensitivity"):
+        out += ["## Latency table", "", *_sensitivity_lines(result), ""]
     return "\n".join(out)
+
+
+def _sensitivity_lines(result: SearchResult) -> list[str]:
+    table = result.info["sensitivity"]
+    cal = result.info.get("calibration", {})
+    ratios = sorted({p["ratio"] for p in table["probes"]})
+    lines = [
+        f"Each group pruned alone at each probe ratio, recovered, scored on validation and timed interleaved with "
+        f"the unpruned model ({table['runtime']}, {table['threads']} thread(s), batch {table['batch_size']}): "
+        f"{len(table['probes'])} probes in {table['seconds']:.1f} s, not counted as evaluations. Cells: kept "
+        "width, measured latency ratio, relative quality drop. `sensitivity.png` plots it; `sensitivity.json` "
+        "has every probe.",
+        "",
+        "| group | units | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
+        "|---|---|" + "---|" * len(ratios),
+    ]
+    for group, units in zip(table["groups"], table["widths"], strict=True):
+        cells = []
+        for r in ratios:
+            probe = next((p for p in table["probes"] if p["group"] == group and p["ratio"] == r), None)
+            if probe is None:
+                cells.append("-")
+            elif probe["failed"]:
+                cells.append("failed")
+            else:
+                cells.append(f"{probe['width']}: {probe['latency_ratio']:.3f}, {100 * probe['quality_drop']:.1f}%")
+        lines.append(f"| `{group}` | {units} | " + " | ".join(cells) + " |")
+    predicted = [
+        (dict(e.plan.extra).get("predicted_latency_ratio"), e.latency_ratio)
+        for e in result.evaluations
+        if "predicted_latency_ratio" in dict(e.plan.extra)
+    ]
+    if predicted:
+        errors = sorted(abs(p - m) / m for p, m in predicted if p is not None and m > 0)
+        if errors:
+            lines += [
+                "",
+                f"Predicted vs measured latency of the {len(errors)} planned candidates: median error "
+                f"{100 * errors[len(errors) // 2]:.1f}%, worst {100 * errors[-1]:.1f}% (calibration: latency "
+                f"x{cal.get('latency_scale', 1.0):.2f}, quality x{cal.get('quality_scale', 1.0):.2f}).",
+            ]
+    return lines
+
+
+def _plot_sensitivity(table: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_q) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    try:
+        for group, units in zip(table["groups"], table["widths"], strict=True):
+            probes = sorted(
+                (p for p in table["probes"] if p["group"] == group and not p["failed"]), key=lambda p: -p["width"]
+            )
+            widths = [units] + [p["width"] for p in probes]
+            ax_lat.plot(widths, [1.0] + [p["latency_ratio"] for p in probes], marker="o", ms=3, label=group)
+            ax_q.plot(widths, [0.0] + [100 * p["quality_drop"] for p in probes], marker="o", ms=3, label=group)
+        ax_lat.set(xlabel="kept width (units)", ylabel="measured latency / unpruned", title="latency table")
+        ax_q.set(xlabel="kept width (units)", ylabel="quality drop (%)", title="sensitivity (validation)")
+        ax_lat.invert_xaxis()
+        ax_q.invert_xaxis()
+        ax_q.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)

@@ -40,6 +40,9 @@ class SearchResult:
     finetuned: list[Evaluation] = field(default_factory=list)
     """Front points after the final fine-tuning stage (``stage == "finetuned"``), re-evaluated and re-measured."""
     objective: Objective | None = field(default=None, repr=False, compare=False)
+    info: dict[str, Any] = field(default_factory=dict)
+    """What the strategy learnt besides its candidates (``knapsack``: the measured ``sensitivity`` table and its
+    calibration), JSON-ready."""
 
     def failures_note(self) -> str | None:
         """One line on the candidates that could not be pruned (for the CLI, the report and the job log)."""

@@ -309,6 +309,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="distilled fine-tune steps per candidate on the labelled workloads (default 0: BatchNorm only)",
     )
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the timed input (default 1)")
+    p.add_argument("--runtime", default="torch", help="latency runtime: torch or onnxruntime (default torch)")
     p.add_argument("--out", type=Path, help="write every evaluation as JSON lines (replayable with --replay)")
     p.add_argument("--replay", type=Path, help="answer plans recorded in this --out file instead of re-running")
     p.add_argument("--quick", action="store_true", help="smoke mode: budget 3, 2 seeds, small data, 1 s timings")
@@ -399,7 +401,8 @@ def run_workload(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    latency = LatencyConfig(max_seconds=1.0) if args.quick else LatencyConfig()
+    timing = {"batch_size": args.batch_size, "runtime": args.runtime}
+    latency = LatencyConfig(max_seconds=1.0, **timing) if args.quick else LatencyConfig(**timing)
     history = load_history(args.replay) if args.replay else {}
     out = args.out.open("w", encoding="utf-8") if args.out else None
     log(

@@ -381,6 +381,8 @@ class Worker:
         )
         self._check(lease)
         self._log_failures(job.id, result)
+        if result.info.get("sensitivity"):  # the knapsack's measured latency table, kept with the job
+            self.repo.add_event(job.id, "sensitivity", **_finite(result.info))
         if result.stop_reason == "interrupted":  # Ctrl-C reached the search: stop like SIGTERM
             raise _Stop("released")
         if spec.finetune_top > 0:

@@ -211,6 +211,24 @@ def test_worker_runs_a_job_to_success_with_exports(settings: Settings, repo: Rep
         assert json.loads(zf.read("model.plan.json")) == archive.meta["plan"]
 
 
+def test_a_knapsack_job_keeps_its_latency_table(settings: Settings, repo: Repository) -> None:
+    job_id = submit(
+        repo, strategy="knapsack", strategy_options={"probe_ratios": [0.5]}, budget=2, export_formats=["safetensors"]
+    )
+    worker = Worker(settings, "w-knap")
+    try:
+        assert worker.run_once()
+    finally:
+        worker.close()
+    job = repo.get_job(job_id)
+    assert job.state == "succeeded", job.error
+    assert job.progress_done == 2  # the probes are not candidates
+    table = next(e for e in repo.events_after(job_id) if e.kind == "sensitivity").data
+    assert len(table["sensitivity"]["probes"]) == len(table["sensitivity"]["groups"]) > 1
+    assert all(p["ratio"] == 0.5 for p in table["sensitivity"]["probes"])
+    assert all("predicted_latency_ratio" in e.record["plan"]["extra"] for e in search_rows(repo, job_id).values())
+
+
 def test_a_bad_job_fails_with_its_error(settings: Settings, repo: Repository) -> None:
     model = repo.create_model(
         name="x", kind="architecture", architecture="no-such-net", kwargs={}, artefact_sha256=None

@@ -1,0 +1,123 @@
+"""``knapsack``: latency-guided search from a measured per-group table (HALP-style, NeurIPS'22).
+
+1. **Probe** (:func:`autoprune.sensitivity.profile_groups`): each group alone at a few ratios, recovered, scored on
+   validation and *timed* in the job's runtime, interleaved with the unpruned model. Probes are not candidates:
+   they are not counted against the evaluation budget, but their wall time is (a time budget covers them) and
+   they are reported (``info()["sensitivity"]``, the job's ``sensitivity.json``).
+2. **Plan**: for a sweep of latency targets, the multiple-choice knapsack over the table gives the probe level
+   per group with the least predicted quality loss within the target.
+3. **Evaluate for real** like every other candidate; each plan carries its predictions
+   (``plan.extra["predicted_latency_ratio"]``, ``["predicted_quality_drop"]``) so the prediction error of every
+   evaluation is on record. After each evaluation the predictor is re-calibrated (median measured/predicted
+   saving and drop), because cuts interact and the additive table is only a first guess.
+
+Targets sweep the achievable range coarse to fine (van der Corput order), so any budget covers the whole
+trade-off; a target whose plan was already evaluated is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agents.base import SearchSession, SearchStopped
+from autoprune.errors import InvalidConfigError, PruningError
+
+if TYPE_CHECKING:
+    from autoprune.objective import Evaluation
+    from autoprune.plan import Plan
+    from autoprune.sensitivity import SensitivityTable
+
+MAX_TARGETS = 512
+"""Targets tried before the strategy says it has nothing new to propose."""
+
+
+def _van_der_corput(n: int) -> float:
+    q, denom = 0.0, 1.0
+    while n:
+        denom *= 2
+        n, bit = divmod(n, 2)
+        q += bit / denom
+    return q
+
+
+class KnapsackSearch:
+    """Latency table + knapsack, calibrated by each real evaluation (see the module docstring)."""
+
+    name = "knapsack"
+
+    def __init__(self, probe_ratios: list[float] | tuple[float, ...] = (0.25, 0.5, 0.75), min_target: float = 0.05):
+        ratios = [float(r) for r in probe_ratios]
+        if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+            raise InvalidConfigError(f"probe_ratios must be numbers in (0, 1), got {list(probe_ratios)}")
+        if not 0.0 < min_target < 1.0:
+            raise InvalidConfigError(f"min_target must be in (0, 1), got {min_target}")
+        self.probe_ratios = ratios
+        self.min_target = min_target
+        self.table: SensitivityTable | None = None
+        self.latency_scale = 1.0
+        self.quality_scale = 1.0
+
+    def info(self) -> dict[str, Any]:
+        """What the search learnt: the sensitivity table and the calibration it ended with."""
+        if self.table is None:
+            return {}
+        return {
+            "sensitivity": self.table.to_json(),
+            "calibration": {"latency_scale": self.latency_scale, "quality_scale": self.quality_scale},
+        }
+
+    def _probe(self, session: SearchSession) -> SensitivityTable:
+        from autoprune.sensitivity import profile_groups
+
+        objective = session.objective
+
+        def evaluate(plan: Plan) -> Evaluation:
+            if session.should_stop():  # a time budget or a stop request also covers the probes
+                raise SearchStopped(session.stop_reason)
+            return objective.evaluate(plan, stage="probe", test=False)
+
+        levels = sorted({min(r, session.space.max_ratio) for r in self.probe_ratios})
+        return profile_groups(objective, levels, groups=session.space.groups, evaluate=evaluate)
+
+    def run(self, session: SearchSession) -> None:
+        from autoprune.sensitivity import SensitivityTable
+
+        table = self.table = self._probe(session)
+        base_quality = session.objective.baseline.quality
+        savings: list[tuple[float, float]] = []
+        drops: list[tuple[float, float]] = []
+        asked: set[Plan] = set()
+        hi = 0.97
+        for n in range(1, MAX_TARGETS + 1):
+            if session.should_stop():
+                return
+            lo = max(self.min_target, table.fastest(latency_scale=self.latency_scale))
+            if lo >= hi:
+                break
+            target = hi - _van_der_corput(n) * (hi - lo)
+            choice = table.solve(target, latency_scale=self.latency_scale, quality_scale=self.quality_scale)
+            if choice is None:
+                continue
+            ratios = session.space.clip(choice)
+            raw_latency, raw_drop = table.predict(ratios)
+            predicted_latency, predicted_drop = table.predict(
+                ratios, latency_scale=self.latency_scale, quality_scale=self.quality_scale
+            )
+            plan = session.objective.plan(
+                ratios,
+                predicted_latency_ratio=round(predicted_latency, 6),
+                predicted_quality_drop=round(predicted_drop, 6),
+            )
+            if plan in asked or all(r == 0 for r in ratios.values()):
+                continue
+            asked.add(plan)
+            try:
+                ev = session.evaluate(plan, checked=True)
+            except PruningError:  # recorded by the session; the table's levels combine in a way the model refuses
+                continue
+            savings.append((1.0 - raw_latency, 1.0 - ev.latency_ratio))
+            drop = (base_quality - ev.quality) / base_quality if base_quality else 0.0
+            drops.append((raw_drop, max(0.0, drop)))
+            self.latency_scale = SensitivityTable.calibration(savings)
+            self.quality_scale = SensitivityTable.calibration(drops)
+        session.interrupt("exhausted")

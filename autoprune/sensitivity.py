@@ -1,0 +1,231 @@
+"""Per-group sensitivity: a measured latency table and quality probes, and the knapsack that plans from them.
+
+:func:`profile_groups` prunes **one group at a time** at each probe ratio (every other group intact), recovers it
+as every candidate is recovered (BatchNorm re-estimation), scores it on the validation split and measures its
+latency interleaved with the unpruned model, in the objective's runtime, threads and batch size (the
+objective's latency cache times each pruned shape once). That is a :class:`SensitivityTable`: for each group
+and kept width, what the cut saves in measured time and what it costs in quality. The widths are the plan's
+rounded widths, so the table shows the staircase: two ratios that round to the same width cost the same, and a
+width that runs slower than a wider one (odd widths in some kernels) is visible as a negative saving.
+
+:meth:`SensitivityTable.solve` is the multiple-choice knapsack of latency-aware pruning (HALP, NeurIPS'22: a
+latency table and importance, one choice per group): the probe level per group that loses the least predicted
+quality while the predicted latency stays within a target. Predictions are additive over groups (savings add;
+quality drops add), scaled by calibration factors that a caller fits from real evaluations
+(:meth:`SensitivityTable.calibration`), because cuts interact: two neighbouring groups share the layers between
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from autoprune.errors import InvalidConfigError, PruningError
+
+if TYPE_CHECKING:
+    from autoprune.objective import Evaluation, Objective
+
+__all__ = ["Probe", "SensitivityTable", "profile_groups"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One group pruned alone at one ratio."""
+
+    group: str
+    ratio: float
+    """The ratio asked for (the plan rounds the kept width to ``round_to``)."""
+    width: int | None
+    """Units the group keeps (None when the cut could not be pruned)."""
+    latency_ratio: float
+    """Measured latency against the unpruned model, interleaved (1.0 for a failed probe)."""
+    quality_drop: float
+    """Relative quality lost on the validation split after recovery (1.0 for a failed probe)."""
+    macs: int
+    failed: str | None = None
+    """Why the cut could not be pruned, if it could not."""
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the unpruned model's latency this cut saves (negative: it runs slower)."""
+        return 1.0 - self.latency_ratio
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "ratio": self.ratio,
+            "width": self.width,
+            "latency_ratio": self.latency_ratio,
+            "quality_drop": self.quality_drop,
+            "macs": self.macs,
+            "failed": self.failed,
+        }
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """What each group's cut saves and costs, measured one group at a time (:func:`profile_groups`)."""
+
+    groups: tuple[str, ...]
+    widths: tuple[int, ...]
+    """Units of each group in the unpruned model."""
+    probes: tuple[Probe, ...]
+    seconds: float
+    """Wall time the probes took."""
+    runtime: str
+    batch_size: int
+    threads: int
+
+    def levels(self, group: str) -> list[Probe]:
+        """The usable probes of ``group`` by ratio, with the uncut level (ratio 0) first."""
+        if group not in self.groups:
+            raise InvalidConfigError(f"no group {group!r} in the table")
+        uncut = Probe(group, 0.0, self.widths[self.groups.index(group)], 1.0, 0.0, 0)
+        return [
+            uncut,
+            *sorted((p for p in self.probes if p.group == group and p.failed is None), key=lambda p: p.ratio),
+        ]
+
+    def predict(
+        self, ratios: Mapping[str, float], *, latency_scale: float = 1.0, quality_scale: float = 1.0
+    ) -> tuple[float, float]:
+        """(latency ratio, relative quality drop) predicted for ``ratios`` made of probe levels: one minus the
+        scaled sum of the groups' savings, and the scaled sum of their drops. A ratio between two levels takes
+        the level below it (never optimistic)."""
+        saving = drop = 0.0
+        for group in self.groups:
+            r = float(ratios.get(group, 0.0))
+            level = max((p for p in self.levels(group) if p.ratio <= r + 1e-9), key=lambda p: p.ratio)
+            saving += level.saving
+            drop += level.quality_drop
+        return 1.0 - latency_scale * saving, quality_scale * drop
+
+    def solve(
+        self, target: float, *, latency_scale: float = 1.0, quality_scale: float = 1.0, resolution: int = 2000
+    ) -> dict[str, float] | None:
+        """The probe ratio per group with the least predicted quality drop whose predicted latency ratio is at
+        most ``target`` (a multiple-choice knapsack, solved exactly by dynamic programming over the saving
+        discretised into ``resolution`` steps); None when no combination reaches the target."""
+        if not (math.isfinite(target) and target > 0.0):
+            raise InvalidConfigError(f"target latency ratio must be > 0, got {target}")
+        need = (1.0 - target) / max(latency_scale, 1e-9)
+        if need <= 0:
+            return dict.fromkeys(self.groups, 0.0)
+        step = need / resolution
+        inf = math.inf
+        # best[s] = (least drop reaching saving s*step (capped at resolution), the choice per group so far)
+        empty: tuple[float, ...] = ()
+        best: list[tuple[float, tuple[float, ...]]] = [(inf, empty)] * (resolution + 1)
+        best[0] = (0.0, empty)
+        for group in self.groups:
+            options = [
+                (p.ratio, max(0, math.floor(p.saving / step + 1e-9)), p.quality_drop) for p in self.levels(group)
+            ]
+            nxt: list[tuple[float, tuple[float, ...]]] = [(inf, empty)] * (resolution + 1)
+            for s, (drop, chosen) in enumerate(best):
+                if drop == inf:
+                    continue
+                for ratio, units, cost in options:
+                    t = min(resolution, s + units)
+                    total = drop + quality_scale * cost
+                    if total < nxt[t][0] - 1e-12:
+                        nxt[t] = (total, (*chosen, ratio))
+            best = nxt
+        drop, chosen = best[resolution]
+        if drop == inf:
+            return None
+        return dict(zip(self.groups, chosen, strict=True))
+
+    def fastest(self, *, latency_scale: float = 1.0) -> float:
+        """The lowest latency ratio the table can predict (every group at its most saving level)."""
+        saving = sum(max(p.saving for p in self.levels(g)) for g in self.groups)
+        return 1.0 - latency_scale * saving
+
+    @staticmethod
+    def calibration(pairs: Sequence[tuple[float, float]]) -> float:
+        """The scale that maps predicted onto measured amounts (median of measured / predicted over ``pairs`` of
+        (predicted, measured) savings or drops; 1.0 without usable pairs), clipped to [0.25, 4]."""
+        ratios = sorted(m / p for p, m in pairs if p > 1e-6 and math.isfinite(m))
+        if not ratios:
+            return 1.0
+        mid = len(ratios) // 2
+        median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
+        return min(4.0, max(0.25, median))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "groups": list(self.groups),
+            "widths": list(self.widths),
+            "probes": [p.to_json() for p in self.probes],
+            "seconds": self.seconds,
+            "runtime": self.runtime,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+        }
+
+
+def profile_groups(
+    objective: Objective,
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    *,
+    groups: Sequence[str] | None = None,
+    on_probe: Callable[[Probe], None] | None = None,
+    evaluate: Callable[[Any], Evaluation] | None = None,
+) -> SensitivityTable:
+    """Probe every group (or ``groups``) alone at each of ``ratios``: prune, recover, score on validation, measure.
+
+    ``evaluate(plan) -> Evaluation`` replaces ``objective.evaluate`` (a caller that wants the probes counted or
+    stopped); a probe the model's forward rejects is recorded as failed and left out of the plans. Probes are
+    never scored on the test split.
+    """
+    if not ratios or any(not 0.0 < float(r) < 1.0 for r in ratios):
+        raise InvalidConfigError(f"probe ratios must be in (0, 1), got {list(ratios)}")
+    names = tuple(groups) if groups is not None else objective.group_names
+    unknown = [g for g in names if g not in objective.group_names]
+    if unknown:
+        raise InvalidConfigError(f"unknown group(s) {unknown}; see `autoprune groups`")
+    run = evaluate or (lambda plan: objective.evaluate(plan, stage="probe", test=False))
+    base_quality = objective.baseline.quality
+    started = time.perf_counter()
+    probes: list[Probe] = []
+    seen: dict[tuple[str, int], Probe] = {}
+    for group in names:
+        for ratio in sorted({round(float(r), 6) for r in ratios}):
+            plan = objective.plan({group: ratio})
+            width = _kept_width(objective, group, ratio, plan.round_to)
+            if (group, width) in seen:  # rounds to a width already probed: the same cut, not measured twice
+                probe = dataclasses.replace(seen[(group, width)], ratio=ratio)
+            else:
+                try:
+                    ev = run(plan)
+                except PruningError as exc:
+                    probe = Probe(group, ratio, None, 1.0, 1.0, 0, failed=str(exc).splitlines()[0][:300])
+                else:
+                    drop = (base_quality - ev.quality) / base_quality if base_quality else 0.0
+                    probe = Probe(group, ratio, width, ev.latency_ratio, max(0.0, drop), ev.macs)
+                    seen[(group, width)] = probe
+            probes.append(probe)
+            if on_probe is not None:
+                on_probe(probe)
+    protocol = objective.baseline.latency.protocol
+    return SensitivityTable(
+        groups=names,
+        widths=tuple(objective.structure.group(g).units for g in names),
+        probes=tuple(probes),
+        seconds=time.perf_counter() - started,
+        runtime=protocol.runtime,
+        batch_size=protocol.batch_size,
+        threads=protocol.threads,
+    )
+
+
+def _kept_width(objective: Objective, group: str, ratio: float, round_to: int) -> int:
+    """The width the plan keeps for ``group`` at ``ratio`` (the pruner's own rounding)."""
+    from autoprune.pruning.structured import kept_units
+
+    return kept_units(objective.structure.group(group).units, ratio, round_to)
