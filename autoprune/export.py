@@ -10,6 +10,11 @@ Formats:
   beyond the base architecture);
 * ``pt2``: a ``torch.export`` program, loadable without the model's class.
 
+A pruned HuggingFace model can also be written with its own ``save_pretrained``: its config carries what each
+layer kept (``autoprune_layout``, written when the plan was applied), and :func:`load_pretrained_pruned` rebuilds
+those shapes before loading ``model.safetensors``. ``from_pretrained`` alone cannot: a config has one head count
+and one FFN width for all layers, so it builds the unpruned shapes and the pruned weights do not fit them.
+
 :func:`export_model` re-measures the exported ONNX model against the exported unpruned model, interleaved in
 the same window, and reports the speed-up with its protocol.
 """
@@ -28,11 +33,12 @@ import torch
 from torch import nn
 
 from autoprune.cost import as_tuple, eval_mode
-from autoprune.errors import ExportError, InvalidConfigError
+from autoprune.errors import CorruptFileError, ExportError, InvalidConfigError, InvalidModelError
 from autoprune.latency import Latency, LatencyConfig, Meter, batched
 from autoprune.models.weights import load_weights, weights_to_bytes
 from autoprune.plan import Plan
 from autoprune.pruning import apply_plan
+from autoprune.pruning.heads import LAYOUT_KEY, set_heads
 from autoprune.runtime import onnx_bytes, onnx_has_dynamic_batch, ort_feed, ort_session
 
 FORMATS = ("onnx", "safetensors", "pt2")
@@ -166,6 +172,38 @@ def load_pruned(
     model = apply_plan(base, plan, example_inputs)
     source = weights if isinstance(weights, bytes) else str(weights)
     return load_weights(model, source).eval()
+
+
+def load_pretrained_pruned(model_class: Any, directory: str | os.PathLike[str]) -> nn.Module:
+    """Reload a pruned HuggingFace model written by ``save_pretrained`` (``config.json`` + ``model.safetensors``).
+
+    ``model_class`` is the transformers class (``BertModel``, ``BertForSequenceClassification``...). The model is
+    built from the config at its unpruned size, every linear layer the config's ``autoprune_layout`` lists is
+    replaced by one of the recorded ``[in, out]`` size, head counts are set, then the weights are loaded (all
+    keys, all shapes checked). Only head and FFN (linear) pruning is recorded: a model whose hidden size was
+    pruned (``prune_hidden=True``) is rebuilt with :func:`load_pruned` from its base model and plan instead.
+    Sharded checkpoints are not read.
+    """
+    path = Path(directory)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CorruptFileError(f"{path} has no model.safetensors (a sharded or .bin checkpoint is not supported)")
+    config = model_class.config_class.from_pretrained(str(path))
+    model: nn.Module = model_class(config)
+    record = getattr(config, LAYOUT_KEY, None) or {}
+    try:
+        for name, (fan_in, fan_out) in dict(record.get("linear", {})).items():
+            old = model.get_submodule(name)
+            if not isinstance(old, nn.Linear):
+                raise InvalidModelError(f"{LAYOUT_KEY} lists {name!r}, which is a {type(old).__name__}, not a Linear")
+            parent, _, leaf = name.rpartition(".")
+            new = nn.Linear(int(fan_in), int(fan_out), bias=old.bias is not None, dtype=old.weight.dtype)
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        for name, heads in dict(record.get("heads", {})).items():
+            set_heads(model.get_submodule(name), int(heads))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidModelError(f"{path}/config.json: {LAYOUT_KEY} does not fit {model_class.__name__}: {exc}") from exc
+    return load_weights(model, weights).eval()
 
 
 def export_model(

@@ -9,9 +9,16 @@ Applying a plan:
 1. deep-copy the base model and trace its dependency graph;
 2. score every channel of every group on the *unpruned* copy (L1/L2 magnitude, Taylor, BN scale or random);
 3. for each group keep the best ``round(C * (1 - ratio))`` units, rounded to a multiple of ``round_to``;
-   groups that contain ``nn.MultiheadAttention`` lose whole heads instead;
+   groups that contain ``nn.MultiheadAttention`` or the q/k/v projections of a HuggingFace-style attention
+   (BERT's ``BertSelfAttention`` and look-alikes, see :mod:`autoprune.pruning.heads`) lose whole heads instead
+   (Torch-Pruning's ``num_heads`` with ``prune_num_heads=True, prune_head_dims=False``: a head's score is the
+   sum of its channels' scores), and the head counts those modules read are rewritten after pruning;
 4. prune, then run a forward and check the output shape is unchanged (a pruned model that does not run is a
    :class:`PruningError`, never a silent success).
+
+In a model with HuggingFace-style attention, the groups that carry the residual stream (the hidden size: the
+embeddings, every block's output projections and LayerNorms, the q/k/v *inputs*) are kept by default, their
+root layers listed in :attr:`Structure.kept`; ``prune_hidden=True`` offers them to plans like any group.
 
 Groups that plans cannot prune reliably are found once, when the context is built: every group is halved in a
 trial copy and run, three times with different channels removed; if a forward fails, each group is tried alone
@@ -25,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +44,7 @@ from torch import nn
 from autoprune.cost import as_tuple, count_macs, ensure_eval, eval_mode
 from autoprune.errors import InvalidPlanError, PruningError
 from autoprune.plan import Plan
+from autoprune.pruning.heads import AttentionHeads, attention_heads, num_heads, record_layout, set_heads
 from autoprune.pruning.recurrent import RecurrentImportance, recurrent_pruners, recurrent_tracing
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -107,6 +115,16 @@ class Structure:
 # ---------------------------------------------------------------------------------------------------------
 # output layers
 # ---------------------------------------------------------------------------------------------------------
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, a tuple/list of them, or a mapping (HuggingFace ``ModelOutput``,
+    whose iteration yields its keys, not its tensors)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    return [o for o in out if isinstance(o, torch.Tensor)] if isinstance(out, tuple | list) else []
+
+
 def find_output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
     """Names of the layers that produce the model's output (the classifier head); they are never pruned.
 
@@ -131,9 +149,8 @@ def find_output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
-    outputs = [output] if isinstance(output, torch.Tensor) else [o for o in output if isinstance(o, torch.Tensor)]
     kept: list[str] = []
-    for out in outputs:
+    for out in _output_tensors(output):
         for name, tensor in reversed(order):
             if tensor.shape[-1] == out.shape[-1] or (
                 tensor.dim() > 1 and out.dim() > 1 and tensor.shape[1] == out.shape[1]
@@ -214,12 +231,27 @@ def _attention_modules(group: Any) -> list[nn.MultiheadAttention]:
     return found
 
 
-def _head_layout(group: Any, name: str) -> tuple[int, int] | None:
+def _head_projections(dg: tp.DependencyGraph, group: Any, heads: Mapping[nn.Module, int]) -> list[nn.Module]:
+    """The q/k/v projections (of HuggingFace-style attention) whose *outputs* this group prunes."""
+    found: list[nn.Module] = []
+    for dep, _ in group:
+        m = dep.target.module
+        if m in heads and dg.is_out_channel_pruning_fn(dep.handler) and m not in found:
+            found.append(m)
+    return found
+
+
+def _head_layout(
+    dg: tp.DependencyGraph, group: Any, name: str, heads: Mapping[nn.Module, int] | None = None
+) -> tuple[int, int] | None:
     """``(num_heads, head_dim)`` if the group's root dimension is an attention embedding, else None."""
-    mhas = _attention_modules(group)
-    if not mhas:
+    layouts = {(m.num_heads, m.head_dim) for m in _attention_modules(group)}
+    for proj in _head_projections(dg, group, heads or {}):
+        assert isinstance(proj, nn.Linear)
+        assert heads is not None
+        layouts.add((heads[proj], proj.out_features // heads[proj]))
+    if not layouts:
         return None
-    layouts = {(m.num_heads, m.head_dim) for m in mhas}
     if len(layouts) != 1:
         raise PruningError(f"group {name!r} couples attention layers with different head layouts {layouts}")
     return layouts.pop()
@@ -301,11 +333,20 @@ def kept_units(units: int, ratio: float, round_to: int) -> int:
 
 
 def _select(
-    dg: tp.DependencyGraph, group: Any, name: str, scores: torch.Tensor, ratio: float, round_to: int
+    dg: tp.DependencyGraph,
+    group: Any,
+    name: str,
+    scores: torch.Tensor,
+    ratio: float,
+    round_to: int,
+    qkv_heads: Mapping[nn.Module, int] | None = None,
 ) -> tuple[list[int], int | None]:
-    """Indices (in the root's channel space) to remove, and the new head count for attention groups."""
+    """Indices (in the root's channel space) to remove, and the new head count for attention groups.
+
+    ``qkv_heads`` is Torch-Pruning's ``num_heads`` mapping (q/k/v projection -> heads) of HuggingFace-style attention.
+    """
     channels = scores.numel()
-    layout = _head_layout(group, name)
+    layout = _head_layout(dg, group, name, qkv_heads)
     if layout is not None:
         heads, head_dim = layout
         if heads * head_dim != channels:
@@ -331,8 +372,7 @@ def _select(
 def _output_shapes(model: nn.Module, example_inputs: Inputs) -> list[tuple[int, ...]]:
     with eval_mode(model), torch.no_grad():
         out = model(*as_tuple(example_inputs))
-    outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
-    return [tuple(o.shape) for o in outs]
+    return [tuple(o.shape) for o in _output_tensors(out)]
 
 
 class PruningContext:
@@ -353,6 +393,7 @@ class PruningContext:
         *,
         keep: Sequence[str] = (),
         calibration: Batches | None = None,
+        prune_hidden: bool = False,
     ) -> None:
         self.base = model
         self.example_inputs = example_inputs
@@ -362,6 +403,13 @@ class PruningContext:
         self.kept = list(dict.fromkeys([*find_output_layers(model, example_inputs), *keep]))
         self.graph = _build_graph(model, example_inputs)
         self.groups = _groups(self.graph, model, self.kept, example_inputs)
+        self._attention: dict[nn.Module, AttentionHeads] = attention_heads(model)
+        self.num_heads: dict[nn.Module, int] = num_heads(self._attention)
+        """Torch-Pruning's ``num_heads``: each q/k/v projection of a HuggingFace-style attention -> its heads."""
+        if self.num_heads and not prune_hidden:
+            hidden = [name for name, group in self.groups if self._carries_hidden(group)]
+            self.kept.extend(n for n in hidden if n not in self.kept)
+            self.groups = [(name, group) for name, group in self.groups if name not in hidden]
         self._scores: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._plain: bool | None = None
         self._unscorable: dict[tuple[tuple[str, int], str], str] = {}
@@ -369,6 +417,12 @@ class PruningContext:
         self.locked = self._probe()
         self.groups = [(name, group) for name, group in self.groups if name not in self.locked]
         self.structure = self._describe()
+
+    def _carries_hidden(self, group: Any) -> bool:
+        """True for a group that prunes the *inputs* of q/k/v projections: the residual stream (hidden size)."""
+        return any(
+            dep.target.module in self.num_heads and self.graph.is_in_channel_pruning_fn(dep.handler) for dep, _ in group
+        )
 
     # -- description ----------------------------------------------------------------------------------------
     def _describe(self) -> Structure:
@@ -380,7 +434,7 @@ class PruningContext:
         for index, (name, group) in enumerate(self.groups):
             root = modules[name]
             kind, in_ch, kernel, stride = _root_geometry(root)
-            layout = _head_layout(group, name)
+            layout = _head_layout(dg, group, name, self.num_heads)
             members = _members(group, self._names, order)
             if layout is not None:
                 kind, units, width = "attention", layout[0], layout[1]
@@ -431,7 +485,7 @@ class PruningContext:
                         order = -order
                     elif pattern == "strided":
                         order = order + channels * (order % 2)
-                    selected[name] = _select(self.graph, group, name, order, 0.5, 1)
+                    selected[name] = _select(self.graph, group, name, order, 0.5, 1, self.num_heads)
                 ops, heads = self._operations_for(selected)
                 self._pruned_copy(ops, heads)
             except PruningError as exc:
@@ -513,7 +567,7 @@ class PruningContext:
             if name not in scores:
                 score_key = (plan.criterion, plan.seed if plan.criterion == "random" else 0)
                 raise PruningError(self._unscorable[(score_key, name)])
-            selected[name] = _select(self.graph, group, name, scores[name], ratio, plan.round_to)
+            selected[name] = _select(self.graph, group, name, scores[name], ratio, plan.round_to, self.num_heads)
         return self._operations_for(selected)
 
     def _operations_for(
@@ -531,12 +585,22 @@ class PruningContext:
             if new_heads is not None:
                 for mha in _attention_modules(by_name[name]):
                     heads[self._names[mha]] = new_heads
+                for proj in _head_projections(self.graph, by_name[name], self.num_heads):
+                    owner = next(a for a, info in self._attention.items() if proj in info.projections)
+                    heads[self._names[owner]] = new_heads
         return [(layer, handler, dim, sorted(ix)) for (layer, handler, dim), ix in merged.items()], heads
 
     def apply(self, plan: Plan) -> nn.Module:
-        """A pruned deep copy of the base model (the base is never modified)."""
+        """A pruned deep copy of the base model (the base is never modified).
+
+        A HuggingFace model's config gets the plan and what each layer kept (see
+        :func:`autoprune.pruning.heads.record_layout`), so ``save_pretrained`` writes them into ``config.json``.
+        """
         ops, heads = self.operations(plan)
-        return self._pruned_copy(ops, heads)
+        work = self._pruned_copy(ops, heads)
+        if ops:
+            record_layout(work, self.base, plan.to_json())
+        return work
 
     def _pruned_copy(self, ops: list[tuple[str, Any, int, list[int]]], heads: dict[str, int]) -> nn.Module:
         """A copy of the base model with ``ops`` applied, checked by a forward pass."""
@@ -546,8 +610,8 @@ class PruningContext:
         if not ops:
             return work
         modules = dict(work.named_modules())
-        for layer, num_heads in heads.items():
-            modules[layer].num_heads = num_heads  # whole heads go: head_dim stays, the head count shrinks
+        for layer, new_heads in heads.items():
+            set_heads(modules[layer], new_heads)  # whole heads go: the head size stays, the head count shrinks
         try:
             for layer, handler, dim, idxs in ops:
                 handler.__self__.pruning_dim = dim
@@ -634,9 +698,11 @@ def clone_module(model: nn.Module, *, plain: bool | None = None) -> nn.Module:
     return module(model)
 
 
-def analyze(model: nn.Module, example_inputs: Inputs, *, keep: Sequence[str] = ()) -> Structure:
+def analyze(
+    model: nn.Module, example_inputs: Inputs, *, keep: Sequence[str] = (), prune_hidden: bool = False
+) -> Structure:
     """Find the prunable groups of ``model`` (which is not modified)."""
-    return PruningContext(model, example_inputs, keep=keep).structure
+    return PruningContext(model, example_inputs, keep=keep, prune_hidden=prune_hidden).structure
 
 
 def apply_structured(
@@ -646,9 +712,11 @@ def apply_structured(
     *,
     keep: Sequence[str] = (),
     calibration: Batches | None = None,
+    prune_hidden: bool = False,
 ) -> nn.Module:
     """Return a pruned copy of ``model``; the base model is not modified.
 
     For many plans on one model, build a :class:`PruningContext` once and call its ``apply``.
     """
-    return PruningContext(model, example_inputs, keep=keep, calibration=calibration).apply(plan)
+    context = PruningContext(model, example_inputs, keep=keep, calibration=calibration, prune_hidden=prune_hidden)
+    return context.apply(plan)
