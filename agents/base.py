@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from agents.result import Failure, SearchResult
 from autoprune.errors import InvalidConfigError, PruningError
 from autoprune.pareto import pareto_front
 
 if TYPE_CHECKING:
-    from agents.result import SearchResult
     from autoprune.objective import Evaluation, Objective
     from autoprune.plan import Plan
 
@@ -120,14 +120,6 @@ class SearchStopped(Exception):
 
 MAX_CONSECUTIVE_FAILURES = 10
 """A search whose last this-many candidates all failed to prune stops (``stop_reason == "failing"``)."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A candidate that could not be pruned: its plan and why (it has no quality or latency)."""
-
-    plan: Plan
-    reason: str
 
 
 class CandidateFailed(PruningError):
@@ -355,7 +347,6 @@ def run_search(
     evaluated again. ``next_index`` numbers the evaluations (see :class:`SearchSession`).
     """
     from agents import make_strategy
-    from agents.result import SearchResult
 
     if isinstance(budget, int):
         budget = Budget(evaluations=budget)

@@ -14,9 +14,18 @@ from autoprune.pareto import hypervolume, pareto_front
 if TYPE_CHECKING:
     from torch import nn
 
-    from agents.base import Failure
     from autoprune.objective import Evaluation, Objective
+    from autoprune.plan import Plan
     from autoprune.recovery import FinetuneReport, RecoveryConfig
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A candidate that could not be pruned: its plan and why (it has no quality or latency)."""
+
+    plan: Plan
+    reason: str
+
 
 SELECT_KEYS = ("reward", "latency", "quality")
 

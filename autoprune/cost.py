@@ -110,11 +110,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
     """MACs of one forward, in total and per module (qualified names, ``""`` is the whole model)."""
-    # oneDNN runs CPU LSTMs as aten.mkldnn_rnn_layer, which has no flop formula of its own (it would count 0);
-    # imported here because autoprune.pruning imports this module.
-    from autoprune.pruning.recurrent import recurrent_flop_formulas
-
-    counter = FlopCounterMode(display=False, custom_mapping=recurrent_flop_formulas())
+    # oneDNN runs CPU LSTMs as aten.mkldnn_rnn_layer, which has no flop formula of its own (it would count 0)
+    counter = FlopCounterMode(display=False, custom_mapping=dict(FLOP_FORMULAS))
     with eval_mode(model), torch.no_grad(), _mha_fastpath_disabled(), counter:
         model(*as_tuple(example_inputs))
     per_module: dict[str, int] = {}
