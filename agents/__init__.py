@@ -91,13 +91,13 @@ STRATEGIES: dict[str, StrategyInfo] = {
             "optuna-tpe",
             "agents.optuna_search:OptunaTPE",
             "Optuna TPE on the scalar reward",
-            options=("n_startup_trials", "storage", "study_name"),
+            options=("n_startup_trials", "storage", "study_name", "warm_start"),
         ),
         StrategyInfo(
             "optuna-nsga2",
             "agents.optuna_search:OptunaNSGA2",
             "Optuna NSGA-II on (quality, measured latency)",
-            options=("population_size", "storage", "study_name"),
+            options=("population_size", "storage", "study_name", "warm_start"),
         ),
         StrategyInfo(
             "sb3-ddpg",

@@ -40,6 +40,27 @@ def _van_der_corput(n: int) -> float:
     return q
 
 
+def knapsack_plans(
+    session: SearchSession, count: int, probe_ratios: list[float] | tuple[float, ...] = (0.25, 0.5, 0.75)
+) -> tuple[SensitivityTable, list[dict[str, float]]]:
+    """Probe the session's groups and return the table with up to ``count`` distinct knapsack plans over a sweep of
+    latency targets (uncalibrated: nothing is evaluated here). The warm start of the Optuna strategies."""
+    probe = KnapsackSearch(probe_ratios)
+    table = probe.table = probe._probe(session)
+    plans: list[dict[str, float]] = []
+    hi, lo = 0.97, max(probe.min_target, table.fastest())
+    for n in range(1, MAX_TARGETS + 1):
+        if len(plans) >= count or lo >= hi:
+            break
+        choice = table.solve(hi - _van_der_corput(n) * (hi - lo))
+        if choice is None:
+            continue
+        ratios = session.space.clip(choice)
+        if ratios not in plans and any(r > 0 for r in ratios.values()):
+            plans.append(ratios)
+    return table, plans
+
+
 class KnapsackSearch:
     """Latency table + knapsack, calibrated by each real evaluation (see the module docstring)."""
 

@@ -58,7 +58,8 @@ class _OptunaStrategy(AskTellStrategy):
 
     directions: tuple[str, ...] = ("maximize",)
 
-    def __init__(self, storage: str | None = None, study_name: str | None = None) -> None:
+    def __init__(self, storage: str | None = None, study_name: str | None = None, warm_start: int = 0) -> None:
+        _check_positive_int("warm_start", warm_start, 0)
         if storage is not None and (not isinstance(storage, str) or "://" not in storage):
             raise InvalidConfigError(
                 f"storage must be a database URL such as 'sqlite:///study.db' or 'postgresql://...', got {storage!r}"
@@ -72,6 +73,15 @@ class _OptunaStrategy(AskTellStrategy):
         self._pending: list[tuple[Ratios, Trial]] = []
         self.trial_user_attrs: dict[str, Any] = {}
         """Set on every asked trial (e.g. who asked it, when several processes share the study)."""
+        self.warm_start = warm_start
+        """Knapsack plans (:mod:`agents.knapsack`: measured latency table, least predicted loss per latency target)
+        enqueued as the study's first trials; 0: none."""
+        self._warm: list[Ratios] = []
+        self._info: dict[str, Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        """The latency table of the warm start, if there was one."""
+        return dict(self._info)
 
     # -- what subclasses choose ---------------------------------------------------------------------------
     def _sampler(self, budget: Budget, seed: int) -> BaseSampler:
@@ -108,6 +118,9 @@ class _OptunaStrategy(AskTellStrategy):
                 load_if_exists=True,
             ),
         )
+        if self._warm and not self._study.trials:  # a shared study is warm-started once, by its first process
+            for ratios in self._warm:
+                self._study.enqueue_trial(ratios, user_attrs={"warm_start": "knapsack"})
         if list(self._study.directions) != wanted:
             found = ", ".join(d.name.lower() for d in self._study.directions)
             raise InvalidConfigError(
@@ -149,6 +162,11 @@ class _OptunaStrategy(AskTellStrategy):
         self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
     def run(self, session: SearchSession) -> None:
+        if self.warm_start:
+            from agents.knapsack import knapsack_plans
+
+            table, self._warm = knapsack_plans(session, self.warm_start)
+            self._info = {"sensitivity": table.to_json(), "warm_start": [dict(p) for p in self._warm]}
         try:
             super().run(session)
         finally:
@@ -211,10 +229,14 @@ class OptunaTPE(_OptunaStrategy):
     directions = ("maximize",)
 
     def __init__(
-        self, storage: str | None = None, study_name: str | None = None, n_startup_trials: int | None = None
+        self,
+        storage: str | None = None,
+        study_name: str | None = None,
+        n_startup_trials: int | None = None,
+        warm_start: int = 0,
     ) -> None:
         _check_positive_int("n_startup_trials", n_startup_trials, 0)
-        super().__init__(storage, study_name)
+        super().__init__(storage, study_name, warm_start)
         self.n_startup_trials = n_startup_trials
 
     def startup_trials(self, budget: Budget) -> int:
@@ -242,10 +264,14 @@ class OptunaNSGA2(_OptunaStrategy):
     directions = ("maximize", "minimize")
 
     def __init__(
-        self, storage: str | None = None, study_name: str | None = None, population_size: int | None = None
+        self,
+        storage: str | None = None,
+        study_name: str | None = None,
+        population_size: int | None = None,
+        warm_start: int = 0,
     ) -> None:
         _check_positive_int("population_size", population_size, 2)
-        super().__init__(storage, study_name)
+        super().__init__(storage, study_name, warm_start)
         self.population_size = population_size
 
     def population(self, budget: Budget) -> int:

@@ -300,6 +300,10 @@ class SB3Strategy:
         env = self.make_env(session)
         self.noise = None
         self.model = self.make_model(env, session)
+        # SB3's default logger makes a SB3-<timestamp> folder in /tmp on every learn(); ours writes nowhere
+        from stable_baselines3.common.logger import Logger
+
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
         n_groups = len(session.space.groups)
         remaining = session.remaining
         # one episode per evaluation; one spare so that the session's stop, not the horizon, ends learning

@@ -300,7 +300,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, help="evaluations per run (default 24; 3 with --quick)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every strategy (default 3; 2 with --quick)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated ({', '.join(WORKLOADS)})")
-    p.add_argument("--strategies", default=",".join(names), help=f"comma-separated ({', '.join(names)})")
+    p.add_argument(
+        "--strategies",
+        default=",".join(names),
+        help=f"comma-separated ({', '.join(names)}); options as name:key=value;key=value",
+    )
     p.add_argument("--criterion", default="l1", help="channel importance criterion of every objective (l1)")
     p.add_argument("--max-ratio", type=float, default=0.8, help="largest per-group ratio a strategy may pick")
     p.add_argument(
@@ -325,7 +329,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
     for s in args.strategies:
-        if s not in names:
+        if s.partition(":")[0] not in names:
             p.error(f"unknown strategy {s!r}; choose from {', '.join(names)}")
     if args.budget < 1 or args.seeds < 1:
         p.error("--budget and --seeds must be >= 1")
@@ -355,7 +359,9 @@ def run_workload(
     for name in args.strategies:
         row = StrategyRow(name)
         rows.append(row)
-        why = strategy_available(name)
+        registered, _, spec = name.partition(":")  # "optuna-tpe:warm_start=6;n_startup_trials=3"
+        options = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in spec.split(";") if kv)}
+        why = strategy_available(registered)
         if why is not None:
             row.error = why
             log(f"[{workload}] {name}: skipped, {why}")
@@ -366,7 +372,7 @@ def run_workload(
             try:
                 result = agents.run_search(
                     objective,
-                    name,
+                    agents.make_strategy(registered, **options),
                     Budget(evaluations=args.budget),
                     seed=seed,
                     max_ratio=args.max_ratio,

@@ -113,3 +113,17 @@ def test_bad_knapsack_options_are_refused() -> None:
         make_strategy("knapsack", min_target=0)
     with pytest.raises(InvalidConfigError, match="no option"):
         make_strategy("knapsack", levels=3)
+
+
+@pytest.mark.parametrize("name", ["optuna-tpe", "optuna-nsga2"])
+def test_optuna_starts_from_the_knapsack_plans(objective: Objective, name: str) -> None:
+    result = run_search(objective, make_strategy(name, warm_start=3), 5, max_ratio=0.75, seed=1)
+    warm = result.info["warm_start"]
+    assert len(warm) == 3 and len({json.dumps(w, sort_keys=True) for w in warm}) == 3
+    asked = [e.plan.as_dict() for e in result.evaluations]
+    assert asked[:3] == warm  # the study's first trials are the enqueued plans, evaluated for real
+    assert len(result.evaluations) == 5 and result.info["sensitivity"]["probes"]
+    cold = run_search(objective, name, 5, max_ratio=0.75, seed=1)
+    assert cold.info == {} and [e.plan.as_dict() for e in cold.evaluations][:3] != warm
+    with pytest.raises(InvalidConfigError, match="warm_start"):
+        make_strategy(name, warm_start=-1)

@@ -65,6 +65,19 @@ def test_ddpg_warmup_is_random_then_noise_decays(objective: Objective) -> None:
     assert isinstance(model.get_env().envs[0].env, MovingBaselineReward)  # type: ignore[union-attr, attr-defined]
 
 
+@pytest.mark.parametrize("algorithm", ["ddpg", "ppo"])
+def test_sb3_writes_no_log_folders(
+    objective: Objective, algorithm: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3's default logger would make SB3-<time>/
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    result = run_search(objective, f"sb3-{algorithm}", 2, max_ratio=0.6)
+    assert len(result.evaluations) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_decaying_noise_schedule() -> None:
     noise = DecayingNormalNoise(0.5, 0.9, warmup_episodes=2, seed=0)
     assert noise.sigma == 0.0
