@@ -526,9 +526,24 @@ def search(
     elif data is not None and not isinstance(data, Dataset):
         raise InvalidConfigError("data must be a Dataset, a built-in dataset name or a file path")
     if isinstance(model, str):
-        from autoprune.workloads import build_for_dataset
+        import warnings
 
-        model = build_for_dataset(model, data) if data is not None else build_model(model)
+        from autoprune.workloads import WORKLOADS, build_for_dataset, load_workload, shipped_workload_for
+
+        shipped = shipped_workload_for(model, data.name, {}) if data is not None else None
+        if shipped is not None:  # the same shipped reference weights the CLI uses
+            wl = load_workload(shipped)
+            model, example_inputs = wl.model, example_inputs if example_inputs is not None else wl.example_inputs
+            warnings.warn(f"using the shipped {shipped} reference weights", UserWarning, stacklevel=2)
+        else:
+            model = build_for_dataset(model, data) if data is not None else build_model(model)
+            known = ", ".join(f"{w.arch} + {w.dataset}" for w in WORKLOADS.values())
+            warnings.warn(
+                f"{model.__class__.__name__} is randomly initialised (shipped weights exist for {known}): "
+                "quality figures are meaningless; pass a trained nn.Module",
+                UserWarning,
+                stacklevel=2,
+            )
     if example_inputs is None:
         example_inputs = make_example_inputs(model)
     objective = Objective(

@@ -338,6 +338,17 @@ def test_objective_the_data_cannot_support_is_refused_before_searching(tmp_path:
         run_job(spec)
 
 
+def test_search_facade_loads_the_shipped_weights_like_the_cli() -> None:
+    import autoprune
+    from autoprune.latency import DeterministicMeter
+
+    with pytest.warns(UserWarning, match="shipped resnet20-digits reference weights"):
+        result = autoprune.search("resnet20", "digits", strategy="uniform", budget=1, latency=DeterministicMeter())
+    assert result.baseline.quality > 0.95  # trained, not the 0.12 of a random initialisation
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        autoprune.search("mlp", "digits", strategy="uniform", budget=1, latency=DeterministicMeter())
+
+
 def test_search_facade_with_a_module_and_an_evaluate_function() -> None:
     import torch
     from torch import nn
