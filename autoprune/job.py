@@ -499,6 +499,7 @@ def search(
     finetune: RecoveryConfig | None = None,
     strategy_options: Mapping[str, Any] | None = None,
     train_step: TrainStep | None = None,
+    base_quality: float | None = None,
     callbacks: Sequence[ProgressCallback] = (),
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
@@ -510,7 +511,8 @@ def search(
     pass ``evaluate=fn(model) -> float`` (higher is better) to score candidates. Every candidate is pruned for
     real, recovered (BatchNorm re-estimation by default), evaluated and measured interleaved with the unpruned
     model; ``finetune_top=K`` fine-tunes the K best front points afterwards (``finetune`` sets the recipe;
-    ``train_step(model, (x, y)) -> loss`` plugs in your own loss for every fine-tune).
+    ``train_step(model, (x, y)) -> loss`` plugs in your own loss for every fine-tune; ``base_quality``: the
+    unpruned model's known score, so an expensive ``evaluate`` is not run on it).
     """
     from agents import Budget, check_strategy, run_search
     from autoprune.data import Dataset, load_dataset
@@ -558,6 +560,7 @@ def search(
         round_to=round_to,
         keep=keep,
         train_step=train_step,
+        base_quality=base_quality,
     )
     result = run_search(
         objective,

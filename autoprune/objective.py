@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -151,6 +152,7 @@ class Objective:
         eval_batch_size: int = 256,
         calibration_batches: int = 4,
         train_step: TrainStep | None = None,
+        base_quality: float | None = None,
     ) -> None:
         self.base = copy.deepcopy(model).eval()
         self.train_step = train_step
@@ -164,6 +166,13 @@ class Objective:
             raise InvalidConfigError(
                 "fine-tuning needs data: without a dataset the objective only evaluates (no recovery, no fine-tune)"
             )
+        if dataset is None and recovery is not None and recovery.bn_recalibration_batches > 0:
+            raise InvalidConfigError(
+                "BatchNorm re-estimation needs data: without a dataset pass "
+                "RecoveryConfig(bn_recalibration_batches=0) or no recovery"
+            )
+        if base_quality is not None and not (isinstance(base_quality, int | float) and math.isfinite(base_quality)):
+            raise InvalidConfigError(f"base_quality must be a finite number, got {base_quality!r}")
         self.recovery = recovery if recovery is not None else RecoveryConfig()
         if dataset is None:
             self.recovery = RecoveryConfig(bn_recalibration_batches=0, finetune_steps=0)
@@ -201,7 +210,8 @@ class Objective:
             self._macs_by_shape[shape_signature(self.base, example_inputs)] = base_macs
         self._kept: dict[tuple[str, RecoveryConfig], nn.Module] = {}
         self._bn_batches: dict[tuple[int, int, int], list[Any]] = {}
-        self.base_quality = self._quality(self.base)
+        # a known score of the unpruned model saves one call of an expensive evaluate function
+        self.base_quality = float(base_quality) if base_quality is not None else self._quality(self.base)
         self.baseline = self._evaluate_model(self.base, self.plan({}), {}, index=0)
 
     # -- configuration helpers ----------------------------------------------------------------------------

@@ -333,6 +333,23 @@ def test_fine_tuning_without_data_is_refused_not_labelled() -> None:
         obj.evaluate({"body.0": 0.5}, recovery=RecoveryConfig(finetune_steps=5), stage="finetuned")
 
 
+def test_without_data_a_recovery_is_refused_and_a_known_base_score_is_used() -> None:
+    model = _mlp()
+    with pytest.raises(InvalidConfigError, match="BatchNorm re-estimation needs data"):
+        Objective(model, example_inputs(model), None, metric=lambda m: 1.0, recovery=RecoveryConfig())
+    calls: list[int] = []
+
+    def score(m: nn.Module) -> float:
+        calls.append(1)
+        return 0.5
+
+    obj = Objective(model, example_inputs(model), None, metric=score, latency=DeterministicMeter(), base_quality=0.9)
+    assert calls == [] and obj.baseline.quality == 0.9  # the unpruned model is not scored again
+    assert obj.evaluate({"body.0": 0.5}).quality == 0.5 and calls == [1]
+    with pytest.raises(InvalidConfigError, match="base_quality"):
+        Objective(model, example_inputs(model), None, metric=score, base_quality=float("nan"))
+
+
 def test_delivered_models_get_a_held_out_test_figure(digits_objective: Objective) -> None:
     obj = digits_objective
     assert obj.has_test and obj.dataset is not None and obj.dataset.x_test is not None
