@@ -494,7 +494,7 @@ def search(
     max_ratio: float = 0.8,
     criterion: str = "l1",
     round_to: int = 8,
-    keep: Sequence[str] = (),
+    keep: Sequence[str | nn.Module] = (),
     finetune_top: int = 0,
     finetune: RecoveryConfig | None = None,
     strategy_options: Mapping[str, Any] | None = None,

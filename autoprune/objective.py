@@ -27,6 +27,7 @@ from autoprune.errors import InvalidConfigError
 from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter, shape_signature
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
+from autoprune.pruning.structured import resolve_keep
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
 from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, recalibration_batches, recover
 from autoprune.reward import RewardConfig, compute_reward
@@ -148,7 +149,7 @@ class Objective:
         method: str = "structured",
         criterion: str = "l1",
         round_to: int = 8,
-        keep: Sequence[str] = (),
+        keep: Sequence[str | nn.Module] = (),
         eval_batch_size: int = 256,
         calibration_batches: int = 4,
         train_step: TrainStep | None = None,
@@ -186,7 +187,7 @@ class Objective:
         self.method = method
         self.criterion = criterion
         self.round_to = round_to
-        self.keep = tuple(keep)
+        self.keep = resolve_keep(model, keep)  # names; modules and containers of the user's model resolved
         self.eval_batch_size = eval_batch_size
         self.calibration_batches = calibration_batches
         if dataset is not None:

@@ -125,6 +125,34 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
     return [o for o in out if isinstance(o, torch.Tensor)] if isinstance(out, tuple | list) else []
 
 
+def resolve_keep(model: nn.Module, keep: Iterable[str | nn.Module]) -> tuple[str, ...]:
+    """Names of the layers ``keep`` protects: each entry is a module of ``model`` or its qualified name, and a
+    container (``"encoder"``, ``model.rnn``) covers every layer inside it. A name that is not in the model is an
+    :class:`~autoprune.errors.InvalidConfigError` (with the closest names), never silently ignored."""
+    import difflib
+
+    from autoprune.errors import InvalidConfigError
+
+    modules = dict(model.named_modules())
+    by_id = {id(m): n for n, m in modules.items()}
+    out: list[str] = []
+    for item in keep:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise InvalidConfigError(f"keep: {type(item).__name__} module is not part of this model")
+            name = by_id[id(item)]
+        elif isinstance(item, str):
+            name = item
+            if name not in modules:
+                close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else " (see `autoprune groups`)"
+                raise InvalidConfigError(f"keep: no module named {name!r} in the model{hint}")
+        else:
+            raise InvalidConfigError(f"keep takes module names or modules, got {type(item).__name__}")
+        out.extend(n for n in modules if n == name or (name == "" or n.startswith(name + ".")))
+    return tuple(dict.fromkeys(n for n in out if n))
+
+
 def find_output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
     """Names of the layers that produce the model's output (the classifier head); they are never pruned.
 
@@ -391,7 +419,7 @@ class PruningContext:
         model: nn.Module,
         example_inputs: Inputs,
         *,
-        keep: Sequence[str] = (),
+        keep: Sequence[str | nn.Module] = (),
         calibration: Batches | None = None,
         prune_hidden: bool = False,
     ) -> None:
@@ -400,7 +428,7 @@ class PruningContext:
         self.calibration = list(calibration) if calibration is not None else None
         self._expected = _output_shapes(model, example_inputs)
         self._names = {m: n for n, m in model.named_modules()}
-        self.kept = list(dict.fromkeys([*find_output_layers(model, example_inputs), *keep]))
+        self.kept = list(dict.fromkeys([*find_output_layers(model, example_inputs), *resolve_keep(model, keep)]))
         self.graph = _build_graph(model, example_inputs)
         self.groups = _groups(self.graph, model, self.kept, example_inputs)
         self._attention: dict[nn.Module, AttentionHeads] = attention_heads(model)

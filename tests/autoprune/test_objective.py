@@ -472,3 +472,21 @@ def test_archive_of_real_evaluations(digits_objective: Objective, half: Evaluati
     front = archive.front()
     assert digits_objective.baseline in front  # nothing beats its quality
     assert archive.hypervolume() >= 0.0
+
+
+def test_keep_takes_modules_and_containers_and_refuses_typos() -> None:
+    model = _mlp()
+    full = Objective(model, example_inputs(model), None, metric=lambda m: 1.0, latency=DeterministicMeter())
+    assert "body.0" in full.group_names
+    by_module = Objective(
+        model, example_inputs(model), None, metric=lambda m: 1.0, latency=DeterministicMeter(), keep=[model.body[0]]
+    )
+    assert "body.0" not in by_module.group_names and "body.0" in by_module.structure.kept
+    container = Objective(
+        model, example_inputs(model), None, metric=lambda m: 1.0, latency=DeterministicMeter(), keep=["body"]
+    )
+    assert container.group_names == () or not any(g.startswith("body") for g in container.group_names)
+    with pytest.raises(InvalidConfigError, match="did you mean body"):
+        Objective(model, example_inputs(model), None, metric=lambda m: 1.0, keep=["bdy.0"])
+    with pytest.raises(InvalidConfigError, match="not part of this model"):
+        Objective(model, example_inputs(model), None, metric=lambda m: 1.0, keep=[nn.Linear(2, 2)])
