@@ -9,14 +9,16 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the tests use: docker-compose validates docker-compose.yml (`config`; no engine needed)
-SYSTEM_PACKAGES := docker-compose  # each also the name of the command it installs
+# Debian packages the tests use: docker-compose validates docker-compose.yml (`config`; no engine needed);
+# chromium + chromium-driver run the dashboard's browser test (tests/service/test_dashboard.py, via selenium)
+SYSTEM_PACKAGES := docker-compose chromium chromium-driver:chromedriver  # package[:the command it installs]
 SRC    := autoprune agents service tests benchmarks
 
 .PHONY: setup system demo test lint
 
 system:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  command -v $${p##*:} >/dev/null || missing="$$missing $${p%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
