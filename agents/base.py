@@ -189,7 +189,8 @@ class SearchSession:
         elif self.budget.seconds is not None and self.elapsed >= self.budget.seconds:
             self.stop_reason = "time"
         elif self._stop_requested():
-            self.stop_reason = "stopped"
+            # a stop signal may say why it stops the search (the CLI's Ctrl-C flag: "interrupted")
+            self.stop_reason = str(getattr(self._stop, "reason", None) or "stopped")
         return self.stop_reason is not None
 
     def _stop_requested(self) -> bool:

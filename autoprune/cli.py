@@ -5,10 +5,14 @@ Every user error is printed as one line (``error: ...``) with exit status 2; not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -484,6 +488,43 @@ def _opt(help_text: str, *names: str) -> Any:
     return typer.Option(*names, help=help_text, show_default=False)
 
 
+class CtrlC:
+    """Ctrl-C (SIGINT) during ``autoprune search``: a KeyboardInterrupt, as Python raises it, *and* a stop flag.
+
+    The KeyboardInterrupt stops the search at once. But CPython raises it wherever the main thread happens to
+    be, and some places swallow it: a ``__del__`` or weakref callback run by the garbage collector ("Exception
+    ignored in ..."), a library's bare ``except:`` (Torch-Pruning has some). Then the search went on to its
+    budget and exited 0 (issue 13.9). The flag cannot be lost: the search also gets it as its stop signal
+    (``reason`` ``interrupted``), so it stops at the next check between evaluations at the latest, and the command
+    exits 130 whenever Ctrl-C was pressed.
+    """
+
+    reason = "interrupted"
+    """The search's ``stop_reason`` when this stop signal stops it (see :class:`agents.base.SearchSession`)."""
+
+    def __init__(self) -> None:
+        self.pressed = 0
+
+    def __call__(self) -> bool:
+        return self.pressed > 0
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pressed += 1  # first: whatever happens to the exception below, the flag is set
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[CtrlC]:
+        """This object as the SIGINT handler for the block (the main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 @app.command()
 @_guard
 @spec_flags
@@ -513,7 +554,7 @@ def search(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from autoprune.job import JobSpec, run_job, write_outputs
+    from autoprune.job import JobSpec, run_job
 
     base: dict[str, Any] = {}
     if spec is not None:
@@ -580,11 +621,22 @@ def search(
             best=f"best: reward {best.reward:.3f} ({best.metric} {best.quality:.3f}, {best.speedup:.2f}x) | front {p.front_size}",
         )
 
-    try:
-        with progress:
-            result = run_job(job, objective=obj, callbacks=[on_progress], history=history)
-    finally:
-        log.close()
+    ctrl_c = CtrlC()
+    with ctrl_c.installed():
+        try:
+            with progress:
+                result = run_job(job, objective=obj, callbacks=[on_progress], history=history, stop=ctrl_c)
+        finally:
+            log.close()
+        _finish_search(job, result, obj, out)
+    if result.stop_reason == "interrupted" or ctrl_c.pressed:
+        raise typer.Exit(130)
+
+
+def _finish_search(job: Any, result: Any, obj: Any, out: Path) -> None:
+    """After the search: notes, the outputs (front, plot, report, the exported best model) and the front table."""
+    from autoprune.job import write_outputs
+
     if result.stop_reason == "interrupted":
         err_console.print(f"interrupted: keeping the {len(result.evaluations)} evaluations done", highlight=False)
     if result.failures:
@@ -615,8 +667,6 @@ def search(
     console.print(
         f"wrote {', '.join(sorted(str(Path(p).relative_to(out)) for p in files.values()))} in {out}/", highlight=False
     )
-    if result.stop_reason == "interrupted":
-        raise typer.Exit(130)
 
 
 def _print_front(result: Any, select: str, max_quality_drop: float, max_latency_ratio: float) -> None:

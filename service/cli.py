@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -445,16 +444,17 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-def _stop_worker(proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
-    """SIGTERM (finish the current evaluation, release the job), then SIGKILL after ``timeout``."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _serve_log(level: str) -> None:
+    """serve's own log lines (the embedded worker's supervisor) on stderr, timestamped like the worker's."""
+    import logging
+
+    logger = logging.getLogger("autoprune.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
 
 
 @app.command()
@@ -490,7 +490,14 @@ def serve(
         upgrade(settings.db_url)
     keys, key_file = ensure_api_key(settings)
     settings = settings.model_copy(update={"api_keys": keys})
-    api = create_app(settings)
+    supervisor = None
+    if not no_worker:
+        from service.supervisor import WorkerSupervisor
+
+        _serve_log("WARNING")
+        worker_level = "WARNING" if demo else "INFO"
+        supervisor = WorkerSupervisor(functools.partial(_start_worker, settings, worker_level))
+    api = create_app(settings, worker=supervisor)
     config = uvicorn.Config(
         api, host=host, port=port, log_level="warning" if demo else log_level, timeout_graceful_shutdown=5
     )
@@ -505,11 +512,10 @@ def serve(
         )
     if key_file is not None:
         console.print(f"API key: {keys[0]}  (saved in {key_file})", highlight=False)
-    proc: subprocess.Popen[bytes] | None = None
     try:
-        if not no_worker:
-            proc = _start_worker(settings, "WARNING" if demo else "INFO")
-            console.print(f"embedded worker: pid {proc.pid}", highlight=False)
+        if supervisor is not None:
+            # supervised: reaped when it dies, the death logged, restarted with back-off, shown in /health
+            console.print(f"embedded worker: pid {supervisor.start()}", highlight=False)
         if not demo:
             server.run()
             return
@@ -526,7 +532,8 @@ def serve(
             server.should_exit = True
             thread.join(timeout=15)
     finally:
-        _stop_worker(proc)
+        if supervisor is not None:
+            supervisor.stop()  # SIGTERM: it finishes the current evaluation and releases its job
 
 
 def run_demo(url: str, key: str, out: Path, *, budget: int = 6) -> Path:

@@ -645,10 +645,18 @@ class Worker:
         if not any(_key(p) == _key(best) for p in points):
             points.append(best)
         with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
-            for point in points:
+            for done, point in enumerate(points):
                 self._check(lease)
                 lease.renew()
                 is_best = _key(point) == _key(best)
+                with contextlib.suppress(RepositoryError):  # the dashboard's export progress
+                    self.repo.add_event(
+                        job.id,
+                        "log",
+                        message=f"exporting {point.stage} point {point.index} as {', '.join(spec.export_formats)}",
+                        done=done,
+                        total=len(points),
+                    )
                 model = result.materialize(point)
                 for fmt in spec.export_formats:
                     self._check(lease)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -22,14 +22,22 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 import autoprune
-from service.api import catalog, inputs, jobs, problems
+from service.api import catalog, dashboard, inputs, jobs, problems
 from service.api.auth import require_key
-from service.api.schemas import Catalog, Health, StrategyOut
+from service.api.events import EventHub
+from service.api.schemas import Catalog, Health, StrategyOut, WorkerHealth
 from service.artefacts import ArtefactStore
 from service.db.repository import Repository
 from service.settings import InvalidSettings, Settings, check_api_keys, load_settings
 
 log = logging.getLogger("autoprune.api")
+
+
+class WorkerStatus(Protocol):
+    """What ``/health`` reads of an embedded worker (:class:`service.supervisor.WorkerSupervisor`)."""
+
+    def status(self) -> dict[str, Any]: ...
+
 
 DESCRIPTION = """Prune PyTorch models for real, measure their latency, and search per-group pruning ratios.
 
@@ -105,9 +113,13 @@ class JsonBodyCap:
         await self.app(scope, replay, send)
 
 
-def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.5) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, sse_poll_seconds: float = 0.5, worker: WorkerStatus | None = None
+) -> FastAPI:
     """The API app for ``settings`` (built from the environment when omitted). Keys: ``settings.api_keys``, or
-    the key ``autoprune serve`` wrote into ``<data_dir>/api-key``; without any the app refuses to start."""
+    the key ``autoprune serve`` wrote into ``<data_dir>/api-key``; without any the app refuses to start.
+
+    ``worker``: the embedded worker's supervisor (``autoprune serve``), whose state ``/health`` reports."""
     from service.db.engine import make_engine
 
     settings = settings or load_settings()
@@ -123,6 +135,7 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.events.close()
         engine.dispose()
 
     app = FastAPI(
@@ -139,6 +152,7 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
     app.state.store = ArtefactStore(settings.artefacts)
     app.state.api_keys = keys
     app.state.sse_poll_seconds = sse_poll_seconds
+    app.state.events = EventHub(app.state.repo, sse_poll_seconds)
     problems.install(app)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
@@ -169,17 +183,36 @@ def create_app(settings: Settings | None = None, *, sse_poll_seconds: float = 0.
 
     @app.get("/health", response_model=Health, tags=["meta"], responses={503: {"model": Health}})
     def health() -> Any:
-        """Liveness and database reachability (no key needed)."""
+        """Liveness, database reachability and (under ``autoprune serve``) the embedded worker; no key needed.
+
+        200 ``ok``; 200 ``degraded`` while the embedded worker is being restarted; 503 ``unavailable`` when the
+        database is unreachable or the embedded worker was given up on (it kept dying at start)."""
+        embedded = WorkerHealth(**worker.status()) if worker is not None else None
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            body = Health(status="unavailable", database=False, version=autoprune.__version__, detail=detail)
+            body = Health(
+                status="unavailable", database=False, version=autoprune.__version__, detail=detail, worker=embedded
+            )
             return JSONResponse(body.model_dump(), status_code=503)
-        return Health(status="ok", database=True, version=autoprune.__version__)
+        if embedded is None or embedded.state in ("running", "starting"):
+            return Health(status="ok", database=True, version=autoprune.__version__, worker=embedded)
+        why = "the embedded worker died" + (f": {embedded.last_exit}" if embedded.last_exit else "")
+        if embedded.state == "restarting":
+            detail = f"{why}; restarting it (restart {embedded.restarts + 1})"
+            return Health(
+                status="degraded", database=True, version=autoprune.__version__, detail=detail, worker=embedded
+            )
+        detail = f"{why}, and kept dying: it is not restarted, nothing runs queued jobs (start `autoprune worker`)"
+        body = Health(
+            status="unavailable", database=True, version=autoprune.__version__, detail=detail, worker=embedded
+        )
+        return JSONResponse(body.model_dump(), status_code=503)
 
     _install_docs(app)
+    app.include_router(dashboard.router)  # the web dashboard at / (its data calls go through /v1 with a key)
     return app
 
 

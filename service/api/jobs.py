@@ -10,21 +10,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from starlette.concurrency import run_in_threadpool
 
 from autoprune.errors import AutopruneError
 from autoprune.job import JobSpec
 from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.api import deps
+from service.api.events import EventHub
 from service.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_responses
 from service.api.schemas import (
     EvaluationOut,
     EvaluationPage,
-    EventOut,
     ExportOut,
     JobCreate,
     JobOut,
@@ -162,10 +160,6 @@ def _existing_job(job_id: JobId, repo: RepoDep) -> JobRow:
     return repo.get_job(job_id)
 
 
-def _event(row: Any) -> ServerSentEvent:
-    return ServerSentEvent(event=row.kind, id=str(row.id), data=EventOut.of(row).model_dump(mode="json"))
-
-
 @router.get(
     "/jobs/{job_id}/events",
     response_class=EventSourceResponse,
@@ -175,7 +169,6 @@ def _event(row: Any) -> ServerSentEvent:
 async def job_events(
     request: Request,
     job: Annotated[JobRow, Depends(_existing_job)],
-    repo: RepoDep,
     last_event_id: Annotated[
         str | None,
         Header(alias="Last-Event-ID", max_length=20, description="Resume after this event id (set by EventSource)."),
@@ -190,25 +183,11 @@ async def job_events(
     if last_event_id is not None:
         with contextlib.suppress(ValueError):  # a foreign id: ignore it
             cursor = max(cursor, int(last_event_id))
-    poll: float = request.app.state.sse_poll_seconds
+    hub: EventHub = request.app.state.events
     yield ServerSentEvent(event="snapshot", data=JobOut.of(job).model_dump(mode="json"), retry=2000)
-    finished = _terminal(job.state)
-    while True:
-        rows = await run_in_threadpool(repo.events_after, job.id, cursor)
-        for row in rows:
-            cursor = row.id
-            yield _event(row)
-            if row.kind == "state" and row.to_state is not None and _terminal(row.to_state):
-                return
-        if rows:
-            continue
-        if finished:
-            return
-        current = await run_in_threadpool(repo.get_job, job.id)
-        # the job may have finished between the two reads: drain once more, then stop
-        finished = _terminal(current.state)
-        if not finished:
-            await anyio.sleep(poll)
+    # one poller per job, whatever the number of watchers (service.api.events)
+    async for event in hub.stream(job.id, cursor, finished=_terminal(job.state)):
+        yield event
 
 
 # --- results -------------------------------------------------------------------------------------------------------

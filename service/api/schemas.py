@@ -268,11 +268,25 @@ class EventOut(BaseModel):
         )
 
 
+class WorkerHealth(BaseModel):
+    """The embedded worker of ``autoprune serve`` (absent with ``--no-worker``: workers run elsewhere)."""
+
+    state: Literal["starting", "running", "restarting", "stopped"]
+    pid: int | None = None
+    restarts: int = Field(0, description="Restarts since serve started.")
+    last_exit: str | None = Field(None, description="How it last died, e.g. 'killed by signal 9 (SIGKILL)'.")
+    retry_in_s: float | None = Field(None, description="Seconds to the next restart (while restarting).")
+
+
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    """``ok``; ``degraded`` (200) while the embedded worker restarts; ``unavailable`` (503) when the database is
+    unreachable or the embedded worker is down for good (it kept dying, so nothing runs the queued jobs)."""
+
+    status: Literal["ok", "degraded", "unavailable"]
     database: bool
     version: str
     detail: str | None = None
+    worker: WorkerHealth | None = None
 
 
 class StrategyOut(BaseModel):

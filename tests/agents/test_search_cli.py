@@ -93,6 +93,33 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_evaluations(tmp_path: Path) -> None:
     assert (out / "pareto.json").exists() and (out / "report.md").exists()
 
 
+def test_a_ctrl_c_whose_keyboardinterrupt_is_swallowed_still_stops_the_search() -> None:
+    """Issue 13.9: CPython raises the KeyboardInterrupt wherever the main thread is, and a garbage-collector
+    callback or a library's bare ``except:`` can swallow it; the search then ran to its budget and exited 0.
+    Here a callback swallows it (as such a library would): the CLI's Ctrl-C flag still stops the search,
+    as interrupted, after the evaluation in progress."""
+    from autoprune.cli import CtrlC
+    from autoprune.job import JobSpec, run_job
+
+    spec = JobSpec.from_mapping({"model": "resnet20", "data": "digits", "budget": 30, "val_samples": 50})
+
+    def swallowing(progress: object) -> None:
+        if getattr(progress, "done", 0) == 2:
+            try:
+                signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, delivered to this (main) thread
+                time.sleep(30)  # never reached: the handler raises on return from raise_signal
+            except KeyboardInterrupt:
+                pass  # ... and lost here
+
+    ctrl_c = CtrlC()
+    with ctrl_c.installed():
+        result = run_job(spec, callbacks=[swallowing], stop=ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert ctrl_c.pressed == 1
+    assert result.stop_reason == "interrupted"
+    assert len(result.evaluations) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -238,3 +239,25 @@ def running_server() -> Callable[..., contextlib.AbstractContextManager[ServerPr
 def wait_for() -> Callable[..., None]:
     """A function ``(condition, timeout, what, *, interval=0.05)``: poll until true, AssertionError on timeout."""
     return _wait_for
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a thread of this process (so that a test can read the app's
+    own counters, e.g. ``app.state.events``); yields its URL, stops it after the block."""
+    import threading
+
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    _wait_for(lambda: server.started or not thread.is_alive(), 60, "uvicorn to start")
+    if not server.started:
+        raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
