@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from autoprune.data import Dataset
     from autoprune.objective import Objective
     from autoprune.workloads import Workload
 
@@ -46,3 +47,11 @@ def one_torch_thread() -> Iterator[None]:
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def digits_subset() -> Dataset:
+    """256 training and 64 validation samples of digits (and its test split): training-time pruning tests."""
+    from autoprune.data import load_dataset
+
+    return load_dataset("digits").subset(256, 64)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from autoprune.data import Dataset, load_dataset
+from autoprune.data import Dataset
 from autoprune.errors import InvalidConfigError
 from autoprune.gradual import (
     GradualProgress,
@@ -30,18 +29,7 @@ from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, analyze
 from autoprune.recovery import RecoveryConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_dataset("digits").subset(256, 64)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # and `digits_subset`: tests/autoprune/conftest.py
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -114,7 +102,7 @@ def test_polynomial_decay_refuses_bad_settings(kwargs: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- gradual magnitude pruning
-def test_gradual_pruning_reaches_the_target_and_masks_only_grow(digits: Dataset) -> None:
+def test_gradual_pruning_reaches_the_target_and_masks_only_grow(digits_subset: Dataset) -> None:
     model = _mlp()
     layers = prunable_weights(model)
     total = _total_weights(model)
@@ -125,7 +113,7 @@ def test_gradual_pruning_reaches_the_target_and_masks_only_grow(digits: Dataset)
         seen.append(progress)
         masks.append(torch.cat([getattr(m, "weight_mask", torch.ones_like(m.weight)).flatten() for _, m in layers]))
 
-    report = gradual_magnitude_prune(model, digits, SCHEDULE, RECIPE, on_progress=record)
+    report = gradual_magnitude_prune(model, digits_subset, SCHEDULE, RECIPE, on_progress=record)
     assert [p.step for p in seen] == SCHEDULE.pruning_steps() == [0, 10, 20, 30, 40]
     assert [step for step, _ in report.updates] == [0, 10, 20, 30, 40]
     for progress in seen:
@@ -146,7 +134,7 @@ def test_gradual_pruning_reaches_the_target_and_masks_only_grow(digits: Dataset)
     assert bool((weights[masks[-1] == 0] == 0).all())
 
 
-def test_pruning_ranks_the_current_weights_not_the_last_forwards(digits: Dataset) -> None:
+def test_pruning_ranks_the_current_weights_not_the_last_forwards(digits_subset: Dataset) -> None:
     layer = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]))
@@ -160,11 +148,11 @@ def test_pruning_ranks_the_current_weights_not_the_last_forwards(digits: Dataset
     assert prune_to([(layer, "weight")], 0.5) == 0  # already there
 
 
-def test_stripped_model_is_plain_keeps_the_zeros_and_runs(digits: Dataset) -> None:
+def test_stripped_model_is_plain_keeps_the_zeros_and_runs(digits_subset: Dataset) -> None:
     model = _mlp()
-    gradual_magnitude_prune(model, digits, SCHEDULE, RECIPE)
+    gradual_magnitude_prune(model, digits_subset, SCHEDULE, RECIPE)
     assert any(k.endswith("_mask") for k in model.state_dict())
-    x = digits.x_val[:8]
+    x = digits_subset.x_val[:8]
     with torch.no_grad():
         masked_out = model(x)
     twin = copy.deepcopy(model)  # a model that trained under masks can be copied
@@ -185,9 +173,9 @@ def test_stripped_model_is_plain_keeps_the_zeros_and_runs(digits: Dataset) -> No
         assert torch.allclose(twin(x), masked_out)
 
 
-def test_kept_layers_are_not_pruned(digits: Dataset) -> None:
+def test_kept_layers_are_not_pruned(digits_subset: Dataset) -> None:
     model = _mlp()
-    report = gradual_magnitude_prune(model, digits, SCHEDULE, RECIPE, keep=["5"])
+    report = gradual_magnitude_prune(model, digits_subset, SCHEDULE, RECIPE, keep=["5"])
     kept = model[5]
     assert not hasattr(kept, "weight_mask")
     assert int((kept.weight == 0).sum()) == 0
@@ -196,18 +184,22 @@ def test_kept_layers_are_not_pruned(digits: Dataset) -> None:
     assert abs(sparsity(model, ["5"]) - 0.6) <= 1 / total
     assert int((model[1].weight == 0).sum()) > 0
     with pytest.raises(InvalidConfigError, match="keep"):
-        gradual_magnitude_prune(_mlp(), digits, SCHEDULE, RECIPE, keep=["classifier"])
+        gradual_magnitude_prune(_mlp(), digits_subset, SCHEDULE, RECIPE, keep=["classifier"])
 
 
-def test_a_training_run_shorter_than_the_schedule_is_refused(digits: Dataset) -> None:
+def test_a_training_run_shorter_than_the_schedule_is_refused(digits_subset: Dataset) -> None:
     model = _mlp()
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidConfigError, match="train longer"):
-        gradual_magnitude_prune(model, digits, SCHEDULE, RecoveryConfig(finetune_steps=40))  # last update is step 40
+        gradual_magnitude_prune(
+            model, digits_subset, SCHEDULE, RecoveryConfig(finetune_steps=40)
+        )  # last update is step 40
     with pytest.raises(InvalidConfigError, match="training recipe"):
-        gradual_magnitude_prune(model, digits, SCHEDULE, RecoveryConfig())
+        gradual_magnitude_prune(model, digits_subset, SCHEDULE, RecoveryConfig())
     with pytest.raises(InvalidConfigError, match="early stopping"):
-        gradual_magnitude_prune(model, digits, SCHEDULE, RecoveryConfig(finetune_steps=50, early_stopping_patience=2))
+        gradual_magnitude_prune(
+            model, digits_subset, SCHEDULE, RecoveryConfig(finetune_steps=50, early_stopping_patience=2)
+        )
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # nothing ran
 
 
@@ -225,13 +217,13 @@ def _widths(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, in
 
 
 @pytest.fixture(scope="module")
-def iterated(resnet: tuple[nn.Module, torch.Tensor], digits: Dataset) -> dict[str, Any]:
+def iterated(resnet: tuple[nn.Module, torch.Tensor], digits_subset: Dataset) -> dict[str, Any]:
     model, x = resnet
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out: dict[str, Any] = {}
     for schedule in ("linear", "cubic"):
         steps: list[IterativeStep] = []
-        result = iterative_prune(model, x, digits, 0.5, steps=3, schedule=schedule, on_step=steps.append)
+        result = iterative_prune(model, x, digits_subset, 0.5, steps=3, schedule=schedule, on_step=steps.append)
         out[schedule] = (result, steps)
     out["unchanged"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     return out
@@ -280,7 +272,7 @@ def test_cubic_cuts_more_first_than_linear(iterated: dict[str, Any]) -> None:
 
 
 def test_iterative_result_runs_and_the_base_is_unchanged(
-    resnet: tuple[nn.Module, torch.Tensor], iterated: dict[str, Any], digits: Dataset
+    resnet: tuple[nn.Module, torch.Tensor], iterated: dict[str, Any], digits_subset: Dataset
 ) -> None:
     model, _ = resnet
     assert iterated["unchanged"]
@@ -288,17 +280,17 @@ def test_iterative_result_runs_and_the_base_is_unchanged(
     assert result.model is not model
     assert not result.model.training
     with torch.no_grad():
-        out = result.model(digits.x_val[:4])
+        out = result.model(digits_subset.x_val[:4])
     assert out.shape == (4, 10)
     assert bool(torch.isfinite(out).all())
     assert all(s.output_shape == (1, 10) for s in steps)
 
 
-def test_iterative_prune_refuses_bad_settings(resnet: tuple[nn.Module, torch.Tensor], digits: Dataset) -> None:
+def test_iterative_prune_refuses_bad_settings(resnet: tuple[nn.Module, torch.Tensor], digits_subset: Dataset) -> None:
     model, x = resnet
     with pytest.raises(InvalidConfigError):
-        iterative_prune(model, x, digits, 0.5, steps=0)
+        iterative_prune(model, x, digits_subset, 0.5, steps=0)
     with pytest.raises(InvalidConfigError):
-        iterative_prune(model, x, digits, 0.5, schedule="exponential")
+        iterative_prune(model, x, digits_subset, 0.5, schedule="exponential")
     with pytest.raises(InvalidConfigError):
-        iterative_prune(model, x, digits, Plan(ratios=(("*", 0.5),), method="unstructured"))
+        iterative_prune(model, x, digits_subset, Plan(ratios=(("*", 0.5),), method="unstructured"))

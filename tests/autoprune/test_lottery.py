@@ -5,31 +5,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from autoprune.data import Dataset, load_dataset
+from autoprune.data import Dataset
 from autoprune.errors import InvalidConfigError
 from autoprune.gradual import prunable_weights, prune_to, sparsity, strip, train
 from autoprune.lottery import TicketResult, TicketRound, find_ticket, random_reinit, rewind, round_targets
 from autoprune.recovery import RecoveryConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_dataset("digits").subset(256, 64)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # and `digits_subset`: tests/autoprune/conftest.py
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -46,11 +34,11 @@ def _effective(module: nn.Module) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ticket(digits: Dataset) -> tuple[TicketResult, list[TicketRound], nn.Module, dict[str, torch.Tensor]]:
+def ticket(digits_subset: Dataset) -> tuple[TicketResult, list[TicketRound], nn.Module, dict[str, torch.Tensor]]:
     model = _mlp()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list[TicketRound] = []
-    result = find_ticket(model, digits, RECIPE, sparsity=0.8, rounds=3, rewind_step=0, on_round=seen.append)
+    result = find_ticket(model, digits_subset, RECIPE, sparsity=0.8, rounds=3, rewind_step=0, on_round=seen.append)
     return result, seen, model, init
 
 
@@ -79,7 +67,7 @@ def test_ticket_reaches_the_sparsity_on_the_geometric_schedule(ticket: Any) -> N
     assert set(result.masks) == {"1", "3", "5"}
 
 
-def test_ticket_masks_hold_after_retraining_and_the_input_is_untouched(ticket: Any, digits: Dataset) -> None:
+def test_ticket_masks_hold_after_retraining_and_the_input_is_untouched(ticket: Any, digits_subset: Dataset) -> None:
     result, _, model, init = ticket
     assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())
     assert not any(k.endswith("_mask") for k in model.state_dict())
@@ -90,7 +78,7 @@ def test_ticket_masks_hold_after_retraining_and_the_input_is_untouched(ticket: A
         assert int((weight[mask] == 0).sum()) == 0
     assert not result.model.training
     with torch.no_grad():
-        assert result.model(digits.x_val[:4]).shape == (4, 10)
+        assert result.model(digits_subset.x_val[:4]).shape == (4, 10)
     stripped = strip(copy.deepcopy(result.model))
     assert not any(k.endswith(("_orig", "_mask")) for k in stripped.state_dict())
 
@@ -115,30 +103,32 @@ def test_rewinding_sets_survivors_to_the_snapshot_and_keeps_masks(ticket: Any) -
         assert torch.equal(modules[name].weight_mask != 0, mask)
 
 
-def test_the_snapshot_is_the_model_after_rewind_step_steps(digits: Dataset) -> None:
-    result = find_ticket(_mlp(), digits, RECIPE, sparsity=0.5, rounds=1, rewind_step=7)
+def test_the_snapshot_is_the_model_after_rewind_step_steps(digits_subset: Dataset) -> None:
+    result = find_ticket(_mlp(), digits_subset, RECIPE, sparsity=0.5, rounds=1, rewind_step=7)
     early = _mlp()
-    train(early, digits, dataclasses.replace(RECIPE, finetune_steps=7))  # constant LR: the first 7 steps are the same
+    train(
+        early, digits_subset, dataclasses.replace(RECIPE, finetune_steps=7)
+    )  # constant LR: the first 7 steps are the same
     assert result.rewind_step == 7
     for key, value in early.state_dict().items():
         assert torch.allclose(result.rewind_state[key], value, atol=1e-6), key
     assert not torch.equal(result.rewind_state["1.weight"], _mlp().state_dict()["1.weight"])
     # the ticket is the composition: dense training, magnitude pruning, rewind to step 7, retraining from step 7
     manual = _mlp()
-    train(manual, digits, RECIPE)
+    train(manual, digits_subset, RECIPE)
     prune_to([(m, "weight") for _, m in prunable_weights(manual)], 0.5)
     rewind(manual, result.rewind_state)
-    train(manual, digits, RECIPE, start_step=7)
+    train(manual, digits_subset, RECIPE, start_step=7)
     modules = dict(result.model.named_modules())
     for name, module in prunable_weights(manual):
         assert torch.allclose(_effective(module), _effective(modules[name]), atol=1e-5)
 
 
-def test_rewinding_to_the_end_prunes_the_trained_weights_without_retraining(digits: Dataset) -> None:
-    total = RECIPE.total_steps(digits.num_train)
-    result = find_ticket(_mlp(), digits, RECIPE, sparsity=0.6, rounds=1, rewind_step=total)
+def test_rewinding_to_the_end_prunes_the_trained_weights_without_retraining(digits_subset: Dataset) -> None:
+    total = RECIPE.total_steps(digits_subset.num_train)
+    result = find_ticket(_mlp(), digits_subset, RECIPE, sparsity=0.6, rounds=1, rewind_step=total)
     dense = _mlp()
-    train(dense, digits, RECIPE)
+    train(dense, digits_subset, RECIPE)
     trained = dense.state_dict()
     assert all(torch.allclose(result.rewind_state[k], v) for k, v in trained.items())
     modules = dict(result.model.named_modules())
@@ -151,7 +141,7 @@ def test_rewinding_to_the_end_prunes_the_trained_weights_without_retraining(digi
     assert abs(result.sparsity - 0.6) <= 1 / TOTAL
 
 
-def test_random_reinit_keeps_the_masks_with_fresh_values(ticket: Any, digits: Dataset) -> None:
+def test_random_reinit_keeps_the_masks_with_fresh_values(ticket: Any, digits_subset: Dataset) -> None:
     result, _, _, init = ticket
     before = {k: v.clone() for k, v in result.model.state_dict().items()}
     control = random_reinit(result, seed=1)
@@ -167,13 +157,13 @@ def test_random_reinit_keeps_the_masks_with_fresh_values(ticket: Any, digits: Da
         assert not torch.equal(weight, _effective(dict(other.named_modules())[name]))
     assert sparsity(control) == pytest.approx(result.sparsity)
     assert all(torch.equal(v, before[k]) for k, v in result.model.state_dict().items())  # the ticket is untouched
-    trained = random_reinit(result, digits, RECIPE, seed=1)
+    trained = random_reinit(result, digits_subset, RECIPE, seed=1)
     assert sparsity(trained) == pytest.approx(result.sparsity)  # training under the masks keeps them
     first = _effective(dict(trained.named_modules())["1"])
     assert not torch.allclose(first, _effective(modules["1"]))  # it did train
     assert not torch.allclose(first, _effective(dict(result.model.named_modules())["1"]))
     with pytest.raises(InvalidConfigError):
-        random_reinit(result, digits)
+        random_reinit(result, digits_subset)
 
 
 @pytest.mark.parametrize(
@@ -191,16 +181,16 @@ def test_random_reinit_keeps_the_masks_with_fresh_values(ticket: Any, digits: Da
         {"keep": ["nope"]},
     ],
 )
-def test_bad_arguments_are_refused(kwargs: dict[str, Any], digits: Dataset) -> None:
+def test_bad_arguments_are_refused(kwargs: dict[str, Any], digits_subset: Dataset) -> None:
     settings: dict[str, Any] = {"sparsity": 0.5, "rounds": 2, "rewind_step": 0}
     with pytest.raises(InvalidConfigError):
-        find_ticket(_mlp(), digits, RECIPE, **{**settings, **kwargs})
+        find_ticket(_mlp(), digits_subset, RECIPE, **{**settings, **kwargs})
 
 
-def test_a_recipe_that_does_not_train_or_a_masked_model_is_refused(digits: Dataset) -> None:
+def test_a_recipe_that_does_not_train_or_a_masked_model_is_refused(digits_subset: Dataset) -> None:
     with pytest.raises(InvalidConfigError):
-        find_ticket(_mlp(), digits, RecoveryConfig(), sparsity=0.5, rounds=1)
+        find_ticket(_mlp(), digits_subset, RecoveryConfig(), sparsity=0.5, rounds=1)
     masked = _mlp()
     prune_to([(m, "weight") for _, m in prunable_weights(masked)], 0.3)
     with pytest.raises(InvalidConfigError, match="strip"):
-        find_ticket(masked, digits, RECIPE, sparsity=0.5, rounds=1)
+        find_ticket(masked, digits_subset, RECIPE, sparsity=0.5, rounds=1)
