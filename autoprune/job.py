@@ -405,12 +405,7 @@ def resolve_inputs(
     model: str, kwargs: dict[str, Any], weights: str | Path | None, data: str | None, train_epochs: int = 0
 ) -> tuple[nn.Module, torch.Tensor | tuple[torch.Tensor, ...], Dataset | None, str]:
     """(model, example inputs, dataset, note) from names and paths, as the CLI and job specs give them."""
-    import torch
-
     from autoprune.data import load_dataset
-    from autoprune.models.registry import example_inputs
-    from autoprune.models.weights import load_weights
-    from autoprune.workloads import WORKLOADS, build_for_dataset, load_workload, shipped_workload_for, train_classifier
 
     dataset = load_dataset(data) if data else None
     if model.endswith(".pt2"):
@@ -418,11 +413,27 @@ def resolve_inputs(
 
         program, ex = load_pt2(Path(model))
         return program, ex[0] if len(ex) == 1 else ex, dataset, ""
+    net, inputs, note = build_named_model(model, kwargs, weights, dataset, train_epochs)
+    return net, inputs, dataset, note
+
+
+def build_named_model(
+    model: str, kwargs: dict[str, Any], weights: str | Path | None, dataset: Dataset | None, train_epochs: int = 0
+) -> tuple[nn.Module, torch.Tensor | tuple[torch.Tensor, ...], str]:
+    """(model, example inputs, note) for a built-in architecture: the shipped reference weights when there are
+    some for (architecture, dataset) and none were given, else ``weights``, else trained for ``train_epochs``,
+    else randomly initialised (the note says which)."""
+    import torch
+
+    from autoprune.models.registry import example_inputs
+    from autoprune.models.weights import load_weights
+    from autoprune.workloads import WORKLOADS, build_for_dataset, load_workload, shipped_workload_for, train_classifier
+
     if weights is None and train_epochs == 0 and dataset is not None:
         shipped = shipped_workload_for(model, dataset.name, kwargs)
         if shipped is not None:
             wl = load_workload(shipped)
-            return wl.model, wl.example_inputs, dataset, f"using the shipped {shipped} reference weights"
+            return wl.model, wl.example_inputs, f"using the shipped {shipped} reference weights"
     torch.manual_seed(0)
     net = build_for_dataset(model, dataset, **kwargs)
     note = ""
@@ -437,7 +448,7 @@ def resolve_inputs(
         note = "no weights: the model is randomly initialised (quality figures are meaningless)"
         if dataset is not None and any(s.dataset == dataset.name for s in WORKLOADS.values()):
             note += "; pass train epochs to train it first"
-    return net.eval(), example_inputs(net), dataset, note
+    return net.eval(), example_inputs(net), note
 
 
 def run_job(
@@ -516,7 +527,6 @@ def search(
     """
     from agents import Budget, check_strategy, run_search
     from autoprune.data import Dataset, load_dataset
-    from autoprune.models.registry import build_model
     from autoprune.models.registry import example_inputs as make_example_inputs
     from autoprune.objective import Objective
     from autoprune.recovery import RecoveryConfig
@@ -527,25 +537,13 @@ def search(
         data = load_dataset(data)
     elif data is not None and not isinstance(data, Dataset):
         raise InvalidConfigError("data must be a Dataset, a built-in dataset name or a file path")
-    if isinstance(model, str):
+    if isinstance(model, str):  # a built-in name: the same weights the CLI would use, and the same note
         import warnings
 
-        from autoprune.workloads import WORKLOADS, build_for_dataset, load_workload, shipped_workload_for
-
-        shipped = shipped_workload_for(model, data.name, {}) if data is not None else None
-        if shipped is not None:  # the same shipped reference weights the CLI uses
-            wl = load_workload(shipped)
-            model, example_inputs = wl.model, example_inputs if example_inputs is not None else wl.example_inputs
-            warnings.warn(f"using the shipped {shipped} reference weights", UserWarning, stacklevel=2)
-        else:
-            model = build_for_dataset(model, data) if data is not None else build_model(model)
-            known = ", ".join(f"{w.arch} + {w.dataset}" for w in WORKLOADS.values())
-            warnings.warn(
-                f"{model.__class__.__name__} is randomly initialised (shipped weights exist for {known}): "
-                "quality figures are meaningless; pass a trained nn.Module",
-                UserWarning,
-                stacklevel=2,
-            )
+        model, named_inputs, note = build_named_model(model, {}, None, data)
+        example_inputs = named_inputs if example_inputs is None else example_inputs
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
     if example_inputs is None:
         example_inputs = make_example_inputs(model)
     objective = Objective(
