@@ -76,6 +76,15 @@ def submit(repo: Repository, **spec: Any) -> str:
     return job.id
 
 
+def run_one(settings: Settings, worker_id: str | None = None) -> None:
+    """One worker claims and runs one job, then closes."""
+    worker = Worker(settings) if worker_id is None else Worker(settings, worker_id)
+    try:
+        assert worker.run_once()
+    finally:
+        worker.close()
+
+
 def search_rows(repo: Repository, job_id: str) -> dict[int, Any]:
     return {e.index: e for e in repo.evaluations(job_id, stage="search", limit=1000).items if e.index > 0}
 
@@ -215,11 +224,7 @@ def test_a_knapsack_job_keeps_its_latency_table(settings: Settings, repo: Reposi
     job_id = submit(
         repo, strategy="knapsack", strategy_options={"probe_ratios": [0.5]}, budget=2, export_formats=["safetensors"]
     )
-    worker = Worker(settings, "w-knap")
-    try:
-        assert worker.run_once()
-    finally:
-        worker.close()
+    run_one(settings, "w-knap")
     job = repo.get_job(job_id)
     assert job.state == "succeeded", job.error
     assert job.progress_done == 2  # the probes are not candidates
@@ -235,11 +240,7 @@ def test_a_bad_job_fails_with_its_error(settings: Settings, repo: Repository) ->
     )
     data = repo.create_dataset(name="d", kind="builtin", builtin="digits", artefact_sha256=None, info={})
     job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=dict(SPEC), progress_total=3)
-    worker = Worker(settings)
-    try:
-        assert worker.run_once()
-    finally:
-        worker.close()
+    run_one(settings)
     row = repo.get_job(job.id)
     assert row.state == "failed" and row.lease_expires_at is None
     assert row.error and "no-such-net" in row.error and "\n" not in row.error and row.error.split(":")[0].isidentifier()
@@ -253,11 +254,7 @@ def test_a_job_error_does_not_show_server_paths(settings: Settings, repo: Reposi
     model = repo.create_model(name="x", kind="architecture", architecture="resnet20", kwargs={}, artefact_sha256=sha)
     data = repo.create_dataset(name="d", kind="builtin", builtin="digits", artefact_sha256=None, info={})
     job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=dict(SPEC), progress_total=3)
-    worker = Worker(settings)
-    try:
-        assert worker.run_once()
-    finally:
-        worker.close()
+    run_one(settings)
     row = repo.get_job(job.id)
     assert row.state == "failed" and row.error
     assert str(settings.data_dir) not in row.error and "/" not in row.error, row.error
@@ -269,11 +266,7 @@ def test_a_stored_job_naming_a_study_storage_fails_without_touching_it(
     """A row written before the API refused ``strategy_options.storage`` (or by hand) never reaches Optuna."""
     target = tmp_path / "planted.db"
     job_id = submit(repo, strategy="optuna-tpe", strategy_options={"storage": f"sqlite:///{target}"})
-    worker = Worker(settings)
-    try:
-        assert worker.run_once()
-    finally:
-        worker.close()
+    run_one(settings)
     row = repo.get_job(job_id)
     assert row.state == "failed" and row.error is not None
     assert "not accepted by the service" in row.error and "AUTOPRUNE_STUDY_STORAGE" in row.error
