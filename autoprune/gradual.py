@@ -37,7 +37,7 @@ from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, analyze
 from autoprune.pruning.structured import Inputs
 from autoprune.pruning.unstructured import sparsifiable_layers
-from autoprune.recovery import FinetuneReport, RecoveryConfig, recover
+from autoprune.recovery import FinetuneReport, RecoveryConfig, make_optimizer, recover
 
 __all__ = [
     "ITERATIVE_SCHEDULES",
@@ -268,14 +268,6 @@ def _check_recipe(config: RecoveryConfig, dataset: Dataset) -> None:
         raise InvalidConfigError("a time budget is not available while pruning during training: set steps or epochs")
 
 
-def _optimizer(params: list[nn.Parameter], config: RecoveryConfig, lr: float) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-
-
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -301,7 +293,7 @@ def train(
     if not 0 <= start_step <= total:
         raise InvalidConfigError(f"start_step must be in [0, {total}], got {start_step}")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, config, config.lr_at(start_step, total))
+    optimizer = make_optimizer(params, config, config.lr_at(start_step, total))
     batches = dataset.train_batches(
         config.batch_size,
         seed=config.seed + start_step,

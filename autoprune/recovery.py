@@ -263,6 +263,16 @@ def _val_loss(
     return total / max(n, 1)
 
 
+def make_optimizer(params: list[nn.Parameter], config: RecoveryConfig, lr: float) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params`` at learning rate ``lr``: SGD (Nesterov when ``momentum`` > 0) or
+    AdamW, with the recipe's weight decay."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
 def finetune(
     model: nn.Module,
     dataset: Dataset,
@@ -315,16 +325,7 @@ def finetune(
     bs = min(config.batch_size, dataset.num_train)
     eval_every = config.eval_every or max(1, dataset.num_train // bs)
     teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
-    if config.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            params,
-            lr=config.lr_at(0, total),
-            momentum=config.momentum,
-            nesterov=config.momentum > 0,
-            weight_decay=config.weight_decay,
-        )
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr_at(0, total), weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config, config.lr_at(0, total))
     masks = (
         [(p, p.detach() != 0) for p in params if p.dim() > 1 and bool((p.detach() == 0).any())]
         if config.keep_sparsity
