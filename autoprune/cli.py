@@ -285,7 +285,8 @@ def prune(
         int,
         typer.Option(
             "--steps",
-            help="Structured: reach the plan in this many prune + recover increments (1: one shot).",
+            help="Structured: reach the plan in this many prune + recover increments, the fine-tune split over them "
+            "(1: one shot).",
         ),
     ] = 1,
     schedule: Annotated[
@@ -333,7 +334,7 @@ def prune(
         early_stopping_patience=early_stopping,
         distill=distill,
     )
-    from autoprune.gradual import ITERATIVE_SCHEDULES
+    from autoprune.names import ITERATIVE_SCHEDULES
 
     if steps < 1:
         _fail(f"--steps must be >= 1, got {steps}")
@@ -381,7 +382,12 @@ def prune(
             dataset,
             the_plan,
             steps=steps,
-            recovery=recovery,
+            # --finetune-steps/--finetune-epochs are the whole fine-tune, split over the increments
+            recovery=(
+                dataclasses.replace(recovery, prune_steps=steps, prune_schedule=schedule).per_increment()
+                if recovery.finetunes
+                else recovery
+            ),
             schedule=schedule,
             keep=objective.keep,
         )

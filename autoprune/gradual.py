@@ -21,6 +21,7 @@ sparse runtime; for speed on dense hardware prune structurally.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,12 @@ from torch import nn
 from autoprune.cost import as_tuple, eval_mode
 from autoprune.data import Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError, PruningError
+from autoprune.names import ITERATIVE_SCHEDULES
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, analyze
 from autoprune.pruning.structured import Inputs
 from autoprune.pruning.unstructured import sparsifiable_layers
-from autoprune.recovery import FinetuneReport, RecoveryConfig, make_optimizer, recover
+from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, make_optimizer, recover
 
 __all__ = [
     "ITERATIVE_SCHEDULES",
@@ -53,8 +55,6 @@ __all__ = [
     "strip",
     "train",
 ]
-
-ITERATIVE_SCHEDULES = ("linear", "cubic")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -447,6 +447,14 @@ class IterativeResult:
     """Final units per pruned group: those of a one-shot application of :attr:`plan`."""
 
 
+def _report(
+    reports: list[FinetuneReport], forward: Callable[[FinetuneReport], None] | None, report: FinetuneReport
+) -> None:
+    reports.append(report)
+    if forward is not None:
+        forward(report)
+
+
 def _fraction(i: int, steps: int, schedule: str) -> float:
     t = i / steps
     return t if schedule == "linear" else 1.0 - (1.0 - t) ** 3
@@ -483,6 +491,8 @@ def iterative_prune(
     keep: Sequence[str] = (),
     teacher: nn.Module | None = None,
     on_step: Callable[[IterativeStep], None] | None = None,
+    on_finetune: Callable[[FinetuneReport], None] | None = None,
+    train_step: TrainStep | None = None,
 ) -> IterativeResult:
     """Reach a structured plan in ``steps`` increments: prune a fraction, recover, repeat (the base model is not
     modified).
@@ -494,7 +504,9 @@ def iterative_prune(
     ratios re-expressed relative to its current widths, so the last increment ends exactly at the one-shot plan's
     widths (checked). Every pruned model runs a forward before it is recovered with
     :func:`autoprune.recovery.recover` under ``recovery`` (BatchNorm re-estimation, then fine-tuning if the recipe
-    asks); with distillation or label-free data the teacher defaults to the unpruned base model.
+    asks); with distillation or label-free data the teacher defaults to the unpruned base model. ``recovery``
+    is the recipe of *each* increment (:meth:`RecoveryConfig.per_increment` splits a whole budget over them).
+    ``on_finetune`` receives every increment's fine-tune progress; ``train_step`` replaces the built-in loss.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidConfigError(f"steps must be an integer >= 1, got {steps!r}")
@@ -533,7 +545,14 @@ def iterative_prune(
         with eval_mode(current), torch.no_grad():
             out = as_output_tensor(current(*as_tuple(example_inputs)))
         reports: list[FinetuneReport] = []
-        recover(current, dataset, recovery, teacher=teacher, on_progress=reports.append)
+        recover(
+            current,
+            dataset,
+            recovery,
+            teacher=teacher,
+            on_progress=functools.partial(_report, reports, on_finetune),
+            train_step=train_step,
+        )
         record = IterativeStep(
             step=i,
             fraction=fraction,

@@ -27,6 +27,7 @@ from autoprune.names import (
     CRITERIA,
     EXPORT_FORMATS,
     FORMS,
+    ITERATIVE_SCHEDULES,
     LR_SCHEDULES,
     MAX_RATIO,
     METHODS,
@@ -236,6 +237,19 @@ class JobSpec:
         hi=10_000,
     )
     distill: bool = _knob(True, "Distil from the unpruned model while fine-tuning.")
+    prune_steps: int = _knob(
+        1,
+        "Reach each fine-tuned point in this many prune + fine-tune increments, the fine-tune split over them "
+        "(1: prune once, then fine-tune; needs finetune top).",
+        lo=1,
+        hi=100,
+    )
+    prune_schedule: str = _knob(
+        "linear",
+        "How the prune steps spread the cut: linear, or cubic (large cuts first).",
+        choices=ITERATIVE_SCHEDULES,
+        label="prune schedule",
+    )
     export_formats: tuple[str, ...] = _knob(
         EXPORT_FORMATS,
         "Formats the best model (the service: every front point) is exported in.",
@@ -304,6 +318,10 @@ class JobSpec:
         from autoprune.reward import RewardConfig
 
         RewardConfig(form=self.objective, target=self.target)
+        if self.prune_steps > 1 and self.finetune_top == 0:
+            raise InvalidConfigError(
+                "prune_steps > 1 reaches the fine-tuned points in increments: set finetune_top (points to fine-tune)"
+            )
         if self.workers > 1 and self.strategy not in SHARED_STRATEGIES:
             raise InvalidConfigError(
                 f"workers > 1 needs a strategy that shares its state across workers ({', '.join(SHARED_STRATEGIES)}); "
@@ -336,6 +354,8 @@ class JobSpec:
             early_stopping_patience=self.early_stopping,
             distill=self.distill,
             seed=self.seed,
+            prune_steps=self.prune_steps,
+            prune_schedule=self.prune_schedule,
         )
 
     def build_objective(self, *, log: Callable[[str], None] | None = None) -> Objective:

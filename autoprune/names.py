@@ -25,6 +25,8 @@ OPTIMIZERS = ("adamw", "sgd")
 """Fine-tuning optimizers."""
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 """Fine-tuning learning-rate schedules."""
+ITERATIVE_SCHEDULES = ("linear", "cubic")
+"""How iterative pruning spreads a plan over its increments: evenly, or large cuts first (Zhu & Gupta's cubic)."""
 EXPORT_FORMATS = ("onnx", "safetensors", "pt2")
 """Formats a pruned model is exported and downloaded in."""
 MEDIA_TYPES = {"onnx": "application/onnx", "safetensors": "application/zip", "pt2": "application/zip"}

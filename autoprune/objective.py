@@ -266,10 +266,47 @@ class Objective:
         kept = self._kept.pop(self._kept_key(plan, recovery or self.recovery), None)
         if kept is not None:
             return kept.eval()
+        return self._recovered(plan, recovery or self.recovery).eval()
+
+    def _recovered(
+        self, plan: Plan, recovery: RecoveryConfig, on_finetune: Callable[[FinetuneReport], None] | None = None
+    ) -> nn.Module:
+        """The pruned model for ``plan``, recovered under ``recovery``: pruned once and recovered, or, when the
+        recipe has ``prune_steps > 1``, reached in that many prune + fine-tune increments
+        (:func:`autoprune.gradual.iterative_prune`, the fine-tune budget split over them)."""
+        if recovery.prune_steps > 1:
+            return self._prune_iteratively(plan, recovery, on_finetune)
         model = self.prune(plan)
         if self.dataset is not None:
-            self._recover(model, recovery or self.recovery)
-        return model.eval()
+            self._recover(model, recovery, on_finetune)
+        return model
+
+    def _prune_iteratively(
+        self, plan: Plan, recovery: RecoveryConfig, on_finetune: Callable[[FinetuneReport], None] | None
+    ) -> nn.Module:
+        from autoprune.gradual import iterative_prune  # training module: only needed by iterative recipes
+
+        if self.dataset is None:
+            raise InvalidConfigError("iterative pruning fine-tunes between increments: it needs data")
+        if plan.method != "structured":
+            raise InvalidConfigError(
+                "prune_steps > 1 applies to structured plans; unstructured sparsity is reached gradually during "
+                "the fine-tune (autoprune.gradual.gradual_magnitude_prune, `autoprune prune --gradual`)"
+            )
+        result = iterative_prune(
+            self.base,
+            self.example_inputs,
+            self.dataset,
+            plan,
+            steps=recovery.prune_steps,
+            schedule=recovery.prune_schedule,
+            recovery=recovery.per_increment(),
+            keep=self.keep,
+            teacher=self.base,
+            on_finetune=on_finetune,
+            train_step=self.train_step,
+        )
+        return result.model
 
     def _recover(
         self,
@@ -374,12 +411,16 @@ class Objective:
             raise InvalidConfigError("cannot fine-tune without data: this objective was built without a dataset")
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        model = self.prune(plan)
-        timings["prune"] = time.perf_counter() - start
-        t = time.perf_counter()
-        if self.dataset is not None:
-            self._recover(model, recovery, on_finetune)
-        timings["recover"] = time.perf_counter() - t
+        if recovery.prune_steps > 1:  # pruning and recovery interleave: one figure for both
+            model = self._recovered(plan, recovery, on_finetune)
+            timings["prune"], timings["recover"] = 0.0, time.perf_counter() - start
+        else:
+            model = self.prune(plan)
+            timings["prune"] = time.perf_counter() - start
+            t = time.perf_counter()
+            if self.dataset is not None:
+                self._recover(model, recovery, on_finetune)
+            timings["recover"] = time.perf_counter() - t
         self._count += 1
         evaluation = self._evaluate_model(
             model, plan, timings, index=self._count, stage=stage, start=start, remeasure=remeasure

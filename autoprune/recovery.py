@@ -12,6 +12,7 @@ bit-identical weights: batches come from a generator seeded with ``config.seed``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from torch import nn
 from autoprune.cost import eval_mode
 from autoprune.data import Batch, Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError
-from autoprune.names import LR_SCHEDULES, OPTIMIZERS
+from autoprune.names import ITERATIVE_SCHEDULES, LR_SCHEDULES, OPTIMIZERS
 
 __all__ = [
     "OPTIMIZERS",
@@ -86,6 +87,13 @@ class RecoveryConfig:
     """AdamW weight decay for fine-tuning."""
     seed: int = 0
     """Seed of batch order and of any randomness in the model during recovery (dropout)."""
+    prune_steps: int = 1
+    """Reach a structured plan in this many prune + fine-tune increments (1: prune once, then fine-tune). The
+    fine-tune budget (steps, epochs, time) is the whole recovery's, split evenly over the increments
+    (:meth:`per_increment`); more than 1 needs a recipe that fine-tunes."""
+    prune_schedule: str = "linear"
+    """How the increments spread the plan: ``linear`` (even cuts) or ``cubic`` (large cuts first, small ones
+    last: Zhu & Gupta's polynomial schedule)."""
 
     def __post_init__(self) -> None:
         if self.bn_recalibration_batches < 0:
@@ -116,6 +124,20 @@ class RecoveryConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if (
+            isinstance(self.prune_steps, bool)
+            or not isinstance(self.prune_steps, int)
+            or not 1 <= self.prune_steps <= 100
+        ):
+            raise InvalidConfigError(f"prune_steps must be an integer in [1, 100], got {self.prune_steps!r}")
+        if self.prune_schedule not in ITERATIVE_SCHEDULES:
+            raise InvalidConfigError(
+                f"unknown prune_schedule {self.prune_schedule!r}; choose one of {', '.join(ITERATIVE_SCHEDULES)}"
+            )
+        if self.prune_steps > 1 and not self.finetunes:
+            raise InvalidConfigError(
+                "prune_steps > 1 prunes and fine-tunes in increments: give finetune_steps or finetune_epochs"
+            )
         if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise InvalidConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
 
@@ -123,6 +145,23 @@ class RecoveryConfig:
     def finetunes(self) -> bool:
         """Whether this recipe trains at all."""
         return self.finetune_steps > 0 or self.finetune_epochs > 0
+
+    def per_increment(self) -> RecoveryConfig:
+        """The recipe of one of :attr:`prune_steps` increments: the fine-tune's steps, epochs, warm-up and time
+        budget divided by the number of increments (at least one step each); every increment restarts the
+        learning-rate schedule; early stopping is unchanged."""
+        if self.prune_steps == 1:
+            return self
+        k = self.prune_steps
+        return dataclasses.replace(
+            self,
+            prune_steps=1,
+            prune_schedule="linear",
+            finetune_steps=max(1, self.finetune_steps // k) if self.finetune_steps else 0,
+            finetune_epochs=self.finetune_epochs / k,
+            warmup_steps=self.warmup_steps // k,
+            time_budget_s=None if self.time_budget_s is None else self.time_budget_s / k,
+        )
 
     def describe(self) -> str:
         """The fine-tuning recipe in a few words (``20 epochs, sgd lr 0.05 cosine, warm-up 20, distilled``)."""
@@ -136,6 +175,8 @@ class RecoveryConfig:
             parts.append(f"early stopping {self.early_stopping_patience}")
         if self.distill:
             parts.append("distilled")
+        if self.prune_steps > 1:
+            parts.append(f"reached in {self.prune_steps} {self.prune_schedule} prune + fine-tune increments")
         return ", ".join(parts)
 
     def total_steps(self, num_train: int) -> int:

@@ -373,7 +373,7 @@ class Worker:
             return lease.lost or lease.cancel_requested or self.stop_event.is_set()
 
         result = run_job(
-            dataclasses.replace(spec, finetune_top=0),
+            dataclasses.replace(spec, finetune_top=0, prune_steps=1),  # fine-tuned after the search
             objective=objective,
             callbacks=[on_progress],
             stop=should_stop,
@@ -495,7 +495,7 @@ class Worker:
                 gate.reserved = None
 
             result = run_job(
-                dataclasses.replace(spec, finetune_top=0, seed=seed, seconds=left_s),
+                dataclasses.replace(spec, finetune_top=0, prune_steps=1, seed=seed, seconds=left_s),
                 objective=objective,
                 callbacks=[on_progress],
                 stop=gate.stop,

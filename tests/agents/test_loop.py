@@ -296,12 +296,24 @@ def test_job_spec_settings_are_the_flags_and_the_api_fields() -> None:
         "cosine",
     )
     assert recipe.early_stopping_patience == 2 and recipe.distill
+    assert (recipe.prune_steps, recipe.prune_schedule) == (1, "linear")
+    iterative = JobSpec.from_mapping(
+        {"model": "resnet20", "finetune_top": 2, "finetune_steps": 90, "prune_steps": 3, "prune_schedule": "cubic"}
+    ).finetune_recovery()
+    assert (iterative.prune_steps, iterative.prune_schedule, iterative.per_increment().finetune_steps) == (
+        3,
+        "cubic",
+        30,
+    )
     for bad, needle in [
         ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
         ({"max_ratio": 0.99}, "max_ratio must be in"),
         ({"export_formats": ["tflite"]}, "export_formats"),
         ({"finetune_lr": 0}, "finetune_lr"),
         ({"budget": 2_000_000}, "budget must be an integer >= 1 and <= 1000000"),
+        ({"finetune_top": 1, "prune_steps": 0}, "prune_steps must be an integer >= 1"),
+        ({"finetune_top": 1, "prune_steps": 2, "prune_schedule": "exp"}, "unknown prune schedule 'exp'"),
+        ({"prune_steps": 3}, "set finetune_top"),
     ]:
         with pytest.raises(InvalidConfigError, match=needle):
             JobSpec.from_mapping({"model": "resnet20", **bad})

@@ -294,3 +294,60 @@ def test_iterative_prune_refuses_bad_settings(resnet: tuple[nn.Module, torch.Ten
         iterative_prune(model, x, digits_subset, 0.5, schedule="exponential")
     with pytest.raises(InvalidConfigError):
         iterative_prune(model, x, digits_subset, Plan(ratios=(("*", 0.5),), method="unstructured"))
+
+
+# ------------------------------------------------------------------ iterative recipes (RecoveryConfig.prune_steps)
+def test_per_increment_splits_the_whole_fine_tune() -> None:
+    recipe = RecoveryConfig(finetune_steps=12, warmup_steps=6, time_budget_s=9.0, prune_steps=3)
+    one = recipe.per_increment()
+    assert (one.finetune_steps, one.warmup_steps, one.time_budget_s, one.prune_steps) == (4, 2, 3.0, 1)
+    epochs = RecoveryConfig(finetune_epochs=6.0, prune_steps=4, prune_schedule="cubic").per_increment()
+    assert (epochs.finetune_epochs, epochs.finetune_steps) == (1.5, 0)
+    assert RecoveryConfig(finetune_steps=2, prune_steps=5).per_increment().finetune_steps == 1  # at least one
+    assert RECIPE.per_increment() is RECIPE
+    assert (
+        "3 cubic prune + fine-tune increments"
+        in RecoveryConfig(finetune_steps=9, prune_steps=3, prune_schedule="cubic").describe()
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"finetune_steps": 10, "prune_steps": 0}, "prune_steps must be an integer in"),
+        ({"finetune_steps": 10, "prune_steps": 101}, "prune_steps must be an integer in"),
+        ({"finetune_steps": 10, "prune_steps": 2.0}, "prune_steps must be an integer in"),
+        ({"finetune_steps": 10, "prune_steps": 2, "prune_schedule": "exp"}, "unknown prune_schedule 'exp'"),
+        ({"prune_steps": 2}, "give finetune_steps or finetune_epochs"),
+    ],
+)
+def test_iterative_recipes_are_validated(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidConfigError, match=message):
+        RecoveryConfig(**kwargs)
+
+
+def test_a_fine_tuned_point_can_be_reached_iteratively(
+    resnet: tuple[nn.Module, torch.Tensor], digits_subset: Dataset
+) -> None:
+    from autoprune.latency import DeterministicMeter
+    from autoprune.objective import Objective
+
+    model, x = resnet
+    objective = Objective(model, x, digits_subset, latency=DeterministicMeter(), round_to=1)
+    plan = objective.plan(dict.fromkeys(objective.group_names, 0.5))
+    reports: list[Any] = []
+    recipe = RecoveryConfig(finetune_steps=12, batch_size=32, prune_steps=3, prune_schedule="cubic")
+    tuned = objective.evaluate(plan, recovery=recipe, stage="finetuned", keep_model=True, on_finetune=reports.append)
+    one_shot = objective.evaluate(plan, recovery=RecoveryConfig(finetune_steps=12, batch_size=32))
+    assert tuned.params == one_shot.params  # the increments end at the one-shot plan's widths
+    assert tuned.params < tuned.base_params
+    finals = [r for r in reports if r.steps == r.total_steps]
+    assert [r.total_steps for r in finals] == [4, 4, 4]  # the 12 steps split over 3 increments
+    kept = objective.materialize(plan, recovery=recipe)  # the kept model, not a rebuild
+    rebuilt = objective.materialize(plan, recovery=recipe)  # rebuilt deterministically the same way
+    names = list(objective.group_names)
+    assert _widths(kept, x, names) == _widths(rebuilt, x, names)
+    for a, b in zip(kept.state_dict().values(), rebuilt.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    with pytest.raises(InvalidConfigError, match="applies to structured plans"):
+        objective.evaluate(Plan(ratios=(("*", 0.5),), method="unstructured"), recovery=recipe)
