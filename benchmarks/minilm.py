@@ -165,7 +165,10 @@ def _docstrings(module_name: str) -> list[str]:
     for attr in sorted(getattr(module, "__all__", None) or dir(module)):
         if attr.startswith("_"):
             continue
-        obj = getattr(module, attr, None)
+        try:
+            obj = getattr(module, attr, None)
+        except Exception:  # a lazy attribute whose import fails (optional dependency): skip it
+            continue
         if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == module.__name__:
             docs.append(inspect.getdoc(obj) or "")
     return docs
