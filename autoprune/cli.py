@@ -96,7 +96,7 @@ def _guard(fn: Any) -> Any:
         except AutopruneError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except FileNotFoundError as exc:
-            _fail(f"no such file: {exc.filename}")
+            _fail(f"no such file: {exc.filename}" if exc.filename else str(exc) or "no such file")
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
@@ -348,6 +348,7 @@ def prune(
         _fail("--gradual prunes while fine-tuning: give --finetune-steps or --finetune-epochs")
     if gradual and (recovery.distill or recovery.early_stopping_patience):
         _fail("--gradual trains with the labelled loss and keeps every step: drop --distill and --early-stopping")
+    Plan(method=method, criterion=criterion, round_to=round_to)  # type: ignore[arg-type]  # before the model loads
     net, ex, dataset, note = _load(model, _parse_kwargs(kw), weights, data, train_epochs)
     if dataset is None:
         _fail("--data is needed to evaluate quality")

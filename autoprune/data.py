@@ -20,6 +20,7 @@ boolean inputs are cast to float32 as they are (no rescaling); labels must be in
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import io
 import os
@@ -543,8 +544,11 @@ def _load(
         return ds if name is None else dataclasses.replace(ds, name=name)
     path = Path(text)
     if not path.is_file():
+        close = difflib.get_close_matches(text.strip().lower(), list(_BUILTINS), n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise DatasetError(
-            f"unknown dataset {text!r}: not a built-in ({', '.join(_BUILTINS)}) nor an existing .npz/.safetensors file"
+            f"unknown dataset {text!r}{hint} (not a built-in: {', '.join(_BUILTINS)}; nor an existing "
+            ".npz/.safetensors file)"
         )
     fmt = fmt or _format_of(text)
     arrays = _read_npz(path, text) if fmt == "npz" else _read_safetensors(path, text)

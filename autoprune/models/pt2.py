@@ -87,6 +87,7 @@ Semantics and limits of the rebuilt module
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import keyword
@@ -311,7 +312,7 @@ def _open_zip(source: Any) -> zipfile.ZipFile:
     elif isinstance(source, (str, os.PathLike)):
         fileobj = os.fspath(source)
         if not os.path.exists(fileobj):
-            raise FileNotFoundError(f"no such file: {fileobj}")
+            raise FileNotFoundError(errno.ENOENT, "no such file", fileobj)
     elif hasattr(source, "read"):
         data = source.read()
         if not isinstance(data, (bytes, bytearray)):

@@ -128,12 +128,30 @@ def test_prune_reaches_a_plan_in_steps_or_prunes_during_the_fine_tune(tmp_path: 
         (("--ratio", "0.5", "--gradual"), "--method unstructured"),
         (("--ratio", "0.5", "--gradual", "--method", "unstructured"), "give --finetune-steps"),
         (("--ratio", "0.5", "--gradual", "--method", "unstructured", "--finetune-steps", "9", "--distill"), "drop"),
+        (("--ratio", "0.5", "--criterion", "l3"), "unknown criterion 'l3'; choose one of l1"),
+        (("--ratio", "0.5", "--round-to", "0"), "round_to must be a positive integer"),
+        (("--ratio", "0.5", "--method", "sparse"), "unknown method 'sparse'"),
     ],
 )
 def test_prune_schedules_refuse_bad_input_before_loading(args: tuple[str, ...], needle: str) -> None:
     result = cli("prune", "--model", "cnn1d", "--data", "mnist1d", *args)
     assert result.returncode == 2 and needle in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--model", "nope.pt2", "--data", "digits"), "no such file: nope.pt2"),
+        (("--model", "resnet20", "--data", "digitz"), "unknown dataset 'digitz'; did you mean digits?"),
+        (("--model", "resnet2", "--data", "digits"), "did you mean resnet32, resnet20"),
+    ],
+)
+def test_a_mistyped_model_or_dataset_gets_a_one_line_hint(args: tuple[str, ...], needle: str) -> None:
+    for command in (("prune", "--ratio", "0.5"), ("search", "--budget", "1")):
+        result = cli(*command, *args)
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
+        assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
 def test_plan_naming_missing_group_is_refused(tmp_path: Path) -> None:
