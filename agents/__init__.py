@@ -70,6 +70,7 @@ _SB3_OPTIONS = (
     "reward_baseline",
     "warmup_episodes",
 )
+_SB3_OFF_POLICY_OPTIONS = tuple(sorted((*_SB3_OPTIONS, "warm_start")))  # PPO has no replay buffer to warm
 
 STRATEGIES: dict[str, StrategyInfo] = {
     s.name: s
@@ -104,13 +105,21 @@ STRATEGIES: dict[str, StrategyInfo] = {
             "agents.rl:SB3Strategy",
             "DDPG as in AMC, on the LayerPrune env",
             (("algorithm", "ddpg"),),
-            _SB3_OPTIONS,
+            _SB3_OFF_POLICY_OPTIONS,
         ),
         StrategyInfo(
-            "sb3-td3", "agents.rl:SB3Strategy", "TD3 on the LayerPrune env", (("algorithm", "td3"),), _SB3_OPTIONS
+            "sb3-td3",
+            "agents.rl:SB3Strategy",
+            "TD3 on the LayerPrune env",
+            (("algorithm", "td3"),),
+            _SB3_OFF_POLICY_OPTIONS,
         ),
         StrategyInfo(
-            "sb3-sac", "agents.rl:SB3Strategy", "SAC on the LayerPrune env", (("algorithm", "sac"),), _SB3_OPTIONS
+            "sb3-sac",
+            "agents.rl:SB3Strategy",
+            "SAC on the LayerPrune env",
+            (("algorithm", "sac"),),
+            _SB3_OFF_POLICY_OPTIONS,
         ),
         StrategyInfo(
             "sb3-ppo", "agents.rl:SB3Strategy", "PPO on the LayerPrune env", (("algorithm", "ppo"),), _SB3_OPTIONS

@@ -175,6 +175,9 @@ class SB3Strategy:
     * ``net_arch``: hidden layers of actor and critic.
     * ``batch_size``: replay minibatch (off-policy algorithms).
     * ``episodes_per_update``, ``n_epochs``: PPO rollout length (in episodes) and epochs per update.
+    * ``warm_start``: off-policy algorithms first play this many knapsack plans (:mod:`agents.knapsack`:
+      measured latency table, least predicted loss per latency target) as episodes, their transitions stored
+      in the replay buffer, in place of as many random warm-up episodes: exploration starts from them.
 
     After :meth:`run`, ``model`` is the trained SB3 model and ``noise`` the exploration noise (DDPG/TD3).
     """
@@ -196,6 +199,7 @@ class SB3Strategy:
         batch_size: int = 64,
         episodes_per_update: int = 4,
         n_epochs: int = 4,
+        warm_start: int = 0,
     ) -> None:
         if not isinstance(algorithm, str) or algorithm.strip().lower() not in ALGORITHMS:
             raise InvalidConfigError(f"unknown SB3 algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -218,8 +222,16 @@ class SB3Strategy:
         self.batch_size = _integer("batch_size", batch_size, 1)
         self.episodes_per_update = _integer("episodes_per_update", episodes_per_update, 2)
         self.n_epochs = _integer("n_epochs", n_epochs, 1)
+        self.warm_start = _integer("warm_start", warm_start, 0)
+        if self.warm_start and self.algorithm == "ppo":
+            raise InvalidConfigError("warm_start fills the replay buffer of ddpg, td3 or sac; ppo has none")
         self.model: BaseAlgorithm | None = None
         self.noise: DecayingNormalNoise | None = None
+        self._info: dict[str, Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        """The latency table and the plans of the warm start, if there was one."""
+        return dict(self._info)
 
     # -- derived settings ---------------------------------------------------------------------------------
     def warmup(self, budget: Budget) -> int:
@@ -305,6 +317,10 @@ class SB3Strategy:
 
         self.model.set_logger(Logger(folder=None, output_formats=[]))
         n_groups = len(session.space.groups)
+        if self.warm_start:
+            self._play_warm_start(session, n_groups)
+            if session.should_stop():
+                return
         remaining = session.remaining
         # one episode per evaluation; one spare so that the session's stop, not the horizon, ends learning
         timesteps = _TIME_ONLY_TIMESTEPS if remaining is None else (remaining + 1) * n_groups
@@ -312,3 +328,38 @@ class SB3Strategy:
             self.model.learn(total_timesteps=timesteps, callback=_StopWhenSessionStops(session))
         finally:
             env.close()
+
+    def _play_warm_start(self, session: SearchSession, n_groups: int) -> None:
+        """Play the knapsack plans as episodes through the model's own (vectorised) env, store their
+        transitions as SB3's ``collect_rollouts`` does, and shorten the random warm-up by as many episodes."""
+        from agents.knapsack import knapsack_plans
+
+        assert self.model is not None
+        table, plans = knapsack_plans(session, self.warm_start)
+        self._info = {"sensitivity": table.to_json(), "warm_start": [dict(p) for p in plans]}
+        env, buffer = self.model.get_env(), getattr(self.model, "replay_buffer", None)
+        assert env is not None and buffer is not None
+        inner: LayerPruneEnv = env.envs[0].unwrapped  # type: ignore[attr-defined]  # a DummyVecEnv of one
+        order = [g.name for g in inner.structure.groups]
+        played = 0
+        for plan in plans:
+            if session.should_stop():
+                break
+            obs = env.reset()
+            for name in order:
+                ratio = float(plan.get(name, 0.0))
+                action = np.array([[2.0 * ratio / inner.max_ratio - 1.0]], dtype=np.float32).clip(-1.0, 1.0)
+                new_obs, rewards, dones, infos = env.step(action)
+                assert isinstance(new_obs, np.ndarray)  # a Box observation space
+                next_obs = new_obs.copy()
+                if dones[0] and infos[0].get("terminal_observation") is not None:
+                    next_obs[0] = infos[0]["terminal_observation"]
+                buffer.add(obs, next_obs, action, rewards, dones, infos)
+                obs = new_obs
+                if dones[0]:
+                    break
+            played += 1
+        left = max(0, self.warmup(session.budget) - played)
+        self.model.learning_starts = left * n_groups  # type: ignore[attr-defined]
+        if self.noise is not None:
+            self.noise.warmup_episodes = left

@@ -239,3 +239,37 @@ def test_callers_global_generators_are_left_alone(objective: Objective) -> None:
     torch.manual_seed(11)
     run_search(objective, "sb3-sac", 3, seed=0)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+@pytest.mark.parametrize("algorithm", ["ddpg", "sac"])
+def test_off_policy_agents_start_from_the_knapsack_plans(objective: Objective, algorithm: str) -> None:
+    strategy = make_strategy(f"sb3-{algorithm}", warm_start=2, warmup_episodes=3)
+    assert isinstance(strategy, SB3Strategy)
+    result = run_search(objective, strategy, 6, max_ratio=0.75, seed=1)
+    warm = result.info["warm_start"]
+    assert len(warm) == 2 and result.info["sensitivity"]["probes"]
+    played = [e.plan.as_dict() for e in result.evaluations[:2]]
+    for plan, asked in zip(played, warm, strict=True):  # the first episodes are the knapsack plans, for real
+        assert plan == pytest.approx({name: asked.get(name, 0.0) for name in plan}, abs=2e-6)
+    assert len(result.evaluations) == 6
+    n = len(objective.group_names)
+    model = strategy.model
+    assert model is not None
+    assert model.learning_starts == (3 - 2) * n  # type: ignore[attr-defined]  # two random episodes replaced
+    assert model.replay_buffer.size() >= 5 * n  # type: ignore[attr-defined]  # the warm episodes are in it
+    stored = model.replay_buffer.actions[:n, 0, 0]  # type: ignore[attr-defined]
+    first = [warm[0].get(name, 0.0) for name in objective.group_names]
+    assert stored == pytest.approx([2 * r / 0.75 - 1 for r in first], abs=1e-5)
+    if algorithm == "ddpg":
+        assert strategy.noise is not None and strategy.noise.warmup_episodes == 1
+    cold = run_search(objective, f"sb3-{algorithm}", 3, max_ratio=0.75, seed=1)
+    assert [e.plan.as_dict() for e in cold.evaluations][:2] != played
+
+
+def test_ppo_has_no_replay_buffer_to_warm() -> None:
+    with pytest.raises(InvalidConfigError, match="no option"):
+        make_strategy("sb3-ppo", warm_start=2)
+    with pytest.raises(InvalidConfigError, match="ppo has none"):
+        SB3Strategy("ppo", warm_start=2)
+    with pytest.raises(InvalidConfigError, match="warm_start"):
+        make_strategy("sb3-ddpg", warm_start=-1)
