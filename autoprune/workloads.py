@@ -1,7 +1,8 @@
 """Reference workloads: a small model trained on a built-in dataset, ready to prune.
 
 ``resnet20-digits`` (ResNet-20 on sklearn's 8x8 digits) is the default workload of the gymnasium environment
-and of the demo; ``cnn1d-mnist1d`` (1-D CNN on MNIST-1D) is the sequence workload of the benchmarks. Their
+and of the demo; ``cnn1d-mnist1d`` (1-D CNN on MNIST-1D) is the sequence workload of the benchmarks and
+``resnet56-digits`` their larger model. Their
 trained weights ship inside the package (``autoprune/assets``) so nothing is downloaded or retrained at run
 time; :func:`train_classifier` is the deterministic recipe that made them.
 """
@@ -38,6 +39,8 @@ class WorkloadSpec:
 WORKLOADS: dict[str, WorkloadSpec] = {
     "resnet20-digits": WorkloadSpec("resnet20", {"in_channels": 1, "image_size": 8}, "digits", epochs=15),
     "cnn1d-mnist1d": WorkloadSpec("cnn1d", {"in_channels": 1, "seq_len": 40}, "mnist1d", epochs=15),
+    # the larger zoo model of the strategy benchmark (27 residual blocks, 0.86 M parameters)
+    "resnet56-digits": WorkloadSpec("resnet56", {"in_channels": 1, "image_size": 8}, "digits", epochs=15),
 }
 
 
