@@ -456,6 +456,7 @@ def _protocol_lines(result: SearchResult) -> list[str]:
         f"(unpruned model); {_fmt(min(loads), '.2f')}–{_fmt(max(loads), '.2f')} over all figures",
         f"- versions: {versions}",
         f"- machine: {p.machine or 'not recorded'}",
+        _lock_line(protocols),
         f"- figures answered from the shape cache (same pruned shape, timed once): {cached} of {len(candidates)}",
     ]
     lines.append(
@@ -465,6 +466,20 @@ def _protocol_lines(result: SearchResult) -> list[str]:
         "the unpruned model's median times that ratio; speed-up is 1 / ratio."
     )
     return lines
+
+
+def _lock_line(protocols: list[LatencyProtocol]) -> str:
+    """Which cores timed the figures and whether they held the host's measurement lock."""
+    cores = sorted({c for q in protocols for c in q.cpus})
+    counts: dict[str, int] = {}
+    for q in protocols:
+        counts[q.exclusive] = counts.get(q.exclusive, 0) + 1
+    held = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    wait = max(q.lock_wait_ms for q in protocols)
+    return (
+        f"- cores: {','.join(map(str, cores)) or 'not recorded'}; exclusive (host measurement lock): {held} "
+        f"of {len(protocols)} figures; longest wait {_fmt(wait, '.0f')} ms"
+    )
 
 
 def _export_lines(export: ExportReport | None, error: ExportError | None, best: Evaluation) -> list[str]:

@@ -329,10 +329,12 @@ class JobSpec:
             )
 
     # -- building the job ---------------------------------------------------------------------------------
-    def latency_config(self) -> LatencyConfig:
+    def latency_config(self, **host: Any) -> LatencyConfig:
+        """How this job times models; ``host`` adds this machine's settings that are not the job's (the
+        measurement lock: ``lock_dir``, ``lock_timeout_s``)."""
         from autoprune.latency import LatencyConfig
 
-        return LatencyConfig(runtime=self.runtime, threads=self.threads, batch_size=self.batch_size)
+        return LatencyConfig(runtime=self.runtime, threads=self.threads, batch_size=self.batch_size, **host)
 
     def reward_config(self) -> RewardConfig:
         from autoprune.reward import RewardConfig
@@ -358,8 +360,11 @@ class JobSpec:
             prune_schedule=self.prune_schedule,
         )
 
-    def build_objective(self, *, log: Callable[[str], None] | None = None) -> Objective:
-        """Load the model and data and build the Objective (this measures the unpruned model)."""
+    def build_objective(
+        self, *, log: Callable[[str], None] | None = None, latency: LatencyConfig | None = None
+    ) -> Objective:
+        """Load the model and data and build the Objective (this measures the unpruned model); ``latency``
+        replaces :meth:`latency_config` (e.g. with the host's measurement lock)."""
         from autoprune.objective import Objective
         from autoprune.recovery import RecoveryConfig
 
@@ -378,7 +383,7 @@ class JobSpec:
             dataset,
             metric=self.metric,
             recovery=RecoveryConfig(bn_recalibration_batches=self.bn_batches),
-            latency=self.latency_config(),
+            latency=latency or self.latency_config(),
             reward=self.reward_config(),
             method=self.method,
             criterion=self.criterion,

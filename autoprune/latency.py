@@ -8,7 +8,10 @@ Protocol (what the measurements on a shared 2-core box taught us):
   of each pair, and the median of the per-pair ratios is reported beside the absolute median: when a neighbour
   process wakes, both slow down and the ratio survives;
 * the spread (inter-quartile range), the number of repeats, the load average before and after, the thread
-  count, batch size and runtime versions are kept with every figure in a :class:`LatencyProtocol`.
+  count, batch size and runtime versions are kept with every figure in a :class:`LatencyProtocol`;
+* with a lock directory (``LatencyConfig.lock_dir``) the timing (warm-up and interleaved runs, nothing else) holds
+  the per-core locks of :mod:`autoprune.measure_lock`, so processes on one host never time on the same cores at
+  once; the protocol records the cores, whether the lock was held and how long it was waited for.
 
 A cache keyed by the pruned shape means each distinct shape is timed once per job.
 """
@@ -22,6 +25,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from autoprune.cost import as_tuple, count_macs
 from autoprune.errors import InvalidConfigError
+from autoprune.measure_lock import Exclusive, Held, MeasureLock, unlocked
 from autoprune.runtime import RUNTIMES, Runner, make_runner, runtime_versions, torch_threads
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -59,6 +64,11 @@ class LatencyConfig:
     """Time cap for one measurement (warm-up excluded)."""
     interleave_reference: bool = True
     """Time the unpruned reference model in the same window and report the ratio."""
+    lock_dir: str | os.PathLike[str] | None = None
+    """Directory of per-core lock files shared by every process timing on this host (see
+    :mod:`autoprune.measure_lock`); None: no lock (``exclusive="off"`` in the protocol)."""
+    lock_timeout_s: float = 30.0
+    """Longest wait for the locks; then the measurement runs anyway, recorded as ``exclusive="timeout"``."""
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -70,6 +80,10 @@ class LatencyConfig:
             raise InvalidConfigError("latency warmup must be >= 0, max_seconds > 0, 0 < rel_tolerance < 1")
         if self.max_repeats < self.min_repeats:
             raise InvalidConfigError("latency max_repeats must be >= min_repeats")
+        if self.lock_dir is not None and not str(self.lock_dir):
+            raise InvalidConfigError("latency lock_dir must be a directory path or None")
+        if not (isinstance(self.lock_timeout_s, int | float) and self.lock_timeout_s >= 0):
+            raise InvalidConfigError(f"latency lock_timeout_s must be >= 0, got {self.lock_timeout_s!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,21 @@ class LatencyProtocol:
     machine: str = ""
     meter: str = "measured"
     """``measured`` for real timings; anything else marks a synthetic figure (e.g. ``deterministic``)."""
+    cpus: tuple[int, ...] = ()
+    """The cores the measuring process could run on (its affinity); empty in records made before it was kept."""
+    exclusive: Exclusive = "off"
+    """``locked``: the cores' measurement locks were held while timing; ``timeout``: the wait for them ran out and
+    the figure was timed anyway (possibly beside another measurement); ``off``: no lock was configured."""
+    lock_wait_ms: float = 0.0
+    """How long the measurement waited for the locks."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LatencyProtocol:
+        """Also reads records stored before ``cpus``/``exclusive``/``lock_wait_ms`` existed."""
+        values = dict(data)
+        if "cpus" in values:
+            values["cpus"] = tuple(int(c) for c in values["cpus"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -124,7 +153,7 @@ class Latency:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Latency:
-        return cls(**{**data, "protocol": LatencyProtocol(**data["protocol"])})
+        return cls(**{**data, "protocol": LatencyProtocol.from_json(data["protocol"])})
 
 
 class LatencyMeter(Protocol):
@@ -167,6 +196,8 @@ class Meter:
 
     def __init__(self, config: LatencyConfig | None = None) -> None:
         self.config = config or LatencyConfig()
+        cfg = self.config
+        self.lock = MeasureLock(cfg.lock_dir, cfg.lock_timeout_s) if cfg.lock_dir is not None else None
 
     def _runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Runner:
         return make_runner(model, inputs, runtime=self.config.runtime, threads=self.config.threads)
@@ -182,7 +213,9 @@ class Meter:
     def measure_runners(self, candidate: Runner, reference: Runner | None = None) -> Latency:
         """Time prepared runners (e.g. ONNX Runtime sessions of exported files), interleaved if both given."""
         cfg = self.config
-        with torch_threads(cfg.threads):
+        # the host-wide lock covers the timed runs only: building runners, pruning and evaluation run unlocked
+        exclusive = self.lock.hold() if self.lock is not None else nullcontext(unlocked())
+        with torch_threads(cfg.threads), exclusive as held:
             load_before = os.getloadavg()[0]
             start = time.perf_counter_ns()
             for _ in range(cfg.warmup):
@@ -203,6 +236,7 @@ class Meter:
             load_after=round(load_after, 2),
             versions=runtime_versions(),
             machine=machine_description(),
+            **_lock_fields(held),
         )
         ratio = statistics.median(t / r for t, r in zip(times, ref_times, strict=True)) if ref_times else None
         return Latency(
@@ -250,6 +284,10 @@ class Meter:
             if time.monotonic() > deadline:
                 break
         return times, ref_times
+
+
+def _lock_fields(held: Held) -> dict[str, Any]:
+    return {"cpus": held.cpus, "exclusive": held.exclusive, "lock_wait_ms": round(held.wait_ms, 1)}
 
 
 class DeterministicMeter:

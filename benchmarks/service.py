@@ -11,10 +11,19 @@ digits random-search job that keeps running, then prints a table:
 * the export stage of a finished job: from its last search evaluation to ``succeeded`` (every front point and
   the best exported as ONNX), with the front's size (``--no-export`` skips it).
 
+``--workers-only`` measures instead how several workers on one host share it (issue 13.6): a ``serve
+--no-worker`` API and worker processes started by this script, each worker on its own ResNet-20 / digits
+random-search job, evaluations/s over ``--window`` seconds once every job has its first candidate, for 1 worker;
+2 workers pinned to one core each (``--cpus``); 2 unpinned with the measurement lock; 2 unpinned without it
+(``AUTOPRUNE_MEASURE_LOCK=false``). Beside it: the median measure stage and what the latency protocols say
+(``exclusive``, lock waits). ``--pg SERVER_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432``) runs
+it on a fresh PostgreSQL database, dropped afterwards; default SQLite.
+
 ``--source DIR`` runs the server from another checkout (e.g. ``git archive HEAD | tar -x -C /tmp/old``) with this
 virtual environment, to compare before and after on the same machine.
 
     .venv/bin/python benchmarks/service.py [--watchers 50] [--requests 300] [--source DIR] [--no-export]
+    .venv/bin/python benchmarks/service.py --workers-only [--window 45] [--pg postgresql+psycopg://...]
 """
 
 from __future__ import annotations
@@ -59,12 +68,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(data_dir: Path, source: Path | None) -> Iterator[str]:
+def serve(data_dir: Path, source: Path | None, *extra: str, **env_extra: str) -> Iterator[str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
-    env.update(AUTOPRUNE_API_KEYS=KEY, COLUMNS="200", NO_COLOR="1")
+    env.update(AUTOPRUNE_API_KEYS=KEY, COLUMNS="200", NO_COLOR="1", **env_extra)
     log = (data_dir.parent / "serve.log").open("wb")
-    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -162,6 +171,143 @@ def wait_until(fn: Any, timeout: float, interval: float = 0.02) -> float:
     return time.perf_counter() - start
 
 
+@contextmanager
+def fresh_pg_database(server: str | None) -> Iterator[str | None]:
+    """A new database on the PostgreSQL ``server`` (its URL without a database), dropped afterwards; None: none."""
+    if server is None:
+        yield None
+        return
+    import uuid
+
+    from sqlalchemy import create_engine
+
+    server = server.rstrip("/")
+    name = f"autoprune_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield f"{server}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def progress(api: httpx.Client, jobs: list[str]) -> list[int]:
+    """Evaluations done so far by each job."""
+    return [int(api.get(f"/v1/jobs/{j}").json()["progress"]["done"]) for j in jobs]
+
+
+WORKER_SETUPS: list[tuple[str, list[list[str]], bool]] = [
+    ("1 worker", [[]], True),
+    ("2 workers pinned (--cpus 0 / --cpus 1)", [["--cpus", "0"], ["--cpus", "1"]], True),
+    ("2 workers unpinned, measurement lock", [[], []], True),
+    ("2 workers unpinned, no lock", [[], []], False),
+]
+"""(label, each worker's extra arguments, AUTOPRUNE_MEASURE_LOCK)."""
+
+
+def workers_main(args: argparse.Namespace) -> None:
+    """Evaluations/s of 1 and 2 workers on one host, pinned or not, with the measurement lock or without."""
+    rows: list[tuple[str, ...]] = []
+    cwd = args.source or Path(__file__).resolve().parents[1]
+    with (
+        tempfile.TemporaryDirectory(prefix="autoprune-bench-") as tmp,
+        fresh_pg_database(args.pg) as pg_url,
+    ):
+        data_dir = Path(tmp) / "data"
+        db_env = {"AUTOPRUNE_DATABASE_URL": pg_url} if pg_url else {}
+        with serve(data_dir, args.source, "--no-worker", "--upgrade", **db_env) as url:
+            api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+            model = api.post("/v1/models", params={"architecture": "resnet20"}).json()["id"]
+            data = api.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+            base = {"model_id": model, "dataset_id": data, "strategy": "random", "val_samples": 100, "max_ratio": 0.5}
+            single: float | None = None
+            for label, worker_args, lock in WORKER_SETUPS:
+                env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
+                env.update(
+                    AUTOPRUNE_DATA_DIR=str(data_dir.resolve()),
+                    AUTOPRUNE_POLL_SECONDS="0.2",
+                    AUTOPRUNE_MEASURE_LOCK="true" if lock else "false",
+                    AUTOPRUNE_MEASURE_LOCK_DIR=str(Path(tmp) / "measure-locks"),
+                    PYTHONPATH=str(cwd),
+                    **db_env,
+                )
+                jobs = [
+                    api.post("/v1/jobs", json={**base, "budget": 100000, "seed": i, "export_formats": ["onnx"]}).json()[
+                        "id"
+                    ]
+                    for i in range(len(worker_args))
+                ]
+                logs = [(Path(tmp) / f"worker-{len(rows)}-{i}.log").open("wb") for i in range(len(worker_args))]
+                procs = [
+                    subprocess.Popen(
+                        [sys.executable, "-m", "service.worker", "--log-level", "WARNING", *extra],
+                        cwd=cwd,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                    for extra, log in zip(worker_args, logs, strict=True)
+                ]
+                try:
+                    # every worker warm (torch loaded, the unpruned model timed) before the window opens
+                    wait_until(lambda jobs=jobs: min(progress(api, jobs)) >= 1, 600, 0.2)
+                    start_done, t0 = progress(api, jobs), time.perf_counter()
+                    time.sleep(args.window)
+                    end_done, elapsed = progress(api, jobs), time.perf_counter() - t0
+                    load = os.getloadavg()[0]
+                finally:
+                    for j in jobs:
+                        api.post(f"/v1/jobs/{j}/cancel")
+                    for proc in procs:
+                        proc.terminate()
+                    for proc in procs:
+                        try:
+                            proc.wait(120)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait()
+                    for log in logs:
+                        log.close()
+                rate = (sum(end_done) - sum(start_done)) / elapsed
+                single = rate if single is None else single
+                measure, exclusive, waits = [], {}, []
+                for j in jobs:
+                    page = api.get(f"/v1/jobs/{j}/evaluations", params={"limit": 1000}).json()["items"]
+                    for e in page:
+                        if e["index"] == 0 or e["stage"] != "search":
+                            continue
+                        rec = e["record"]
+                        protocol = rec["latency"]["protocol"]
+                        if rec["latency"].get("cached"):
+                            continue  # a figure answered from the shape cache was not timed now
+                        measure.append(rec["timings"]["measure"])
+                        exclusive[protocol.get("exclusive", "?")] = exclusive.get(protocol.get("exclusive", "?"), 0) + 1
+                        waits.append(protocol.get("lock_wait_ms", 0.0))
+                rows.append(
+                    (
+                        label,
+                        f"{rate:.2f}",
+                        f"{rate / single:.2f}x",
+                        f"{statistics.median(measure):.2f} s" if measure else "-",
+                        " ".join(f"{k} {n}" for k, n in sorted(exclusive.items())) or "-",
+                        f"{statistics.median(waits):.0f} / {max(waits):.0f} ms" if waits else "-",
+                        f"{load:.2f}",
+                    )
+                )
+                print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+            api.close()
+
+    head = ("setup", "eval/s", "vs 1", "measure (median)", "exclusive", "lock wait med/max", "load 1 min")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    db = "PostgreSQL" if args.pg else "SQLite"
+    print(f"\n{db}, {os.cpu_count()} CPUs, window {args.window:.0f} s per setup")
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--watchers", type=int, default=50)
@@ -169,10 +315,16 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=None, help="run the server from this checkout")
     parser.add_argument("--no-export", action="store_true", help="skip the export-stage job")
     parser.add_argument("--export-budget", type=int, default=30, help="evaluations of the export-stage job")
+    parser.add_argument("--workers-only", action="store_true", help="only the 1 vs 2 workers comparison")
+    parser.add_argument("--window", type=float, default=45.0, help="seconds counted per --workers-only setup")
+    parser.add_argument("--pg", default=None, help="PostgreSQL server URL for --workers-only (a fresh database)")
     parser.add_argument("--watch", nargs=3, metavar=("URL", "JOB", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.watch:
         watch_main(args.watch[0], args.watch[1], int(args.watch[2]))
+        return
+    if args.workers_only:
+        workers_main(args)
         return
 
     rows: list[tuple[str, str]] = []

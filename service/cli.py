@@ -59,6 +59,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         from autoprune.errors import AutopruneError
         from service.client import ApiError
+        from service.pinning import CpuSpecError
         from service.settings import InvalidSettings
 
         try:
@@ -70,7 +71,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(f"cannot reach the autoprune server at {url} (start it with `autoprune serve`)")
         except httpx.HTTPError as exc:
             _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'HTTP error'}")
-        except (CliError, AutopruneError, InvalidSettings) as exc:
+        except (CliError, AutopruneError, InvalidSettings, CpuSpecError) as exc:
             _fail(str(exc).splitlines()[0])
         except FileNotFoundError as exc:
             _fail(f"no such file: {exc.filename}")
@@ -373,11 +374,21 @@ def worker(
     database_url: Annotated[str | None, _opt("Overrides AUTOPRUNE_DATABASE_URL.", "--database-url")] = None,
     max_jobs: Annotated[int | None, _opt("Exit after processing this many jobs.", "--max-jobs")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="Logging level.")] = "INFO",
+    cpus: Annotated[
+        str | None,
+        _opt(
+            "Pin the worker to these cores, e.g. 0, 0-1 or 0,2 (default: every core, taking turns with the host's "
+            "other workers to time latency; AUTOPRUNE_MEASURE_LOCK).",
+            "--cpus",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker: claim queued jobs and run them until SIGTERM (which finishes the current evaluation)."""
     from service.worker import main as worker_main
 
     argv = ["--log-level", log_level]
+    if cpus is not None:
+        argv += ["--cpus", cpus]
     if worker_id:
         argv += ["--worker-id", worker_id]
     if database_url:
@@ -405,7 +416,7 @@ def ensure_api_key(settings: Any) -> tuple[list[str], Path | None]:
     return keys, path
 
 
-def _start_worker(settings: Any, log_level: str) -> subprocess.Popen[bytes]:
+def _start_worker(settings: Any, log_level: str, cpus: str | None = None) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "AUTOPRUNE_DATA_DIR": str(settings.data_dir.resolve()),
@@ -414,9 +425,10 @@ def _start_worker(settings: Any, log_level: str) -> subprocess.Popen[bytes]:
     }
     # its own process group: a Ctrl-C in the terminal reaches serve only, which then stops the worker with one
     # SIGTERM (a second signal would stop the worker mid-evaluation)
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.worker", "--log-level", log_level], env=env, process_group=0
-    )
+    argv = [sys.executable, "-m", "service.worker", "--log-level", log_level]
+    if cpus is not None:
+        argv += ["--cpus", cpus]
+    return subprocess.Popen(argv, env=env, process_group=0)
 
 
 def _make_server(config: Any) -> Any:
@@ -475,6 +487,10 @@ def serve(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where --demo writes the best model.")] = Path("out"),
     budget: Annotated[int, typer.Option("--budget", help="Evaluations of the --demo job.")] = 6,
     log_level: Annotated[str, typer.Option("--log-level", help="Server log level.")] = "info",
+    worker_cpus: Annotated[
+        str | None,
+        typer.Option("--worker-cpus", help="Pin the embedded worker to these cores, e.g. 0, 0-1 or 0,2."),
+    ] = None,
 ) -> None:
     """Serve the REST API (docs at /docs) with one embedded worker on the local SQLite database.
 
@@ -485,6 +501,10 @@ def serve(
     from service.api.app import create_app
     from service.db.engine import is_sqlite, upgrade
 
+    if worker_cpus is not None:
+        from service.pinning import parse_cpus
+
+        parse_cpus(worker_cpus)  # a bad value fails here, not in every restart of the embedded worker
     settings = _settings(data_dir)
     if upgrade_db if upgrade_db is not None else is_sqlite(settings.db_url):
         upgrade(settings.db_url)
@@ -496,7 +516,7 @@ def serve(
 
         _serve_log("WARNING")
         worker_level = "WARNING" if demo else "INFO"
-        supervisor = WorkerSupervisor(functools.partial(_start_worker, settings, worker_level))
+        supervisor = WorkerSupervisor(functools.partial(_start_worker, settings, worker_level, worker_cpus))
     api = create_app(settings, worker=supervisor)
     config = uvicorn.Config(
         api, host=host, port=port, log_level="warning" if demo else log_level, timeout_graceful_shutdown=5

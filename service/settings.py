@@ -4,6 +4,7 @@ and the worker main, never at import time."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,6 +70,14 @@ class Settings(BaseSettings):
     database when it is PostgreSQL (schema ``optuna``). Operator configuration only: the API refuses a job's
     ``strategy_options.storage``."""
 
+    measure_lock: bool = True
+    """Workers on this host take per-core measurement locks while they time latency, so that two of them never
+    time on the same cores at once (pinned to disjoint cores with ``--cpus``, they never wait for each other)."""
+    measure_lock_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "autoprune-measure")
+    """The lock files' directory: one every worker of this host sees (in containers: a shared volume)."""
+    measure_lock_timeout_s: float = Field(default=30.0, ge=0)
+    """Longest wait for the locks; then the figure is timed anyway and recorded as ``exclusive="timeout"``."""
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
@@ -77,6 +86,13 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'autoprune.db').resolve()}"
+
+    @property
+    def latency_host(self) -> dict[str, Any]:
+        """This host's measurement settings for :meth:`autoprune.job.JobSpec.latency_config`."""
+        if not self.measure_lock:
+            return {}
+        return {"lock_dir": str(self.measure_lock_dir), "lock_timeout_s": self.measure_lock_timeout_s}
 
     @property
     def artefacts(self) -> Path:

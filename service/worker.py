@@ -340,7 +340,9 @@ class Worker:
             return self._run_shared(job, spec, lease)
         history = [Evaluation.from_json(r) for r in self.repo.all_records(job.id)]
         self._check(lease)
-        objective = spec.build_objective(log=lambda note: self._log(job.id, note))
+        objective = spec.build_objective(
+            log=lambda note: self._log(job.id, note), latency=spec.latency_config(**self.settings.latency_host)
+        )
         baseline = objective.baseline
         evaluations: list[Evaluation] = []
 
@@ -417,7 +419,9 @@ class Worker:
             check_job_workers(job.workers, self.settings.db_url, self.settings.study_storage)
             raise InvalidConfigError("no storage for the shared study")  # unreachable: the check raised
         study_name = f"autoprune-{job.id}"
-        objective = spec.build_objective(log=lambda note: self._log(job.id, note))
+        objective = spec.build_objective(
+            log=lambda note: self._log(job.id, note), latency=spec.latency_config(**self.settings.latency_host)
+        )
         baseline = objective.baseline
         self._check(lease)
 
@@ -662,7 +666,9 @@ class Worker:
                     self._check(lease)
                     out = Path(tmp) / f"{point.stage}-{point.index}-{fmt}"
                     try:
-                        path, report = self._export_one(model, point, fmt, out, objective, spec, is_best)
+                        path, report = self._export_one(
+                            model, point, fmt, out, objective, spec, is_best, self.settings.latency_host
+                        )
                     except ExportError as exc:
                         self._log(job.id, f"export of {point.stage} point {point.index} as {fmt} failed: {exc}")
                         continue
@@ -689,7 +695,14 @@ class Worker:
 
     @staticmethod
     def _export_one(
-        model: Any, point: Evaluation, fmt: str, out: Path, objective: Objective, spec: JobSpec, is_best: bool
+        model: Any,
+        point: Evaluation,
+        fmt: str,
+        out: Path,
+        objective: Objective,
+        spec: JobSpec,
+        is_best: bool,
+        host: dict[str, Any],
     ) -> tuple[Path, dict[str, Any]]:
         from autoprune.export import export_model
 
@@ -700,7 +713,7 @@ class Worker:
             plan=point.plan,
             base=objective.base if (fmt == "onnx" and is_best) else None,  # re-time the best one only
             formats=(fmt,),
-            latency=spec.latency_config(),
+            latency=spec.latency_config(**host),
         )
         data = report.to_json()
         data["files"] = {name: Path(p).name for name, p in report.files.items()}
@@ -773,6 +786,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--database-url", default=None, help="overrides AUTOPRUNE_DATABASE_URL")
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after processing this many jobs")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--cpus",
+        default=None,
+        help="pin the worker to these cores, e.g. 0, 0-1 or 0,2 (default: every core, taking turns with the other "
+        "workers of this host to time latency)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(args.log_level.upper())  # the exporters' INFO chatter stays out
@@ -782,6 +801,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidSettings as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from service.pinning import CpuSpecError, available_cpus, format_cpus, pin
+
+    try:
+        cpus = pin(args.cpus) if args.cpus is not None else None  # before torch starts its threads
+    except CpuSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if settings.measure_lock:
+        try:
+            settings.measure_lock_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"error: AUTOPRUNE_MEASURE_LOCK_DIR: cannot create {settings.measure_lock_dir}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
     if is_sqlite(settings.db_url):
         ensure_schema(settings)  # the embedded default upgrades itself; PostgreSQL has its migrate step
 
@@ -801,6 +836,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     worker = Worker(settings, args.worker_id)
     log.info("worker %s: polling %s", worker.worker_id, settings.db_url.split("@")[-1])
+    log.info(
+        "worker %s: cpus %s%s; measurement lock %s",
+        worker.worker_id,
+        format_cpus(cpus or available_cpus()),
+        " (pinned)" if cpus else "",
+        settings.measure_lock_dir if settings.measure_lock else "off",
+    )
     try:
         worker.run_forever(stop, max_jobs=args.max_jobs)
     finally:

@@ -109,3 +109,12 @@ def test_compose_ships_no_key_and_the_api_generates_one() -> None:
     assert weak_key_reason(key) is None
     given = compose_config(AUTOPRUNE_API_KEYS=key)["services"]["api"]["environment"]["AUTOPRUNE_API_KEYS"]
     assert Settings(api_keys=given).api_keys == [key]
+
+
+def test_workers_share_the_measurement_lock_folder(compose: dict[str, Any]) -> None:
+    """Replicas on one host take turns to time latency only if they see the same lock files: a named volume."""
+    services = compose["services"]
+    folder = services["worker"]["environment"]["AUTOPRUNE_MEASURE_LOCK_DIR"]
+    mounts = [str(v).split(":") for v in services["worker"]["volumes"]]
+    shared = [name for name, path, *_ in mounts if path == folder]
+    assert shared and shared[0] in compose["volumes"]  # named, so every replica mounts the same one

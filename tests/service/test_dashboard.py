@@ -262,6 +262,7 @@ def test_dashboard_in_a_real_browser(
         assert "4/4" in css("#job-progress-text").text  # the search's progress: the budget
         assert all_css("#job-plot .mark.unpruned") and all_css("#job-plot .mark.best")
         assert css("#job-protocol").text and "torch" in css("#job-protocol").text
+        assert "cores / exclusive" in css("#job-protocol").text and "/ locked" in css("#job-protocol").text
 
         # hover a pruned point: its figures and plan
         point = css("#job-plot .pt[data-k='search:1']")

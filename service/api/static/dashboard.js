@@ -643,6 +643,8 @@
         ["runtime", pr.runtime], ["threads", pr.threads], ["batch size", pr.batch_size], ["warm-up runs", pr.warmup],
         ["timed runs", pr.repeats], ["interleaved with the unpruned model", pr.interleaved ? "yes" : "no"],
         ["meter", pr.meter], ["machine", pr.machine],
+        ["cores / exclusive", `${(pr.cpus || []).join(",") || "–"} / ${pr.exclusive || "off"}` +
+          (pr.lock_wait_ms ? ` (waited ${num(pr.lock_wait_ms, 0)} ms)` : "")],
         ["load (1 min) before / after", `${num(pr.load_before, 2)} / ${num(pr.load_after, 2)}`],
         ["unpruned latency", base ? `${num(base.latency_ms, 3)} ms` : "–"],
         ["versions", Object.entries(pr.versions || {}).map(([k, v]) => `${k} ${v}`).join(", ")],
