@@ -24,6 +24,7 @@ from torch import nn
 from autoprune.cost import Cost, MacProfile, count_macs, measure_cost
 from autoprune.data import Dataset, check_compatible
 from autoprune.errors import InvalidConfigError
+from autoprune.inputs import Inputs, as_inputs
 from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter, shape_signature
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
@@ -31,8 +32,6 @@ from autoprune.pruning.structured import resolve_keep
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
 from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, recalibration_batches, recover
 from autoprune.reward import RewardConfig, compute_reward
-
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,8 @@ class Objective:
         self.base = copy.deepcopy(model).eval()
         self.train_step = train_step
         """The user's loss for every fine-tune (:data:`autoprune.recovery.TrainStep`); None: the built-in one."""
-        self.example_inputs = example_inputs
+        self.example_inputs: Inputs = as_inputs(example_inputs, "example_inputs")
+        example_inputs = self.example_inputs
         self.dataset = dataset
         self.metric = self._metric(metric)
         if dataset is None and not isinstance(self.metric, CallableMetric):
@@ -241,7 +241,7 @@ class Objective:
         )
 
     # -- the pipeline -------------------------------------------------------------------------------------
-    def _calibration(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    def _calibration(self) -> list[tuple[Inputs, torch.Tensor | None]] | None:
         if self.dataset is None:
             return None
         batches = self.dataset.train_batches(64, seed=0, max_batches=self.calibration_batches)

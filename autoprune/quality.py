@@ -31,6 +31,7 @@ from torch import nn
 from autoprune.cost import eval_mode
 from autoprune.data import Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError, ShapeMismatchError
+from autoprune.inputs import call_model, to_device
 
 __all__ = [
     "Accuracy",
@@ -71,7 +72,7 @@ def model_outputs(model: nn.Module, dataset: Dataset, *, batch_size: int = DEFAU
     chunks: list[torch.Tensor] = []
     with eval_mode(model), torch.no_grad():
         for x, _ in dataset.val_batches(batch_size):
-            chunks.append(as_output_tensor(model(x.to(device))).detach().float().cpu())
+            chunks.append(as_output_tensor(call_model(model, to_device(x, device))).detach().float().cpu())
     out = torch.cat(chunks)
     if out.ndim == 0 or out.shape[0] != dataset.num_val:
         raise ShapeMismatchError(

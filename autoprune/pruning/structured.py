@@ -41,14 +41,15 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.cost import as_tuple, count_macs, ensure_eval, eval_mode
+from autoprune.cost import count_macs, ensure_eval, eval_mode
+from autoprune.data import as_output_tensor
 from autoprune.errors import InvalidPlanError, PruningError
+from autoprune.inputs import Inputs, call_model, tracing_inputs
 from autoprune.plan import Plan
 from autoprune.pruning.heads import AttentionHeads, attention_heads, num_heads, record_layout, set_heads
 from autoprune.pruning.recurrent import RecurrentImportance, recurrent_pruners, recurrent_tracing
 
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+Batches = Iterable[tuple[Inputs, torch.Tensor | None]]
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
 _PRUNABLE_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.Embedding)
@@ -173,7 +174,7 @@ def find_output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
             hooks.append(module.register_forward_hook(hook))
     try:
         with eval_mode(model), torch.no_grad():
-            output = model(*as_tuple(example_inputs))
+            output = call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -195,7 +196,7 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
     try:
         with recurrent_tracing(model):
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=as_tuple(example_inputs), customized_pruners=recurrent_pruners()
+                model, example_inputs=tracing_inputs(example_inputs), customized_pruners=recurrent_pruners()
             )
     except PruningError:
         raise
@@ -215,7 +216,7 @@ def _execution_order(model: nn.Module, example_inputs: Inputs) -> dict[nn.Module
         hooks.append(module.register_forward_pre_hook(hook))
     try:
         with eval_mode(model), torch.no_grad():
-            model(*as_tuple(example_inputs))
+            call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -342,7 +343,7 @@ def _accumulate_gradients(model: nn.Module, batches: Batches | None, max_batches
     seen = 0
     with eval_mode(model):
         for x, y in batches:
-            out = model(x)
+            out = as_output_tensor(call_model(model, x))
             target = y if y is not None else out.detach().argmax(dim=-1)
             F.cross_entropy(out, target).backward()
             seen += 1
@@ -399,7 +400,7 @@ def _select(
 # ---------------------------------------------------------------------------------------------------------
 def _output_shapes(model: nn.Module, example_inputs: Inputs) -> list[tuple[int, ...]]:
     with eval_mode(model), torch.no_grad():
-        out = model(*as_tuple(example_inputs))
+        out = call_model(model, example_inputs)
     return [tuple(o.shape) for o in _output_tensors(out)]
 
 
