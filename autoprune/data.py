@@ -25,7 +25,7 @@ import io
 import os
 import random
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from autoprune.errors import CorruptFileError, DatasetError, InvalidConfigError, ShapeMismatchError
-from autoprune.inputs import batch_len, call_model, describe, take, to_device
+from autoprune.inputs import batch_len, call_model, describe, split_batch, take, to_device
 from autoprune.names import MAX_CLASSES, MIN_PER_SPLIT
 
 __all__ = [
     "Batch",
     "Dataset",
+    "as_dataset",
     "as_output_tensor",
     "builtin_datasets",
     "check_compatible",
@@ -725,3 +726,147 @@ def check_compatible(model: nn.Module, dataset: Dataset, *, batch_size: int = 8)
             f"dataset {dataset.name!r} has {dataset.num_classes} classes "
             f"(labels 0..{dataset.num_classes - 1}) but the model outputs {k} logits"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python objects: tensors, (x, y) pairs, dicts, DataLoaders
+
+
+_LAYOUT_KEYS = frozenset({"x", "y", "x_train", "y_train", "x_val", "y_val", "x_test", "y_test"})
+
+
+def _is_mapping(value: Any) -> bool:
+    return isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__"))
+
+
+def _concat(parts: list[Any], what: str) -> Any:
+    """One tensor (or dict of tensors) from the inputs or labels of many batches."""
+    first = parts[0]
+    try:
+        if _is_mapping(first):
+            keys = list(first.keys())
+            if any(list(p.keys()) != keys for p in parts):
+                raise DatasetError(f"the batches' {what} do not all have the same names ({keys})")
+            return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]) for k in keys}
+        return torch.cat([torch.as_tensor(p) for p in parts])
+    except RuntimeError as exc:  # torch.cat: sizes differ beyond dim 0 (dynamic padding)
+        first_line = str(exc).splitlines()[0]
+        raise DatasetError(
+            f"the batches' {what} cannot be stacked into one split ({first_line}); pad every batch to the "
+            "same length (e.g. padding='max_length')"
+        ) from None
+
+
+def _from_batches(batches: Iterable[Any], what: str) -> tuple[Any, torch.Tensor | None]:
+    """Inputs and labels gathered from an iterable of batches (a DataLoader): each batch a tensor, a dict of
+    tensors (a ``labels`` entry, as HuggingFace collators write it, is taken as the labels) or an ``(x, y)``
+    pair."""
+    xs: list[Any] = []
+    ys: list[Any] = []
+    for batch in batches:
+        names = list(batch.keys()) if _is_mapping(batch) else []
+        if "labels" in names:
+            batch = ({k: batch[k] for k in names if k != "labels"}, batch["labels"])
+        try:
+            x, y = split_batch(batch)
+        except InvalidConfigError as exc:
+            raise DatasetError(f"{what}: {exc}") from None
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise DatasetError(f"{what} yielded no batches")
+    if any(y is None for y in ys) and not all(y is None for y in ys):
+        raise DatasetError(f"{what}: some batches have labels and others do not")
+    labels = None if ys[0] is None else _concat(ys, "labels")
+    return _concat(xs, "inputs"), labels
+
+
+def _split_of(value: Any, what: str) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, labels) of one split given as a tensor / array, a dict of tensors, an ``(x, y)`` pair or
+    ``(x,)``, a ``torch.utils.data.Dataset``-style DataLoader or any other iterable of batches."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return value, None
+    if _is_mapping(value):
+        return value, None
+    if isinstance(value, tuple):  # a pair; a list is batches, like any other iterable
+        if len(value) in (1, 2) and not (len(value) == 2 and _looks_like_inputs(value[1])):
+            y = value[1] if len(value) == 2 else None
+            return value[0], None if y is None else (
+                y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+            )
+        raise DatasetError(
+            f"{what} is a tuple of {len(value)} items; give (x, y) or (x,) — x a tensor or a dict of tensors, "
+            "y 1-D integer labels (a list is read as batches)"
+        )
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return _from_batches(value, what)
+    raise DatasetError(
+        f"{what} must be a Dataset, a tensor or array, a dict of tensors, an (x, y) pair, a DataLoader, "
+        f"a built-in name or a file path; got {type(value).__name__}"
+    )
+
+
+def _looks_like_inputs(value: Any) -> bool:
+    """Whether the second item of a pair is more inputs (a float tensor or a mapping), not labels."""
+    if _is_mapping(value):
+        return True
+    t = value if isinstance(value, torch.Tensor) else None
+    return t is not None and (t.is_floating_point() and t.ndim > 1)
+
+
+def as_dataset(
+    data: Any,
+    val: Any = None,
+    test: Any = None,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float | None = 0.5,
+    seed: int = 0,
+    name: str | None = None,
+    num_classes: int | None = None,
+) -> Dataset:
+    """A :class:`Dataset` from whatever the user has at hand.
+
+    ``data`` (the training split, or everything) may be a :class:`Dataset` (returned unchanged), a built-in
+    name or a file path (:func:`load_dataset`), a tensor or numpy array of inputs (label-free), a dict of
+    tensors or a HuggingFace ``BatchEncoding`` (keyword inputs, label-free), an ``(x, y)`` pair (``x`` any of
+    those, ``y`` integer labels; a *tuple*), a ``torch.utils.data.DataLoader``, a list or any iterable of batches (each a
+    tensor, a dict — a ``labels`` entry is taken as the labels — or an ``(x, y)`` pair; the batches are
+    gathered in memory and must stack), or a mapping of split arrays as in a file (``x``/``y``,
+    ``x_train``/``y_train``/``x_val``/``y_val``/``x_test``/``y_test``, only those keys).
+
+    ``val`` and ``test`` take the same forms for the other splits. When only ``data`` is given, a seeded
+    ``val_fraction`` (20%) of it is held out and ``test_fraction`` (half) of that becomes the test split; with
+    ``val`` and no ``test`` the test split is carved from ``val`` the same way (``test_fraction=None``: none).
+    Bad input is a :class:`DatasetError` naming what is wrong.
+    """
+    if isinstance(data, Dataset):
+        if val is not None or test is not None:
+            raise InvalidConfigError("a Dataset already has its splits: do not also pass val or test")
+        return data
+    if isinstance(data, str | os.PathLike):
+        if val is not None or test is not None:
+            raise InvalidConfigError("a dataset name or file brings its own splits: do not also pass val or test")
+        return load_dataset(data, val_fraction=val_fraction, seed=seed, name=name, test_fraction=test_fraction)
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+        raise InvalidConfigError(f"test_fraction must be in (0, 1) or None, got {test_fraction}")
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    label = name or "data"
+    if _is_mapping(data) and set(data.keys()) <= _LAYOUT_KEYS and val is None and test is None:
+        arrays = {k: data[k] for k in list(data.keys())}
+        ds = _dataset_from_arrays(arrays, label, val_fraction, seed)
+        return ds if test_fraction is None else ds.with_test_split(test_fraction, seed=seed)
+    x, y = _split_of(data, "data")
+    if val is None:
+        if test is not None:
+            raise InvalidConfigError("give val with test (or neither: the held-out splits are carved from data)")
+        xs = _as_x(x, "x")
+        ys = None if y is None else _as_y(y, "y", batch_len(xs))
+        (x_tr, y_tr), (x_va, y_va) = _split(xs, ys, val_fraction, seed)
+        ds = Dataset(label, x_tr, y_tr, x_va, y_va, num_classes)
+    else:
+        x_va, y_va = _split_of(val, "val")
+        x_te, y_te = (None, None) if test is None else _split_of(test, "test")
+        ds = Dataset(label, x, y, x_va, y_va, num_classes, x_te, y_te)
+    return ds if test_fraction is None else ds.with_test_split(test_fraction, seed=seed)
