@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +43,16 @@ from torch import nn
 
 from autoprune.cost import count_macs, ensure_eval, eval_mode
 from autoprune.data import as_output_tensor
-from autoprune.errors import InvalidPlanError, PruningError
+from autoprune.errors import InvalidConfigError, InvalidPlanError, PruningError
 from autoprune.inputs import Inputs, call_model, tracing_inputs
 from autoprune.plan import Plan
 from autoprune.pruning.heads import AttentionHeads, attention_heads, num_heads, record_layout, set_heads
 from autoprune.pruning.recurrent import RecurrentImportance, recurrent_pruners, recurrent_tracing
 
 Batches = Iterable[tuple[Inputs, torch.Tensor | None]]
+AfterPrune = Callable[[nn.Module, Plan], "nn.Module | None"]
+"""``after_prune(model, plan)``: the user's fix-up of a freshly pruned copy (head counts, cached sizes...), run
+before its forward is checked; it changes the model in place (returns None) or returns the model to use."""
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
 _PRUNABLE_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.Embedding)
@@ -423,8 +426,11 @@ class PruningContext:
         keep: Sequence[str | nn.Module] = (),
         calibration: Batches | None = None,
         prune_hidden: bool = False,
+        after_prune: AfterPrune | None = None,
     ) -> None:
         self.base = model
+        self.after_prune = after_prune
+        """Called on every pruned copy, the lock probe's trial copies included (see :data:`AfterPrune`)."""
         self.example_inputs = example_inputs
         self.calibration = list(calibration) if calibration is not None else None
         self._expected = _output_shapes(model, example_inputs)
@@ -516,7 +522,7 @@ class PruningContext:
                         order = order + channels * (order % 2)
                     selected[name] = _select(self.graph, group, name, order, 0.5, 1, self.num_heads)
                 ops, heads = self._operations_for(selected)
-                self._pruned_copy(ops, heads)
+                self._pruned_copy(ops, heads, Plan(tuple((n, 0.5) for n in names), round_to=1))
             except PruningError as exc:
                 return str(exc)
         return None
@@ -626,18 +632,18 @@ class PruningContext:
         :func:`autoprune.pruning.heads.record_layout`), so ``save_pretrained`` writes them into ``config.json``.
         """
         ops, heads = self.operations(plan)
-        work = self._pruned_copy(ops, heads)
+        work = self._pruned_copy(ops, heads, plan)
         if ops:
             record_layout(work, self.base, plan.to_json())
         return work
 
-    def _pruned_copy(self, ops: list[tuple[str, Any, int, list[int]]], heads: dict[str, int]) -> nn.Module:
-        """A copy of the base model with ``ops`` applied, checked by a forward pass."""
+    def _pruned_copy(self, ops: list[tuple[str, Any, int, list[int]]], heads: dict[str, int], plan: Plan) -> nn.Module:
+        """A copy of the base model with ``ops`` applied, passed to ``after_prune``, checked by a forward pass."""
         if self._plain is None:
             self._plain = _plainly_copyable(self.base)
         work = ensure_eval(clone_module(self.base, plain=self._plain))
         if not ops:
-            return work
+            return self._after_prune(work, plan)
         modules = dict(work.named_modules())
         for layer, new_heads in heads.items():
             set_heads(modules[layer], new_heads)  # whole heads go: the head size stays, the head count shrinks
@@ -647,6 +653,7 @@ class PruningContext:
                 handler(modules[layer], idxs)
         except Exception as exc:
             raise PruningError(f"pruning {layer!r} failed: {type(exc).__name__}: {exc}") from exc
+        work = self._after_prune(work, plan)
         try:
             got = _output_shapes(work, self.example_inputs)
         except Exception as exc:
@@ -654,6 +661,21 @@ class PruningContext:
         if got != self._expected:
             raise PruningError(f"pruning changed the output shape from {self._expected} to {got}")
         return work
+
+    def _after_prune(self, model: nn.Module, plan: Plan) -> nn.Module:
+        """``after_prune``'s model (the same one unless it returned another). Its own errors propagate: a bug in
+        the hook is the user's to see, not a reason to lock a group."""
+        if self.after_prune is None:
+            return model
+        returned = self.after_prune(model, plan)
+        if returned is None:
+            return model
+        if not isinstance(returned, nn.Module):
+            raise InvalidConfigError(
+                f"after_prune must change the model in place (return None) or return an nn.Module, "
+                f"got {type(returned).__name__}"
+            )
+        return ensure_eval(returned)
 
 
 _PLAIN = (int, float, bool, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device, torch.Size)
@@ -742,10 +764,13 @@ def apply_structured(
     keep: Sequence[str] = (),
     calibration: Batches | None = None,
     prune_hidden: bool = False,
+    after_prune: AfterPrune | None = None,
 ) -> nn.Module:
     """Return a pruned copy of ``model``; the base model is not modified.
 
     For many plans on one model, build a :class:`PruningContext` once and call its ``apply``.
     """
-    context = PruningContext(model, example_inputs, keep=keep, calibration=calibration, prune_hidden=prune_hidden)
+    context = PruningContext(
+        model, example_inputs, keep=keep, calibration=calibration, prune_hidden=prune_hidden, after_prune=after_prune
+    )
     return context.apply(plan)

@@ -73,3 +73,68 @@ def test_keyword_data_searches_a_model_that_takes_keywords() -> None:
 def test_without_example_inputs_or_data_the_error_says_what_to_give() -> None:
     with pytest.raises(InvalidConfigError, match="give example_inputs="):
         autoprune.search(_mlp(), evaluate=lambda m: 1.0, budget=1, latency=DeterministicMeter())
+
+
+def test_evaluate_with_several_metrics_a_known_baseline_and_no_data() -> None:
+    calls: list[int] = []
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    model = _mlp()
+    with torch.no_grad():
+        reference = model(x)
+
+    def metrics(m: nn.Module) -> dict[str, float]:
+        calls.append(1)
+        with torch.no_grad():
+            out = m(x)
+        return {
+            "fidelity": float(torch.cosine_similarity(out, reference).mean()),
+            "mse": float((out - reference).pow(2).mean()),
+        }
+
+    result = autoprune.search(
+        model, evaluate=metrics, metric="fidelity", base_quality=1.0, example_inputs=x[:1],
+        strategy="uniform", budget=3, latency=DeterministicMeter(), round_to=1,
+    )  # fmt: skip
+    assert len(calls) == 3 == len(result.evaluations)  # the unpruned model was not scored: its score was given
+    assert result.baseline.quality == 1.0 and all(e.metric == "fidelity" for e in result.evaluations)
+    assert all(set(e.extra["metrics"]) == {"fidelity", "mse"} for e in result.evaluations)
+    assert all(e.quality == e.extra["metrics"]["fidelity"] for e in result.evaluations)
+
+
+def test_without_data_a_recipe_that_needs_data_is_refused_not_replaced() -> None:
+    from autoprune.errors import DataRequiredError
+    from autoprune.recovery import RecoveryConfig
+
+    kw: dict[str, Any] = {"evaluate": lambda m: 1.0, "example_inputs": torch.randn(1, 12), "budget": 1}
+    with pytest.raises(DataRequiredError, match="fine-tuning needs data"):
+        autoprune.search(_mlp(), recovery=RecoveryConfig(finetune_steps=10), **kw)
+    with pytest.raises(DataRequiredError, match="BatchNorm re-estimation needs data"):
+        autoprune.search(_mlp(), recovery=RecoveryConfig(), **kw)
+    with pytest.raises(DataRequiredError, match="finetune_top"):
+        autoprune.search(_mlp(), finetune_top=1, **kw)
+
+
+def test_after_prune_and_calibration_through_the_facade() -> None:
+    class Stored(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.bn, self.fc2, self.width = nn.Linear(12, 32), nn.BatchNorm1d(32), nn.Linear(32, 3), 32
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.bn(self.fc1(x))).reshape(-1, self.width))
+
+    def fix(model: nn.Module, plan: Any) -> None:
+        model.width = model.fc1.out_features
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(2))
+    result = autoprune.search(
+        Stored().eval(), evaluate=lambda m: 1.0, example_inputs=x[:1], after_prune=fix, calibration=[x[:32], x[32:]],
+        strategy="uniform", budget=2, latency=DeterministicMeter(), round_to=1,
+    )  # fmt: skip
+    assert result.objective.group_names == ("fc1",)  # without the hook fc1 is locked
+    pruned = result.materialize(result.evaluations[-1])
+    assert pruned.width == pruned.fc1.out_features < 32
+    with torch.no_grad():
+        h = pruned.fc1(x)
+    torch.testing.assert_close(pruned.bn.running_mean, h.mean(0))  # re-estimated on the calibration batches
