@@ -21,6 +21,8 @@ _LAZY = {
     "apply_plan": "autoprune.pruning",
     "build_model": "autoprune.models.registry",
     "load_dataset": "autoprune.data",
+    "Dataset": "autoprune.data",
+    "as_dataset": "autoprune.data",
     "RecoveryConfig": "autoprune.recovery",
     "RewardConfig": "autoprune.reward",
     "search": "autoprune.job",

@@ -27,6 +27,8 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoprune.inputs import Inputs, call_model, tensors
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -79,8 +81,9 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         backend.set_fastpath_enabled(previous)
 
 
-def as_tuple(example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """The tensors of ``example_inputs`` in order (see :func:`autoprune.inputs.tensors`)."""
+    return tensors(example_inputs)
 
 
 def ensure_eval(model: nn.Module) -> nn.Module:
@@ -108,12 +111,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
                 m.training = mode
 
 
-def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
+def count_macs(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int]]:
     """MACs of one forward, in total and per module (qualified names, ``""`` is the whole model)."""
     # oneDNN runs CPU LSTMs as aten.mkldnn_rnn_layer, which has no flop formula of its own (it would count 0)
     counter = FlopCounterMode(display=False, custom_mapping=dict(FLOP_FORMULAS))
     with eval_mode(model), torch.no_grad(), _mha_fastpath_disabled(), counter:
-        model(*as_tuple(example_inputs))
+        call_model(model, example_inputs)
     per_module: dict[str, int] = {}
     root = type(model).__name__
     for key, ops in counter.get_flop_counts().items():
@@ -241,7 +244,7 @@ class MacProfile:
 
 def measure_cost(
     model: nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: Inputs,
     *,
     macs: int | None = None,
     compress: bool = True,

@@ -26,7 +26,7 @@ import io
 import os
 import random
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 from autoprune.errors import CorruptFileError, DatasetError, InvalidConfigError, ShapeMismatchError
+from autoprune.inputs import batch_len, call_model, describe, split_batch, take, to_device
 from autoprune.names import MAX_CLASSES, MIN_PER_SPLIT
 
 __all__ = [
     "Batch",
     "Dataset",
+    "as_dataset",
     "as_output_tensor",
     "builtin_datasets",
     "check_compatible",
@@ -48,7 +50,10 @@ __all__ = [
     "load_dataset_bytes",
 ]
 
-Batch = tuple[torch.Tensor, torch.Tensor | None]
+X = torch.Tensor | dict[str, torch.Tensor]
+"""A split's inputs: one float32 tensor, or named tensors (keyword inputs: token ids, attention masks...)."""
+
+Batch = tuple[X, torch.Tensor | None]
 """One batch: inputs and, for a labelled dataset, int64 labels (``None`` otherwise)."""
 
 _BUILTINS = ("digits", "mnist1d")
@@ -56,11 +61,41 @@ _FORMATS = ("npz", "safetensors")
 _MIN_PER_SPLIT = MIN_PER_SPLIT
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(N, " + ", ".join(str(d) for d in t.shape[1:]) + ")"
+def _shape(t: X) -> str:
+    return describe(t)
 
 
-def _as_x(value: Any, field: str) -> torch.Tensor:
+def _as_named_x(value: Any, field: str) -> dict[str, torch.Tensor]:
+    """Keyword inputs: every value a tensor with the same number of samples; floating values become float32,
+    integer and boolean ones (token ids, masks) keep their dtype."""
+    keys = list(value.keys())
+    if not keys:
+        raise DatasetError(f"{field} is an empty mapping: name at least one input tensor")
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if not isinstance(key, str):
+            raise DatasetError(f"{field} has a non-string key {key!r}; keyword inputs are named by strings")
+        item = value[key]
+        t = item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item))
+        name = f"{field}[{key!r}]"
+        if t.is_complex():
+            raise DatasetError(f"{name} has complex dtype {t.dtype}; inputs must be real numbers")
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+            if not bool(torch.isfinite(t).all()):
+                raise DatasetError(f"{name} contains NaN or infinite values")
+        if t.ndim < 1 or t.shape[0] == 0:
+            raise DatasetError(f"{name} has shape {tuple(t.shape)}: it needs a batch dimension holding samples")
+        out[key] = t.contiguous()
+    sizes = {k: int(t.shape[0]) for k, t in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise DatasetError(f"{field}: every input needs the same number of samples, got {sizes}")
+    return out
+
+
+def _as_x(value: Any, field: str) -> X:
+    if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
+        return _as_named_x(value, field)
     t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     if t.is_complex():
         raise DatasetError(f"{field} has complex dtype {t.dtype}; inputs must be real numbers")
@@ -102,25 +137,27 @@ class Dataset:
     figures of delivered models (fine-tuned points, ``autoprune prune``), which are reported beside their
     validation figure. Loaders carve the test split from the held-out data with a seed when the source has none.
 
-    Construction validates and normalises the fields (inputs become contiguous float32, labels int64), so a
+    Construction validates and normalises the fields (tensor inputs become contiguous float32, labels int64; the
+    values of keyword inputs keep integer dtypes, so token ids stay ids), so a
     ``Dataset`` built by hand from tensors or numpy arrays obeys the same rules as a loaded one. Equality and
     hashing are by identity (tensors have no useful ``==``), which also lets caches key on a dataset.
     """
 
     name: str
     """Short name used in messages and caches (built-in name or the file's stem)."""
-    x_train: torch.Tensor
-    """Training inputs, float32 ``(N_train, *input_shape)``."""
+    x_train: X
+    """Training inputs, float32 ``(N_train, *input_shape)``; or a mapping of named tensors (keyword inputs such as
+    ``input_ids`` and ``attention_mask``, each ``(N_train, ...)``; integer tensors keep their dtype)."""
     y_train: torch.Tensor | None
     """Training labels, int64 ``(N_train,)``, or ``None`` for label-free data."""
-    x_val: torch.Tensor
-    """Validation inputs, float32 ``(N_val, *input_shape)``; every quality metric is computed on them."""
+    x_val: X
+    """Validation inputs (the same form as ``x_train``), float32 ``(N_val, *input_shape)``; every quality metric is computed on them."""
     y_val: torch.Tensor | None
     """Validation labels, int64 ``(N_val,)``, or ``None`` for label-free data."""
     num_classes: int | None = None
     """Number of classes; inferred as ``max(label) + 1`` when left ``None`` on labelled data; ``None`` when
     label-free."""
-    x_test: torch.Tensor | None = None
+    x_test: X | None = None
     """Held-out test inputs ``(N_test, *input_shape)``, never used by the search or by fine-tuning; ``None``
     when the dataset has no test split (final figures are then validation figures and say so)."""
     y_test: torch.Tensor | None = None
@@ -129,15 +166,11 @@ class Dataset:
     def __post_init__(self) -> None:
         x_train = _as_x(self.x_train, "x_train")
         x_val = _as_x(self.x_val, "x_val")
-        if x_train.shape[1:] != x_val.shape[1:]:
-            raise DatasetError(
-                f"x_train has samples of shape {tuple(x_train.shape[1:])} but x_val has "
-                f"{tuple(x_val.shape[1:])}; both splits must have the same sample shape"
-            )
+        _check_same_form(x_train, x_val, "x_val")
         for split, t in (("train", x_train), ("val", x_val)):
-            if t.shape[0] < _MIN_PER_SPLIT:
+            if batch_len(t) < _MIN_PER_SPLIT:
                 raise DatasetError(
-                    f"the {split} split has {t.shape[0]} sample(s); at least {_MIN_PER_SPLIT} are needed"
+                    f"the {split} split has {batch_len(t)} sample(s); at least {_MIN_PER_SPLIT} are needed"
                 )
         if (self.y_train is None) != (self.y_val is None):
             raise DatasetError("labels must be given for both splits or for neither (y_train and y_val)")
@@ -145,14 +178,10 @@ class Dataset:
         object.__setattr__(self, "x_val", x_val)
         x_test = None if self.x_test is None else _as_x(self.x_test, "x_test")
         if x_test is not None:
-            if x_test.shape[1:] != x_train.shape[1:]:
+            _check_same_form(x_train, x_test, "x_test")
+            if batch_len(x_test) < _MIN_PER_SPLIT:
                 raise DatasetError(
-                    f"x_test has samples of shape {tuple(x_test.shape[1:])} but x_train has "
-                    f"{tuple(x_train.shape[1:])}; every split must have the same sample shape"
-                )
-            if x_test.shape[0] < _MIN_PER_SPLIT:
-                raise DatasetError(
-                    f"the test split has {x_test.shape[0]} sample(s); at least {_MIN_PER_SPLIT} are needed"
+                    f"the test split has {batch_len(x_test)} sample(s); at least {_MIN_PER_SPLIT} are needed"
                 )
             object.__setattr__(self, "x_test", x_test)
         elif self.y_test is not None:
@@ -163,13 +192,13 @@ class Dataset:
             if self.y_test is not None:
                 raise DatasetError("y_test is given but the train and val splits have no labels")
             return
-        y_train = _as_y(self.y_train, "y_train", x_train.shape[0])
-        y_val = _as_y(self.y_val, "y_val", x_val.shape[0])
+        y_train = _as_y(self.y_train, "y_train", batch_len(x_train))
+        y_val = _as_y(self.y_val, "y_val", batch_len(x_val))
         y_test = None
         if x_test is not None:
             if self.y_test is None:
                 raise DatasetError("the train and val splits have labels but the test split has none (y_test)")
-            y_test = _as_y(self.y_test, "y_test", x_test.shape[0])
+            y_test = _as_y(self.y_test, "y_test", batch_len(x_test))
             object.__setattr__(self, "y_test", y_test)
         top = max(int(y_train.max()), int(y_val.max()), -1 if y_test is None else int(y_test.max())) + 1
         num_classes = top if self.num_classes is None else int(self.num_classes)
@@ -187,14 +216,35 @@ class Dataset:
     def __repr__(self) -> str:
         labels = f"{self.num_classes} classes" if self.has_labels else "label-free"
         return (
-            f"Dataset(name={self.name!r}, input_shape={self.input_shape}, train={self.num_train}, "
+            f"Dataset(name={self.name!r}, inputs={describe(self.x_train)}, train={self.num_train}, "
             f"val={self.num_val}, test={self.num_test}, {labels})"
         )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, without the batch dimension."""
+        """Shape of one sample, without the batch dimension (keyword inputs: see :attr:`input_shapes`)."""
+        if isinstance(self.x_train, dict):
+            raise DatasetError(
+                f"dataset {self.name!r} has keyword inputs ({', '.join(self.x_train)}): it has no single input "
+                "shape (see input_shapes); give the model itself, not an architecture name to size from the data"
+            )
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of one sample per input name (``{"input": shape}`` for a single tensor)."""
+        if isinstance(self.x_train, dict):
+            return {k: tuple(t.shape[1:]) for k, t in self.x_train.items()}
+        return {"input": tuple(self.x_train.shape[1:])}
+
+    @property
+    def named_inputs(self) -> bool:
+        """Whether the inputs are keyword inputs (the model is called ``model(**x)``)."""
+        return isinstance(self.x_train, dict)
+
+    def example_inputs(self, n: int = 1) -> X:
+        """The first ``n`` validation samples, as example inputs for tracing and timing."""
+        return _take(self.x_val, slice(0, max(1, n)))
 
     @property
     def has_labels(self) -> bool:
@@ -204,17 +254,17 @@ class Dataset:
     @property
     def num_train(self) -> int:
         """Number of training samples."""
-        return int(self.x_train.shape[0])
+        return batch_len(self.x_train)
 
     @property
     def num_val(self) -> int:
         """Number of validation samples."""
-        return int(self.x_val.shape[0])
+        return batch_len(self.x_val)
 
     @property
     def num_test(self) -> int:
         """Number of held-out test samples (0 without a test split)."""
-        return 0 if self.x_test is None else int(self.x_test.shape[0])
+        return 0 if self.x_test is None else batch_len(self.x_test)
 
     @property
     def has_test(self) -> bool:
@@ -274,7 +324,7 @@ class Dataset:
                 idx = perm[start : start + bs]
                 if drop_last and idx.shape[0] < bs:
                     break
-                yield self.x_train[idx], None if self.y_train is None else self.y_train[idx]
+                yield _take(self.x_train, idx), None if self.y_train is None else self.y_train[idx]
                 yielded += 1
             if max_batches is None:
                 return
@@ -285,7 +335,7 @@ class Dataset:
             raise InvalidConfigError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, self.num_val, batch_size):
             stop = start + batch_size
-            yield self.x_val[start:stop], None if self.y_val is None else self.y_val[start:stop]
+            yield _take(self.x_val, slice(start, stop)), None if self.y_val is None else self.y_val[start:stop]
 
     def subset(self, n_train: int, n_val: int | None = None, *, seed: int = 0) -> Dataset:
         """A smaller dataset for quick runs: ``n_train`` / ``n_val`` samples drawn without replacement
@@ -304,13 +354,33 @@ class Dataset:
         va = pick(n_val, self.num_val, "val")
         return Dataset(
             name=self.name,
-            x_train=self.x_train[tr],
+            x_train=_take(self.x_train, tr),
             y_train=None if self.y_train is None else self.y_train[tr],
-            x_val=self.x_val[va],
+            x_val=_take(self.x_val, va),
             y_val=None if self.y_val is None else self.y_val[va],
             num_classes=self.num_classes,
             x_test=self.x_test,
             y_test=self.y_test,
+        )
+
+
+def _take(x: X, index: slice | torch.Tensor) -> X:
+    return take(x, index)  # type: ignore[return-value]  # same form in, same form out
+
+
+def _check_same_form(first: X, other: X, field: str) -> None:
+    """Every split holds the same kind of inputs: tensors of one sample shape, or mappings with the same names."""
+    if isinstance(first, dict) != isinstance(other, dict):
+        raise DatasetError(f"x_train and {field} differ: one has keyword inputs (a mapping), the other a tensor")
+    if isinstance(first, dict) and isinstance(other, dict):
+        if list(first) != list(other):
+            raise DatasetError(f"x_train has inputs {list(first)} but {field} has {list(other)}; give the same names")
+        return
+    assert isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor)
+    if first.shape[1:] != other.shape[1:]:
+        raise DatasetError(
+            f"x_train has samples of shape {tuple(first.shape[1:])} but {field} has "
+            f"{tuple(other.shape[1:])}; every split must have the same sample shape"
         )
 
 
@@ -378,15 +448,15 @@ def _load_builtin(name: str, val_fraction: float, seed: int) -> Dataset:
 
 
 def _split(
-    x: torch.Tensor, y: torch.Tensor | None, val_fraction: float, seed: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]:
-    n = int(x.shape[0])
+    x: X, y: torch.Tensor | None, val_fraction: float, seed: int
+) -> tuple[tuple[X, torch.Tensor | None], tuple[X, torch.Tensor | None]]:
+    n = batch_len(x)
     if n < 2 * _MIN_PER_SPLIT:
         raise DatasetError(f"{n} sample(s) cannot be split into train and val; at least {2 * _MIN_PER_SPLIT} needed")
     n_val = min(max(round(n * val_fraction), _MIN_PER_SPLIT), n - _MIN_PER_SPLIT)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     va, tr = perm[:n_val], perm[n_val:]
-    return (x[tr], None if y is None else y[tr]), (x[va], None if y is None else y[va])
+    return (_take(x, tr), None if y is None else y[tr]), (_take(x, va), None if y is None else y[va])
 
 
 def _tensor_from_array(key: str, arr: Any) -> torch.Tensor:
@@ -432,10 +502,10 @@ def _dataset_from_arrays(arrays: Mapping[str, Any], name: str, val_fraction: flo
             raise DatasetError(f"{name!r} has 'y' but no 'x'")
         x, y = t["x"], t.get("y")
     # validate before splitting so the messages name the arrays the user wrote
-    x = _as_x(x, "x")
+    xs = _as_x(x, "x")
     if y is not None:
-        y = _as_y(y, "y", int(x.shape[0]))
-    (x_tr, y_tr), (x_va, y_va) = _split(x, y, val_fraction, seed)
+        y = _as_y(y, "y", batch_len(xs))
+    (x_tr, y_tr), (x_va, y_va) = _split(xs, y, val_fraction, seed)
     return Dataset(name, x_tr, y_tr, x_va, y_va)
 
 
@@ -581,13 +651,18 @@ def load_dataset_bytes(
 
 def as_output_tensor(out: Any) -> torch.Tensor:
     """The tensor a model's forward returned: the tensor itself, the first tensor of a tuple/list, or the
-    ``"logits"`` entry of a mapping. Anything else raises :class:`ShapeMismatchError`."""
+    ``"logits"`` entry of a mapping (a HuggingFace ``ModelOutput``), else its first tensor
+    (``last_hidden_state``). Anything else raises :class:`ShapeMismatchError`."""
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        first = next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            return first
+    elif isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
     raise ShapeMismatchError(f"model returned {type(out).__name__}, not a tensor")
 
 
@@ -622,12 +697,12 @@ def check_compatible(model: nn.Module, dataset: Dataset, *, batch_size: int = 8)
     Raises :class:`ShapeMismatchError` when the forward fails on the data and :class:`DatasetError` when the
     outputs cannot score the labels.
     """
-    x = dataset.x_val[:batch_size].to(model_device(model))
+    x = to_device(_take(dataset.x_val, slice(0, batch_size)), model_device(model))
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = call_model(model, x)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShapeMismatchError(
@@ -643,10 +718,10 @@ def check_compatible(model: nn.Module, dataset: Dataset, *, batch_size: int = 8)
         logits = as_output_tensor(out)
     except ShapeMismatchError as e:
         raise DatasetError(f"dataset {dataset.name!r} has labels but {e}") from e
-    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+    if logits.ndim != 2 or logits.shape[0] != batch_len(x):
         raise DatasetError(
             f"dataset {dataset.name!r} has labels, so the model must return (B, K) logits; it returned "
-            f"shape {tuple(logits.shape)} for a batch of {x.shape[0]}"
+            f"shape {tuple(logits.shape)} for a batch of {batch_len(x)}"
         )
     k = int(logits.shape[1])
     assert dataset.num_classes is not None
@@ -655,3 +730,147 @@ def check_compatible(model: nn.Module, dataset: Dataset, *, batch_size: int = 8)
             f"dataset {dataset.name!r} has {dataset.num_classes} classes "
             f"(labels 0..{dataset.num_classes - 1}) but the model outputs {k} logits"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python objects: tensors, (x, y) pairs, dicts, DataLoaders
+
+
+_LAYOUT_KEYS = frozenset({"x", "y", "x_train", "y_train", "x_val", "y_val", "x_test", "y_test"})
+
+
+def _is_mapping(value: Any) -> bool:
+    return isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__"))
+
+
+def _concat(parts: list[Any], what: str) -> Any:
+    """One tensor (or dict of tensors) from the inputs or labels of many batches."""
+    first = parts[0]
+    try:
+        if _is_mapping(first):
+            keys = list(first.keys())
+            if any(list(p.keys()) != keys for p in parts):
+                raise DatasetError(f"the batches' {what} do not all have the same names ({keys})")
+            return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]) for k in keys}
+        return torch.cat([torch.as_tensor(p) for p in parts])
+    except RuntimeError as exc:  # torch.cat: sizes differ beyond dim 0 (dynamic padding)
+        first_line = str(exc).splitlines()[0]
+        raise DatasetError(
+            f"the batches' {what} cannot be stacked into one split ({first_line}); pad every batch to the "
+            "same length (e.g. padding='max_length')"
+        ) from None
+
+
+def _from_batches(batches: Iterable[Any], what: str) -> tuple[Any, torch.Tensor | None]:
+    """Inputs and labels gathered from an iterable of batches (a DataLoader): each batch a tensor, a dict of
+    tensors (a ``labels`` entry, as HuggingFace collators write it, is taken as the labels) or an ``(x, y)``
+    pair."""
+    xs: list[Any] = []
+    ys: list[Any] = []
+    for batch in batches:
+        names = list(batch.keys()) if _is_mapping(batch) else []
+        if "labels" in names:
+            batch = ({k: batch[k] for k in names if k != "labels"}, batch["labels"])
+        try:
+            x, y = split_batch(batch)
+        except InvalidConfigError as exc:
+            raise DatasetError(f"{what}: {exc}") from None
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise DatasetError(f"{what} yielded no batches")
+    if any(y is None for y in ys) and not all(y is None for y in ys):
+        raise DatasetError(f"{what}: some batches have labels and others do not")
+    labels = None if ys[0] is None else _concat(ys, "labels")
+    return _concat(xs, "inputs"), labels
+
+
+def _split_of(value: Any, what: str) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, labels) of one split given as a tensor / array, a dict of tensors, an ``(x, y)`` pair or
+    ``(x,)``, a ``torch.utils.data.Dataset``-style DataLoader or any other iterable of batches."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return value, None
+    if _is_mapping(value):
+        return value, None
+    if isinstance(value, tuple):  # a pair; a list is batches, like any other iterable
+        if len(value) in (1, 2) and not (len(value) == 2 and _looks_like_inputs(value[1])):
+            y = value[1] if len(value) == 2 else None
+            return value[0], None if y is None else (
+                y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+            )
+        raise DatasetError(
+            f"{what} is a tuple of {len(value)} items; give (x, y) or (x,) — x a tensor or a dict of tensors, "
+            "y 1-D integer labels (a list is read as batches)"
+        )
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return _from_batches(value, what)
+    raise DatasetError(
+        f"{what} must be a Dataset, a tensor or array, a dict of tensors, an (x, y) pair, a DataLoader, "
+        f"a built-in name or a file path; got {type(value).__name__}"
+    )
+
+
+def _looks_like_inputs(value: Any) -> bool:
+    """Whether the second item of a pair is more inputs (a float tensor or a mapping), not labels."""
+    if _is_mapping(value):
+        return True
+    t = value if isinstance(value, torch.Tensor) else None
+    return t is not None and (t.is_floating_point() and t.ndim > 1)
+
+
+def as_dataset(
+    data: Any,
+    val: Any = None,
+    test: Any = None,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float | None = 0.5,
+    seed: int = 0,
+    name: str | None = None,
+    num_classes: int | None = None,
+) -> Dataset:
+    """A :class:`Dataset` from whatever the user has at hand.
+
+    ``data`` (the training split, or everything) may be a :class:`Dataset` (returned unchanged), a built-in
+    name or a file path (:func:`load_dataset`), a tensor or numpy array of inputs (label-free), a dict of
+    tensors or a HuggingFace ``BatchEncoding`` (keyword inputs, label-free), an ``(x, y)`` pair (``x`` any of
+    those, ``y`` integer labels; a *tuple*), a ``torch.utils.data.DataLoader``, a list or any iterable of batches (each a
+    tensor, a dict — a ``labels`` entry is taken as the labels — or an ``(x, y)`` pair; the batches are
+    gathered in memory and must stack), or a mapping of split arrays as in a file (``x``/``y``,
+    ``x_train``/``y_train``/``x_val``/``y_val``/``x_test``/``y_test``, only those keys).
+
+    ``val`` and ``test`` take the same forms for the other splits. When only ``data`` is given, a seeded
+    ``val_fraction`` (20%) of it is held out and ``test_fraction`` (half) of that becomes the test split; with
+    ``val`` and no ``test`` the test split is carved from ``val`` the same way (``test_fraction=None``: none).
+    Bad input is a :class:`DatasetError` naming what is wrong.
+    """
+    if isinstance(data, Dataset):
+        if val is not None or test is not None:
+            raise InvalidConfigError("a Dataset already has its splits: do not also pass val or test")
+        return data
+    if isinstance(data, str | os.PathLike):
+        if val is not None or test is not None:
+            raise InvalidConfigError("a dataset name or file brings its own splits: do not also pass val or test")
+        return load_dataset(data, val_fraction=val_fraction, seed=seed, name=name, test_fraction=test_fraction)
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+        raise InvalidConfigError(f"test_fraction must be in (0, 1) or None, got {test_fraction}")
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    label = name or "data"
+    if _is_mapping(data) and set(data.keys()) <= _LAYOUT_KEYS and val is None and test is None:
+        arrays = {k: data[k] for k in list(data.keys())}
+        ds = _dataset_from_arrays(arrays, label, val_fraction, seed)
+        return ds if test_fraction is None else ds.with_test_split(test_fraction, seed=seed)
+    x, y = _split_of(data, "data")
+    if val is None:
+        if test is not None:
+            raise InvalidConfigError("give val with test (or neither: the held-out splits are carved from data)")
+        xs = _as_x(x, "x")
+        ys = None if y is None else _as_y(y, "y", batch_len(xs))
+        (x_tr, y_tr), (x_va, y_va) = _split(xs, ys, val_fraction, seed)
+        ds = Dataset(label, x_tr, y_tr, x_va, y_va, num_classes)
+    else:
+        x_va, y_va = _split_of(val, "val")
+        x_te, y_te = (None, None) if test is None else _split_of(test, "test")
+        ds = Dataset(label, x, y, x_va, y_va, num_classes, x_te, y_te)
+    return ds if test_fraction is None else ds.with_test_split(test_fraction, seed=seed)

@@ -52,3 +52,8 @@ class ExportError(AutopruneError):
 
 class InvalidConfigError(AutopruneError, ValueError):
     """A configuration value out of range or unknown (metric name, reward form, meter settings...)."""
+
+
+class DataRequiredError(InvalidConfigError):
+    """Something that needs data (fine-tuning, BatchNorm re-estimation without calibration batches, a data
+    metric, a final fine-tune) was asked for where there is none."""

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.cost import as_tuple, eval_mode
+from autoprune.cost import eval_mode
+from autoprune.data import as_output_tensor
 from autoprune.errors import CorruptFileError, ExportError, InvalidConfigError, InvalidModelError
+from autoprune.inputs import Inputs, call_model, cycled, is_named, tensors
 from autoprune.latency import Latency, LatencyConfig, Meter, batched
 from autoprune.models.weights import load_weights, weights_to_bytes
 from autoprune.plan import Plan
@@ -42,7 +44,6 @@ from autoprune.pruning.heads import LAYOUT_KEY, set_heads
 from autoprune.runtime import onnx_bytes, onnx_has_dynamic_batch, ort_feed, ort_session
 
 FORMATS = ("onnx", "safetensors", "pt2")
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _other_batch(example_inputs: Inputs, batch_size: int) -> tuple[torch.Tensor, ...]:
+def _other_batch(example_inputs: Inputs, batch_size: int) -> Inputs:
     """``batch_size`` samples cycled from the example inputs. Values are not perturbed: inputs may encode
     token ids or other values a model only accepts as they are."""
-    return tuple(
-        t.repeat(-(-batch_size // t.shape[0]), *([1] * (t.ndim - 1)))[:batch_size] for t in as_tuple(example_inputs)
-    )
+    return cycled(example_inputs, batch_size)
 
 
 def _torch_output(model: nn.Module, inputs: Inputs) -> np.ndarray:
     with eval_mode(model), torch.no_grad():
-        out = model(*as_tuple(inputs))
-    out_t = out[0] if isinstance(out, tuple) else out
+        out = call_model(model, inputs)
+    out_t = as_output_tensor(out)
     return out_t.detach().cpu().numpy()
 
 
@@ -141,7 +140,10 @@ def export_onnx(
 def export_pt2(model: nn.Module, example_inputs: Inputs, path: Path) -> None:
     try:
         with eval_mode(model):
-            program = torch.export.export(model, as_tuple(example_inputs))
+            if is_named(example_inputs):  # keyword inputs stay keyword arguments of the program
+                program = torch.export.export(model, (), kwargs=dict(example_inputs))  # type: ignore[arg-type]
+            else:
+                program = torch.export.export(model, tensors(example_inputs))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(path))
     except Exception as exc:

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from autoprune.cost import as_tuple, eval_mode
+from autoprune.cost import eval_mode
 from autoprune.data import Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError, PruningError
+from autoprune.inputs import Inputs, call_model, to_device
 from autoprune.names import ITERATIVE_SCHEDULES
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, analyze
-from autoprune.pruning.structured import Inputs
 from autoprune.pruning.unstructured import sparsifiable_layers
 from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, make_optimizer, recover
 
@@ -312,7 +312,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, total)
             assert y is not None
-            loss = F.cross_entropy(as_output_tensor(model(x.to(device))), y.to(device))
+            loss = F.cross_entropy(as_output_tensor(call_model(model, to_device(x, device))), y.to(device))
             if not bool(torch.isfinite(loss)):
                 _sync_all(model)
                 model.eval()
@@ -543,7 +543,7 @@ def iterative_prune(
         if width != target:
             raise PruningError(f"increment {i} reached widths {width}, expected {target}")
         with eval_mode(current), torch.no_grad():
-            out = as_output_tensor(current(*as_tuple(example_inputs)))
+            out = as_output_tensor(call_model(current, example_inputs))
         reports: list[FinetuneReport] = []
         recover(
             current,

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from agents.base import ProgressCallback, StopSignal, Strategy
     from agents.result import SearchResult
     from autoprune.data import Dataset
+    from autoprune.inputs import Inputs
     from autoprune.latency import LatencyConfig, LatencyMeter
     from autoprune.objective import Evaluation, Objective
     from autoprune.recovery import RecoveryConfig, TrainStep
@@ -515,15 +516,15 @@ def run_job(
 
 def search(
     model: nn.Module | str,
-    data: Dataset | str | None = None,
+    data: Any = None,
     *,
-    evaluate: Callable[[nn.Module], float] | None = None,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    evaluate: Callable[[nn.Module], Any] | None = None,
+    example_inputs: Inputs | None = None,
     strategy: str = "random",
     budget: int | None = 20,
     seconds: float | None = None,
     seed: int = 0,
-    metric: str = "accuracy",
+    metric: str | None = None,
     reward: RewardConfig | None = None,
     latency: LatencyConfig | LatencyMeter | None = None,
     recovery: RecoveryConfig | None = None,
@@ -536,32 +537,44 @@ def search(
     strategy_options: Mapping[str, Any] | None = None,
     train_step: TrainStep | None = None,
     base_quality: float | None = None,
+    after_prune: Callable[[nn.Module, Any], nn.Module | None] | None = None,
+    calibration: Iterable[Any] | None = None,
     callbacks: Sequence[ProgressCallback] = (),
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
 ) -> SearchResult:
     """Search per-group pruning ratios for ``model`` and return the result (front, best, ``materialize``).
 
-    ``model`` is an ``nn.Module`` (give ``example_inputs`` unless it is a built-in architecture) or a built-in
-    architecture name; ``data`` a :class:`~autoprune.data.Dataset` or a built-in name / file path. Without data,
-    pass ``evaluate=fn(model) -> float`` (higher is better) to score candidates. Every candidate is pruned for
+    ``model`` is an ``nn.Module`` or a built-in architecture name; ``data`` anything
+    :func:`~autoprune.data.as_dataset` takes: a :class:`~autoprune.data.Dataset`, a built-in name or file path,
+    a tensor, a dict of tensors / ``BatchEncoding`` (keyword inputs), an ``(x, y)`` pair or a DataLoader (one
+    split: a seeded 20% is held out, half of it as the test split). ``example_inputs`` (a tensor, a tuple or a
+    dict of tensors) defaults to the model's own (built-in architectures) or the data's first validation sample.
+    Without data, pass ``evaluate=fn(model) -> float`` (higher is better) to score candidates; it may return a
+    dict of metrics, ``metric=`` naming the one to optimise (the others are recorded in ``extra["metrics"]``);
+    with data ``metric`` is a built-in metric (default ``accuracy``). ``after_prune(model, plan)`` fixes up every
+    pruned copy; ``calibration`` batches re-estimate BatchNorm without a dataset (a ``recovery`` that needs data
+    without either is a :class:`~autoprune.errors.DataRequiredError`, as is ``finetune_top`` without data). Every candidate is pruned for
     real, recovered (BatchNorm re-estimation by default), evaluated and measured interleaved with the unpruned
     model; ``finetune_top=K`` fine-tunes the K best front points afterwards (``finetune`` sets the recipe;
     ``train_step(model, (x, y)) -> loss`` plugs in your own loss for every fine-tune; ``base_quality``: the
     unpruned model's known score, so an expensive ``evaluate`` is not run on it).
     """
     from agents import Budget, check_strategy, run_search
-    from autoprune.data import Dataset, load_dataset
+    from autoprune.data import as_dataset
+    from autoprune.errors import DataRequiredError, InvalidModelError
     from autoprune.models.registry import example_inputs as make_example_inputs
     from autoprune.objective import Objective
     from autoprune.recovery import RecoveryConfig
 
     check_strategy(strategy)
     budget_ = Budget(evaluations=budget, seconds=seconds)
-    if isinstance(data, str):
-        data = load_dataset(data)
-    elif data is not None and not isinstance(data, Dataset):
-        raise InvalidConfigError("data must be a Dataset, a built-in dataset name or a file path")
+    if data is None and evaluate is None:
+        raise DataRequiredError("give data (to score candidates with a metric) or evaluate=<fn(model) -> float>")
+    if data is None and finetune_top > 0:
+        raise DataRequiredError("finetune_top fine-tunes on data: give data, or finetune_top=0 with evaluate=")
+    # split seed 0, as the CLI and the service split a file: the splits do not move with the search's seed
+    data = None if data is None else as_dataset(data)
     if isinstance(model, str):  # a built-in name: the same weights the CLI would use, and the same note
         import warnings
 
@@ -570,12 +583,21 @@ def search(
         if note:
             warnings.warn(note, UserWarning, stacklevel=2)
     if example_inputs is None:
-        example_inputs = make_example_inputs(model)
+        try:
+            example_inputs = make_example_inputs(model)
+        except InvalidModelError:
+            if data is None:
+                raise InvalidConfigError(
+                    f"give example_inputs=: {type(model).__name__} has no example_input_shape and no data was "
+                    "given to take a sample from"
+                ) from None
+            example_inputs = data.example_inputs()
     objective = Objective(
         model,
         example_inputs,
         data,
-        metric=evaluate if evaluate is not None else metric,
+        metric=evaluate if evaluate is not None else (metric or "accuracy"),
+        metric_name=metric if evaluate is not None else None,
         recovery=recovery,
         latency=latency,
         reward=reward,
@@ -584,6 +606,8 @@ def search(
         keep=keep,
         train_step=train_step,
         base_quality=base_quality,
+        after_prune=after_prune,
+        calibration=calibration,
     )
     result = run_search(
         objective,

@@ -24,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -32,12 +32,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from autoprune.cost import as_tuple, count_macs
+from autoprune.cost import count_macs
 from autoprune.errors import InvalidConfigError
+from autoprune.inputs import Inputs, tensors
+from autoprune.inputs import batched as resize_batch
+from autoprune.inputs import signature as input_signature
 from autoprune.measure_lock import Exclusive, Held, MeasureLock, unlocked
 from autoprune.runtime import RUNTIMES, Runner, make_runner, runtime_versions, torch_threads
-
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,11 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def batched(example_inputs: Inputs, batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Example inputs resized to ``batch_size`` along dim 0 (repeating the first sample)."""
-    return tuple(t[:1].expand(batch_size, *t.shape[1:]).contiguous() for t in as_tuple(example_inputs))
+def batched(example_inputs: Inputs, batch_size: int) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+    """Example inputs resized to ``batch_size`` along dim 0 (repeating the first sample): a tuple of positional
+    tensors, or a dict for keyword inputs."""
+    resized = resize_batch(example_inputs, batch_size)
+    return dict(resized) if isinstance(resized, Mapping) else tensors(resized)
 
 
 class Meter:
@@ -199,7 +202,7 @@ class Meter:
         cfg = self.config
         self.lock = MeasureLock(cfg.lock_dir, cfg.lock_timeout_s) if cfg.lock_dir is not None else None
 
-    def _runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Runner:
+    def _runner(self, model: nn.Module, inputs: Inputs) -> Runner:
         return make_runner(model, inputs, runtime=self.config.runtime, threads=self.config.threads)
 
     def measure(self, model: nn.Module, example_inputs: Inputs, *, reference: nn.Module | None = None) -> Latency:
@@ -302,7 +305,7 @@ class DeterministicMeter:
         self.overhead_ms = overhead_ms
         self.config = config or LatencyConfig()
 
-    def _ms(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    def _ms(self, model: nn.Module, inputs: Inputs) -> float:
         macs, _ = count_macs(model, inputs)
         return self.overhead_ms + self.ms_per_mmac * macs / 1e6
 
@@ -334,7 +337,7 @@ def shape_signature(model: nn.Module, example_inputs: Inputs, config: LatencyCon
     if config is not None:
         parts.append(repr((config.runtime, config.threads, config.batch_size)))
     parts.append(type(model).__name__)
-    parts.extend(repr((tuple(t.shape[1:]), str(t.dtype))) for t in as_tuple(example_inputs))
+    parts.extend(input_signature(example_inputs))
     # sorted: torch.nn.utils.prune.remove re-registers ``weight`` after ``bias``, reordering the state dict of an
     # unstructured-sparsified model whose shapes are those of its base
     parts.extend(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};" for name, tensor in sorted(model.state_dict().items()))

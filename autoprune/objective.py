@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,17 +22,23 @@ import torch
 from torch import nn
 
 from autoprune.cost import Cost, MacProfile, count_macs, measure_cost
-from autoprune.data import Dataset, check_compatible
-from autoprune.errors import InvalidConfigError
+from autoprune.data import Batch, Dataset, check_compatible
+from autoprune.errors import DataRequiredError, InvalidConfigError
+from autoprune.inputs import Inputs, as_inputs, split_batch
 from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter, shape_signature
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
-from autoprune.pruning.structured import resolve_keep
+from autoprune.pruning.structured import AfterPrune, resolve_keep
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
-from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, recalibration_batches, recover
+from autoprune.recovery import (
+    FinetuneReport,
+    RecoveryConfig,
+    TrainStep,
+    recalibrate_batchnorm,
+    recalibration_batches,
+    recover,
+)
 from autoprune.reward import RewardConfig, compute_reward
-
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,8 @@ class Evaluation:
         return cls(**fields)
 
 
-MetricSpec = str | QualityMetric | Callable[[nn.Module], float]
+MetricSpec = str | QualityMetric | Callable[[nn.Module], Any]
+"""A built-in metric's name, a :class:`QualityMetric`, or ``fn(model) -> float`` (or ``-> {name: float}``)."""
 
 
 class Objective:
@@ -134,6 +141,21 @@ class Objective:
 
     ``method``, ``criterion`` and ``round_to`` are the job's pruning settings: :meth:`plan` builds plans with
     them from bare ``{group: ratio}`` mappings, which is what search strategies propose.
+
+    Hooks for models users bring:
+
+    * ``after_prune(model, plan)`` runs on every pruned copy (candidates, :meth:`materialize`, and the trial
+      copies of the lock probe), before its forward is checked: fix up what the pruning cannot see (a head count
+      stored elsewhere, a cached size); change the model in place or return the model to use.
+    * ``calibration``: batches (tensors, dicts of tensors or ``(x, y)`` pairs) for BatchNorm re-estimation
+      (all of them, whenever ``recovery.bn_recalibration_batches > 0``) and the ``taylor`` criterion, with or
+      without a dataset.
+    * ``metric`` may be a function returning a dict of metrics: ``metric_name`` names the one to optimise; all
+      of them are recorded in each Evaluation's ``extra["metrics"]``.
+    * ``base_quality``: the unpruned model's known score, so ``metric`` is not run on it.
+
+    Without a dataset, a ``recovery`` that fine-tunes, or re-estimates BatchNorm with no ``calibration``, is a
+    :class:`~autoprune.errors.DataRequiredError`; the recipe given is never replaced behind the user's back.
     """
 
     def __init__(
@@ -154,29 +176,41 @@ class Objective:
         calibration_batches: int = 4,
         train_step: TrainStep | None = None,
         base_quality: float | None = None,
+        after_prune: AfterPrune | None = None,
+        calibration: Iterable[Any] | None = None,
+        metric_name: str | None = None,
     ) -> None:
         self.base = copy.deepcopy(model).eval()
+        self.after_prune = after_prune
+        self.calibration: list[Batch] | None = (
+            None if calibration is None else [split_batch(b) for b in calibration]  # type: ignore[misc]
+        )
+        if self.calibration is not None and not self.calibration:
+            raise InvalidConfigError("calibration is empty: give at least one batch, or leave it out")
         self.train_step = train_step
         """The user's loss for every fine-tune (:data:`autoprune.recovery.TrainStep`); None: the built-in one."""
-        self.example_inputs = example_inputs
+        self.example_inputs: Inputs = as_inputs(example_inputs, "example_inputs")
+        example_inputs = self.example_inputs
         self.dataset = dataset
-        self.metric = self._metric(metric)
+        self.metric = self._metric(metric, metric_name)
         if dataset is None and not isinstance(self.metric, CallableMetric):
-            raise InvalidConfigError("without a dataset, pass metric=<a function model -> float> to evaluate")
+            raise DataRequiredError("without a dataset, pass metric=<a function model -> float> to evaluate")
         if dataset is None and recovery is not None and recovery.finetunes:
-            raise InvalidConfigError(
-                "fine-tuning needs data: without a dataset the objective only evaluates (no recovery, no fine-tune)"
+            raise DataRequiredError(
+                "fine-tuning needs data: without a dataset the objective only evaluates (recovery may only "
+                "re-estimate BatchNorm, from calibration= batches)"
             )
-        if dataset is None and recovery is not None and recovery.bn_recalibration_batches > 0:
-            raise InvalidConfigError(
-                "BatchNorm re-estimation needs data: without a dataset pass "
-                "RecoveryConfig(bn_recalibration_batches=0) or no recovery"
+        if dataset is None and self.calibration is None and recovery is not None and recovery.bn_recalibration_batches:
+            raise DataRequiredError(
+                "BatchNorm re-estimation needs data: without a dataset pass calibration=<batches>, or "
+                "RecoveryConfig(bn_recalibration_batches=0)"
             )
         if base_quality is not None and not (isinstance(base_quality, int | float) and math.isfinite(base_quality)):
             raise InvalidConfigError(f"base_quality must be a finite number, got {base_quality!r}")
-        self.recovery = recovery if recovery is not None else RecoveryConfig()
-        if dataset is None:
-            self.recovery = RecoveryConfig(bn_recalibration_batches=0, finetune_steps=0)
+        if recovery is None:  # the default recipe re-estimates BatchNorm when there is something to do it on
+            no_data = dataset is None and self.calibration is None
+            recovery = RecoveryConfig(bn_recalibration_batches=0) if no_data else RecoveryConfig()
+        self.recovery = recovery
         self._test_set = dataset.test_view() if dataset is not None and dataset.has_test else None
         self._base_test_quality: float | None = None
         if isinstance(latency, LatencyConfig) or latency is None:
@@ -198,7 +232,9 @@ class Objective:
             self.structure: Structure = analyze_unstructured(self.base, example_inputs, keep=self.keep)
         else:
             calibration = self._calibration() if criterion == "taylor" else None
-            self._context = PruningContext(self.base, example_inputs, keep=self.keep, calibration=calibration)
+            self._context = PruningContext(
+                self.base, example_inputs, keep=self.keep, calibration=calibration, after_prune=after_prune
+            )
             self.structure = self._context.structure
         self._count = 0
         base_macs, per_module = count_macs(self.base, example_inputs)
@@ -212,18 +248,25 @@ class Objective:
         self._kept: dict[tuple[str, RecoveryConfig], nn.Module] = {}
         self._bn_batches: dict[tuple[int, int, int], list[Any]] = {}
         # a known score of the unpruned model saves one call of an expensive evaluate function
-        self.base_quality = float(base_quality) if base_quality is not None else self._quality(self.base)
+        self.base_metrics: dict[str, float] = {}
+        """Every metric the evaluate function returned for the unpruned model (empty with ``base_quality``)."""
+        if base_quality is not None:
+            self.base_quality = float(base_quality)
+        else:
+            self.base_quality, self.base_metrics = self._score(self.base)
         self.baseline = self._evaluate_model(self.base, self.plan({}), {}, index=0)
 
     # -- configuration helpers ----------------------------------------------------------------------------
     @staticmethod
-    def _metric(metric: MetricSpec) -> QualityMetric:
+    def _metric(metric: MetricSpec, metric_name: str | None = None) -> QualityMetric:
         if isinstance(metric, str):
+            if metric_name is not None:
+                raise InvalidConfigError("metric_name names an entry of an evaluate function's result")
             return get_metric(metric)
         if hasattr(metric, "name") and callable(metric):
             return metric  # type: ignore[return-value]
         if callable(metric):
-            return CallableMetric(metric, name=getattr(metric, "__name__", "custom"))
+            return CallableMetric(metric, name=metric_name or getattr(metric, "__name__", "custom"), key=metric_name)
         raise InvalidConfigError(f"metric must be a name, a QualityMetric or a function, got {metric!r}")
 
     @property
@@ -241,7 +284,9 @@ class Objective:
         )
 
     # -- the pipeline -------------------------------------------------------------------------------------
-    def _calibration(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    def _calibration(self) -> list[tuple[Inputs, torch.Tensor | None]] | None:
+        if self.calibration is not None:
+            return list(self.calibration)
         if self.dataset is None:
             return None
         batches = self.dataset.train_batches(64, seed=0, max_batches=self.calibration_batches)
@@ -254,7 +299,9 @@ class Objective:
                 self._context.calibration = self._calibration()
             return self._context.apply(plan)
         calibration = self._calibration() if plan.criterion == "taylor" else None
-        return apply_plan(self.base, plan, self.example_inputs, keep=self.keep, calibration=calibration)
+        return apply_plan(
+            self.base, plan, self.example_inputs, keep=self.keep, calibration=calibration, after_prune=self.after_prune
+        )
 
     def materialize(self, plan: Plan, *, recovery: RecoveryConfig | None = None) -> nn.Module:
         """Rebuild the pruned and recovered model for ``plan`` (deterministic).
@@ -277,8 +324,7 @@ class Objective:
         if recovery.prune_steps > 1:
             return self._prune_iteratively(plan, recovery, on_finetune)
         model = self.prune(plan)
-        if self.dataset is not None:
-            self._recover(model, recovery, on_finetune)
+        self._recover(model, recovery, on_finetune)
         return model
 
     def _prune_iteratively(
@@ -314,11 +360,16 @@ class Objective:
         recovery: RecoveryConfig,
         on_finetune: Callable[[FinetuneReport], None] | None = None,
     ) -> None:
-        """Recover in place; the BatchNorm recalibration batches are drawn once per recipe, not per candidate."""
-        assert self.dataset is not None
+        """Recover in place; the BatchNorm recalibration batches are drawn once per recipe, not per candidate
+        (or are the ``calibration`` batches given)."""
+        if self.dataset is None:
+            if self.calibration is not None and recovery.bn_recalibration_batches > 0:
+                recalibrate_batchnorm(model, self.calibration)
+            return
         key = (recovery.batch_size, recovery.seed, recovery.bn_recalibration_batches)
         if key not in self._bn_batches:
-            self._bn_batches[key] = recalibration_batches(self.dataset, recovery)
+            given = self.calibration if recovery.bn_recalibration_batches > 0 else None
+            self._bn_batches[key] = list(given) if given is not None else recalibration_batches(self.dataset, recovery)
         if self.method == "unstructured" and recovery.finetunes and not recovery.keep_sparsity:
             recovery = dataclasses.replace(recovery, keep_sparsity=True)  # else fine-tuning refills the zeros
         recover(
@@ -345,6 +396,12 @@ class Objective:
         if key not in self._macs_by_shape:
             self._macs_by_shape[key] = count_macs(model, self.example_inputs)[0]
         return self._macs_by_shape[key]
+
+    def _score(self, model: nn.Module) -> tuple[float, dict[str, float]]:
+        """The objective metric on the validation split and every metric an evaluate function returned."""
+        if isinstance(self.metric, CallableMetric):
+            return self.metric.evaluate_all(model)
+        return self._quality(model), {}
 
     def _quality(self, model: nn.Module, dataset: Dataset | None = None) -> float:
         data = self.dataset if dataset is None else dataset
@@ -408,7 +465,11 @@ class Objective:
             plan = self.plan(plan)
         recovery = recovery or self.recovery
         if self.dataset is None and recovery.finetunes:
-            raise InvalidConfigError("cannot fine-tune without data: this objective was built without a dataset")
+            raise DataRequiredError("cannot fine-tune without data: this objective was built without a dataset")
+        if self.dataset is None and self.calibration is None and recovery.bn_recalibration_batches:
+            raise DataRequiredError(
+                "cannot re-estimate BatchNorm without data: this objective has no dataset and no calibration batches"
+            )
         timings: dict[str, float] = {}
         start = time.perf_counter()
         if recovery.prune_steps > 1:  # pruning and recovery interleave: one figure for both
@@ -418,8 +479,7 @@ class Objective:
             model = self.prune(plan)
             timings["prune"] = time.perf_counter() - start
             t = time.perf_counter()
-            if self.dataset is not None:
-                self._recover(model, recovery, on_finetune)
+            self._recover(model, recovery, on_finetune)
             timings["recover"] = time.perf_counter() - t
         self._count += 1
         evaluation = self._evaluate_model(
@@ -458,7 +518,7 @@ class Objective:
     ) -> Evaluation:
         start = time.perf_counter() if start is None else start
         t = time.perf_counter()
-        quality = self.base_quality if index == 0 else self._quality(model)
+        quality, metrics = (self.base_quality, self.base_metrics) if index == 0 else self._score(model)
         timings["evaluate"] = time.perf_counter() - t
         t = time.perf_counter()
         # the base model is timed alone (its ratio is 1 by definition); candidates interleaved with it
@@ -500,4 +560,5 @@ class Objective:
             base_params=self.base_cost.params,
             index=index,
             stage=stage,
+            extra={"metrics": metrics} if metrics else {},
         )

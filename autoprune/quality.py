@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from autoprune.cost import eval_mode
 from autoprune.data import Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError, ShapeMismatchError
+from autoprune.inputs import call_model, to_device
 
 __all__ = [
     "Accuracy",
@@ -71,7 +72,7 @@ def model_outputs(model: nn.Module, dataset: Dataset, *, batch_size: int = DEFAU
     chunks: list[torch.Tensor] = []
     with eval_mode(model), torch.no_grad():
         for x, _ in dataset.val_batches(batch_size):
-            chunks.append(as_output_tensor(model(x.to(device))).detach().float().cpu())
+            chunks.append(as_output_tensor(call_model(model, to_device(x, device))).detach().float().cpu())
     out = torch.cat(chunks)
     if out.ndim == 0 or out.shape[0] != dataset.num_val:
         raise ShapeMismatchError(
@@ -271,13 +272,46 @@ class CosineFidelity:
 class CallableMetric:
     """A user function ``fn(model) -> float`` (higher is better) used as a metric. The model is in eval mode
     while ``fn`` runs (the previous modes are restored); ``dataset``, ``reference`` and ``batch_size`` are
-    not passed on."""
+    not passed on.
 
-    def __init__(self, fn: Callable[[nn.Module], float], name: str = "custom") -> None:
+    ``fn`` may also return a mapping of several metrics (``{"f1": .., "loss": ..}``): ``key`` names the one
+    that is the objective (higher is better; a mapping of one entry needs no key), :meth:`evaluate_all`
+    returns all of them so they can be recorded. ``name`` defaults to ``key``."""
+
+    def __init__(self, fn: Callable[[nn.Module], Any], name: str | None = None, *, key: str | None = None) -> None:
         if not callable(fn):
             raise InvalidConfigError(f"CallableMetric needs a callable, got {type(fn).__name__}")
         self.fn = fn
-        self.name = name
+        self.key = key
+        self.name = name or key or "custom"
+
+    def _number(self, value: Any, what: str) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise InvalidConfigError(f"metric {what!r} returned {value!r}, not a number") from e
+
+    def evaluate_all(self, model: nn.Module) -> tuple[float, dict[str, float]]:
+        """The objective's value and every metric ``fn`` returned (empty when it returned one number)."""
+        with eval_mode(model):
+            value = self.fn(model)
+        if not isinstance(value, Mapping):
+            return self._number(value, self.name), {}
+        metrics = {str(k): self._number(v, f"{self.name}[{k!r}]") for k, v in value.items()}
+        key = self.key
+        if key is None:
+            if len(metrics) != 1:
+                raise InvalidConfigError(
+                    f"the evaluate function returned several metrics ({', '.join(metrics)}); name the one to "
+                    "optimise with metric=<its key>"
+                )
+            key = next(iter(metrics))
+        if key not in metrics:
+            raise InvalidConfigError(
+                f"the evaluate function returned {', '.join(metrics) or 'no metrics'} but not {key!r}, the metric "
+                "to optimise; pass metric=<one of its keys>"
+            )
+        return metrics[key], metrics
 
     def __call__(
         self,
@@ -287,13 +321,7 @@ class CallableMetric:
         reference: nn.Module | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> float:
-        with eval_mode(model):
-            value = self.fn(model)
-        try:
-            result = float(value)
-        except (TypeError, ValueError) as e:
-            raise InvalidConfigError(f"metric {self.name!r} returned {value!r}, not a number") from e
-        return result
+        return self.evaluate_all(model)[0]
 
     def __repr__(self) -> str:
         return f"CallableMetric({self.fn!r}, name={self.name!r})"

@@ -26,6 +26,7 @@ from torch import nn
 from autoprune.cost import eval_mode
 from autoprune.data import Batch, Dataset, as_output_tensor, model_device
 from autoprune.errors import DatasetError, InvalidConfigError
+from autoprune.inputs import Inputs, batch_len, call_model, split_batch, to_device
 from autoprune.names import ITERATIVE_SCHEDULES, LR_SCHEDULES, OPTIMIZERS
 
 __all__ = [
@@ -247,8 +248,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> nn.Module
                 bn.train()
             batch: Any = first
             while batch is not None:
-                x = batch if isinstance(batch, torch.Tensor) else batch[0]
-                model(x.to(device))
+                x, _ = split_batch(batch)
+                call_model(model, to_device(x, device))
                 batch = next(it, None)
     finally:
         for bn, momentum in momenta.items():
@@ -267,29 +268,29 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
 def _loss(
     model: nn.Module,
     teacher: nn.Module | None,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor | None,
     config: RecoveryConfig,
     use_kd: bool,
     alpha: float,
 ) -> torch.Tensor:
     device = model_device(model)
-    out = as_output_tensor(model(x.to(device)))
+    out = as_output_tensor(call_model(model, to_device(x, device)))
     if not use_kd:
         assert y is not None
         return F.cross_entropy(out, y.to(device))
     assert teacher is not None
     with torch.no_grad():
-        t_out = as_output_tensor(teacher(x.to(model_device(teacher)))).to(device)
+        t_out = as_output_tensor(call_model(teacher, to_device(x, model_device(teacher)))).to(device)
     loss = alpha * _kd_loss(out, t_out, config.distill_temperature)
     if y is not None and alpha < 1.0:
         loss = loss + (1.0 - alpha) * F.cross_entropy(out, y.to(device))
     return loss
 
 
-TrainStep = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]
-"""A user's loss: ``train_step(model, (x, y)) -> loss`` (``y`` is None on label-free data); the fine-tune
-calls ``backward`` and steps the optimizer."""
+TrainStep = Callable[[nn.Module, tuple[Any, torch.Tensor | None]], torch.Tensor]
+"""A user's loss: ``train_step(model, (x, y)) -> loss`` (``y`` is None on label-free data; ``x`` is a tensor or,
+for keyword inputs, a dict of tensors); the fine-tune calls ``backward`` and steps the optimizer."""
 
 
 def _val_loss(
@@ -299,8 +300,8 @@ def _val_loss(
     total, n = 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in dataset.val_batches(max(config.batch_size, 256)):
-            total += float(loss_of(x, y)) * x.shape[0]
-            n += x.shape[0]
+            total += float(loss_of(x, y)) * batch_len(x)
+            n += batch_len(x)
     return total / max(n, 1)
 
 
@@ -354,10 +355,10 @@ def finetune(
     alpha = config.distill_alpha if labelled else 1.0
     device = model_device(model)
 
-    def loss_of(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def loss_of(x: Inputs, y: torch.Tensor | None) -> torch.Tensor:
         if train_step is None:
             return _loss(model, teacher, x, y, config, use_kd, alpha)
-        return train_step(model, (x.to(device), None if y is None else y.to(device)))
+        return train_step(model, (to_device(x, device), None if y is None else y.to(device)))
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -11,15 +11,16 @@ import functools
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from autoprune.cost import as_tuple, ensure_eval
+from autoprune.cost import ensure_eval
 from autoprune.errors import ExportError, InvalidConfigError
+from autoprune.inputs import Inputs, KeywordsAsPositional, call_model, input_names, is_named, tensors
 from autoprune.names import RUNTIMES
 
 Runner = Callable[[], Any]
@@ -38,7 +39,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def onnx_bytes(
     model: nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: Inputs,
     *,
     dynamo: bool,
     dynamic_batch: bool = False,
@@ -54,9 +55,14 @@ def onnx_bytes(
     to a constant, and tracing at another size than the example's lets a verification at the example's size
     catch a batch size baked into the graph). If neither exporter manages a dynamic batch, a fixed-batch
     export is returned: check with :func:`onnx_has_dynamic_batch`.
+
+    Keyword inputs (a mapping) are exported through :class:`~autoprune.inputs.KeywordsAsPositional`: the graph's
+    inputs are named after the mapping's keys (an input the model ignores may be left out of the graph).
     """
-    args = as_tuple(example_inputs)
-    names = [f"input_{i}" if i else "input" for i in range(len(args))]
+    args = tensors(example_inputs)
+    names = input_names(example_inputs)
+    if is_named(example_inputs):
+        model = KeywordsAsPositional(model, names)
     attempts = [(dynamo, True), (not dynamo, True)] if dynamic_batch else []
     attempts += [(dynamo, False), (not dynamo, False)]
     errors: list[str] = []
@@ -129,16 +135,24 @@ def ort_session(model_bytes: bytes, threads: int) -> Any:
         raise ExportError(f"ONNX Runtime cannot load the model: {exc}") from exc
 
 
-def ort_feed(session: Any, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-    return {
-        spec.name: t.detach().cpu().numpy()
-        for spec, t in zip(session.get_inputs(), as_tuple(example_inputs), strict=True)
-    }
+def ort_feed(session: Any, example_inputs: Inputs) -> dict[str, np.ndarray]:
+    """The session's feed: keyword inputs by name (the graph may have dropped inputs the model ignores),
+    positional inputs in order."""
+    specs = session.get_inputs()
+    if isinstance(example_inputs, Mapping):
+        missing = [spec.name for spec in specs if spec.name not in example_inputs]
+        if missing:
+            raise ExportError(
+                f"the ONNX model takes inputs {[s.name for s in specs]}; none given for {missing} "
+                f"(given: {list(example_inputs)})"
+            )
+        return {spec.name: example_inputs[spec.name].detach().cpu().numpy() for spec in specs}
+    return {spec.name: t.detach().cpu().numpy() for spec, t in zip(specs, tensors(example_inputs), strict=True)}
 
 
 def make_runner(
     model: nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: Inputs,
     *,
     runtime: str = "torch",
     threads: int = 1,
@@ -146,12 +160,11 @@ def make_runner(
 ) -> Runner:
     """A callable running one forward of ``model`` on ``example_inputs`` in the given runtime."""
     if runtime == "torch":
-        args = as_tuple(example_inputs)
         ensure_eval(model)
 
         def run_torch() -> Any:
             with torch.inference_mode():
-                return model(*args)
+                return call_model(model, example_inputs)
 
         return run_torch
     if runtime == "onnxruntime":

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.data import Dataset, load_dataset
+from autoprune.data import Dataset, as_output_tensor, load_dataset
 from autoprune.errors import InvalidConfigError
+from autoprune.inputs import call_model
 from autoprune.models.registry import build_model, example_inputs
 from autoprune.models.weights import load_weights
 
@@ -69,7 +70,7 @@ def train_classifier(
         for x, y in dataset.train_batches(batch_size, seed=seed + epoch):
             opt.zero_grad(set_to_none=True)
             assert y is not None
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(as_output_tensor(call_model(model, x)), y).backward()
             opt.step()
             sched.step()
     return model.eval()

@@ -53,7 +53,7 @@ from autoprune.recovery import RecoveryConfig
 if TYPE_CHECKING:
     from agents.result import SearchResult
 
-WORKLOADS = ("resnet20-digits", "cnn1d-mnist1d", "minilm")
+WORKLOADS = ("resnet20-digits", "cnn1d-mnist1d", "minilm", "resnet56-digits")
 QUALITY_DROP = 0.01
 LATENCY_TARGET = 0.5
 GOAL = 1.3

@@ -15,6 +15,7 @@ from torch import nn
 from autoprune.cost import count_macs
 from autoprune.plan import Plan
 from autoprune.pruning.structured import (
+    AfterPrune,
     Batches,
     Inputs,
     PrunableGroup,
@@ -29,6 +30,7 @@ from autoprune.pruning.unstructured import GLOBAL, apply_unstructured, sparsifia
 
 __all__ = [
     "GLOBAL",
+    "AfterPrune",
     "PrunableGroup",
     "PruningContext",
     "Structure",
@@ -75,11 +77,18 @@ def apply_plan(
     *,
     keep: Sequence[str] = (),
     calibration: Batches | None = None,
+    after_prune: AfterPrune | None = None,
 ) -> nn.Module:
-    """Apply ``plan`` to a copy of ``model`` and return the copy (in eval mode)."""
+    """Apply ``plan`` to a copy of ``model`` and return the copy (in eval mode); ``after_prune(copy, plan)``
+    runs on it (see :data:`~autoprune.pruning.structured.AfterPrune`)."""
+    if plan.method == "structured" and plan.ratios:
+        return apply_structured(
+            model, plan, example_inputs, keep=keep, calibration=calibration, after_prune=after_prune
+        ).eval()
     if not plan.ratios:
-        return copy.deepcopy(model).eval()
-    if plan.method == "unstructured":
+        pruned = copy.deepcopy(model).eval()
+    else:
         kept = tuple(dict.fromkeys([*find_output_layers(model, example_inputs), *keep]))
-        return apply_unstructured(model, plan, kept=kept).eval()
-    return apply_structured(model, plan, example_inputs, keep=keep, calibration=calibration).eval()
+        pruned = apply_unstructured(model, plan, kept=kept).eval()
+    returned = after_prune(pruned, plan) if after_prune is not None else None
+    return (returned if isinstance(returned, nn.Module) else pruned).eval()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +41,18 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.cost import as_tuple, count_macs, ensure_eval, eval_mode
-from autoprune.errors import InvalidPlanError, PruningError
+from autoprune.cost import count_macs, ensure_eval, eval_mode
+from autoprune.data import as_output_tensor
+from autoprune.errors import InvalidConfigError, InvalidPlanError, PruningError
+from autoprune.inputs import Inputs, call_model, tracing_inputs
 from autoprune.plan import Plan
 from autoprune.pruning.heads import AttentionHeads, attention_heads, num_heads, record_layout, set_heads
 from autoprune.pruning.recurrent import RecurrentImportance, recurrent_pruners, recurrent_tracing
 
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+Batches = Iterable[tuple[Inputs, torch.Tensor | None]]
+AfterPrune = Callable[[nn.Module, Plan], "nn.Module | None"]
+"""``after_prune(model, plan)``: the user's fix-up of a freshly pruned copy (head counts, cached sizes...), run
+before its forward is checked; it changes the model in place (returns None) or returns the model to use."""
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
 _PRUNABLE_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.Embedding)
@@ -173,7 +177,7 @@ def find_output_layers(model: nn.Module, example_inputs: Inputs) -> list[str]:
             hooks.append(module.register_forward_hook(hook))
     try:
         with eval_mode(model), torch.no_grad():
-            output = model(*as_tuple(example_inputs))
+            output = call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -195,7 +199,7 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
     try:
         with recurrent_tracing(model):
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=as_tuple(example_inputs), customized_pruners=recurrent_pruners()
+                model, example_inputs=tracing_inputs(example_inputs), customized_pruners=recurrent_pruners()
             )
     except PruningError:
         raise
@@ -215,7 +219,7 @@ def _execution_order(model: nn.Module, example_inputs: Inputs) -> dict[nn.Module
         hooks.append(module.register_forward_pre_hook(hook))
     try:
         with eval_mode(model), torch.no_grad():
-            model(*as_tuple(example_inputs))
+            call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -342,7 +346,7 @@ def _accumulate_gradients(model: nn.Module, batches: Batches | None, max_batches
     seen = 0
     with eval_mode(model):
         for x, y in batches:
-            out = model(x)
+            out = as_output_tensor(call_model(model, x))
             target = y if y is not None else out.detach().argmax(dim=-1)
             F.cross_entropy(out, target).backward()
             seen += 1
@@ -399,7 +403,7 @@ def _select(
 # ---------------------------------------------------------------------------------------------------------
 def _output_shapes(model: nn.Module, example_inputs: Inputs) -> list[tuple[int, ...]]:
     with eval_mode(model), torch.no_grad():
-        out = model(*as_tuple(example_inputs))
+        out = call_model(model, example_inputs)
     return [tuple(o.shape) for o in _output_tensors(out)]
 
 
@@ -422,8 +426,11 @@ class PruningContext:
         keep: Sequence[str | nn.Module] = (),
         calibration: Batches | None = None,
         prune_hidden: bool = False,
+        after_prune: AfterPrune | None = None,
     ) -> None:
         self.base = model
+        self.after_prune = after_prune
+        """Called on every pruned copy, the lock probe's trial copies included (see :data:`AfterPrune`)."""
         self.example_inputs = example_inputs
         self.calibration = list(calibration) if calibration is not None else None
         self._expected = _output_shapes(model, example_inputs)
@@ -515,7 +522,7 @@ class PruningContext:
                         order = order + channels * (order % 2)
                     selected[name] = _select(self.graph, group, name, order, 0.5, 1, self.num_heads)
                 ops, heads = self._operations_for(selected)
-                self._pruned_copy(ops, heads)
+                self._pruned_copy(ops, heads, Plan(tuple((n, 0.5) for n in names), round_to=1))
             except PruningError as exc:
                 return str(exc)
         return None
@@ -625,18 +632,18 @@ class PruningContext:
         :func:`autoprune.pruning.heads.record_layout`), so ``save_pretrained`` writes them into ``config.json``.
         """
         ops, heads = self.operations(plan)
-        work = self._pruned_copy(ops, heads)
+        work = self._pruned_copy(ops, heads, plan)
         if ops:
             record_layout(work, self.base, plan.to_json())
         return work
 
-    def _pruned_copy(self, ops: list[tuple[str, Any, int, list[int]]], heads: dict[str, int]) -> nn.Module:
-        """A copy of the base model with ``ops`` applied, checked by a forward pass."""
+    def _pruned_copy(self, ops: list[tuple[str, Any, int, list[int]]], heads: dict[str, int], plan: Plan) -> nn.Module:
+        """A copy of the base model with ``ops`` applied, passed to ``after_prune``, checked by a forward pass."""
         if self._plain is None:
             self._plain = _plainly_copyable(self.base)
         work = ensure_eval(clone_module(self.base, plain=self._plain))
         if not ops:
-            return work
+            return self._after_prune(work, plan)
         modules = dict(work.named_modules())
         for layer, new_heads in heads.items():
             set_heads(modules[layer], new_heads)  # whole heads go: the head size stays, the head count shrinks
@@ -646,6 +653,7 @@ class PruningContext:
                 handler(modules[layer], idxs)
         except Exception as exc:
             raise PruningError(f"pruning {layer!r} failed: {type(exc).__name__}: {exc}") from exc
+        work = self._after_prune(work, plan)
         try:
             got = _output_shapes(work, self.example_inputs)
         except Exception as exc:
@@ -653,6 +661,21 @@ class PruningContext:
         if got != self._expected:
             raise PruningError(f"pruning changed the output shape from {self._expected} to {got}")
         return work
+
+    def _after_prune(self, model: nn.Module, plan: Plan) -> nn.Module:
+        """``after_prune``'s model (the same one unless it returned another). Its own errors propagate: a bug in
+        the hook is the user's to see, not a reason to lock a group."""
+        if self.after_prune is None:
+            return model
+        returned = self.after_prune(model, plan)
+        if returned is None:
+            return model
+        if not isinstance(returned, nn.Module):
+            raise InvalidConfigError(
+                f"after_prune must change the model in place (return None) or return an nn.Module, "
+                f"got {type(returned).__name__}"
+            )
+        return ensure_eval(returned)
 
 
 _PLAIN = (int, float, bool, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device, torch.Size)
@@ -741,10 +764,13 @@ def apply_structured(
     keep: Sequence[str] = (),
     calibration: Batches | None = None,
     prune_hidden: bool = False,
+    after_prune: AfterPrune | None = None,
 ) -> nn.Module:
     """Return a pruned copy of ``model``; the base model is not modified.
 
     For many plans on one model, build a :class:`PruningContext` once and call its ``apply``.
     """
-    context = PruningContext(model, example_inputs, keep=keep, calibration=calibration, prune_hidden=prune_hidden)
+    context = PruningContext(
+        model, example_inputs, keep=keep, calibration=calibration, prune_hidden=prune_hidden, after_prune=after_prune
+    )
     return context.apply(plan)

@@ -1,0 +1,140 @@
+"""``autoprune.search`` as a Python user calls it: data in the forms they have, real models, real pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import autoprune
+from autoprune.errors import InvalidConfigError
+from autoprune.latency import DeterministicMeter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 3)).eval()
+
+
+def _xy(n: int = 120) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 12, generator=gen)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+
+
+class KeywordNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.fc = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.head(torch.relu(self.fc((self.emb(input_ids) * mask).sum(1) / mask.sum(1))))
+
+
+def _search(model: nn.Module, data: Any, **kw: Any) -> Any:
+    return autoprune.search(model, data, strategy="uniform", budget=2, latency=DeterministicMeter(), round_to=1, **kw)
+
+
+def test_tensors_pairs_and_dataloaders_search_without_example_inputs() -> None:
+    x, y = _xy()
+    by_pair = _search(_mlp(), (x, y))
+    assert by_pair.objective.dataset.num_val == 12 and by_pair.objective.dataset.num_test == 12
+    assert by_pair.objective.example_inputs.shape == (1, 12)  # the data's first validation sample
+    assert len(by_pair.evaluations) == 2 and by_pair.baseline.metric == "accuracy"
+    by_loader = _search(_mlp(), DataLoader(TensorDataset(x, y), batch_size=32))
+    assert [e.quality for e in by_loader.evaluations] == [e.quality for e in by_pair.evaluations]  # same split
+    label_free = _search(_mlp(), x, metric="agreement")
+    assert label_free.baseline.quality == 1.0 and label_free.baseline.metric == "agreement"
+    pruned = by_pair.materialize(by_pair.evaluations[-1])
+    assert pruned(x[:2]).shape == (2, 3)
+
+
+def test_keyword_data_searches_a_model_that_takes_keywords() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 30, (80, 5), generator=gen)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    torch.manual_seed(0)
+    result = _search(KeywordNet().eval(), (enc, ids[:, 0] % 2))
+    assert set(result.objective.example_inputs) == {"input_ids", "attention_mask"}
+    assert result.objective.group_names == ("fc",)
+    point = result.evaluations[-1]
+    assert point.macs < result.baseline.macs
+    assert result.materialize(point)(**enc).shape == (80, 2)
+
+
+def test_without_example_inputs_or_data_the_error_says_what_to_give() -> None:
+    with pytest.raises(InvalidConfigError, match="give example_inputs="):
+        autoprune.search(_mlp(), evaluate=lambda m: 1.0, budget=1, latency=DeterministicMeter())
+
+
+def test_evaluate_with_several_metrics_a_known_baseline_and_no_data() -> None:
+    calls: list[int] = []
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    model = _mlp()
+    with torch.no_grad():
+        reference = model(x)
+
+    def metrics(m: nn.Module) -> dict[str, float]:
+        calls.append(1)
+        with torch.no_grad():
+            out = m(x)
+        return {
+            "fidelity": float(torch.cosine_similarity(out, reference).mean()),
+            "mse": float((out - reference).pow(2).mean()),
+        }
+
+    result = autoprune.search(
+        model, evaluate=metrics, metric="fidelity", base_quality=1.0, example_inputs=x[:1],
+        strategy="uniform", budget=3, latency=DeterministicMeter(), round_to=1,
+    )  # fmt: skip
+    assert len(calls) == 3 == len(result.evaluations)  # the unpruned model was not scored: its score was given
+    assert result.baseline.quality == 1.0 and all(e.metric == "fidelity" for e in result.evaluations)
+    assert all(set(e.extra["metrics"]) == {"fidelity", "mse"} for e in result.evaluations)
+    assert all(e.quality == e.extra["metrics"]["fidelity"] for e in result.evaluations)
+
+
+def test_without_data_a_recipe_that_needs_data_is_refused_not_replaced() -> None:
+    from autoprune.errors import DataRequiredError
+    from autoprune.recovery import RecoveryConfig
+
+    kw: dict[str, Any] = {"evaluate": lambda m: 1.0, "example_inputs": torch.randn(1, 12), "budget": 1}
+    with pytest.raises(DataRequiredError, match="fine-tuning needs data"):
+        autoprune.search(_mlp(), recovery=RecoveryConfig(finetune_steps=10), **kw)
+    with pytest.raises(DataRequiredError, match="BatchNorm re-estimation needs data"):
+        autoprune.search(_mlp(), recovery=RecoveryConfig(), **kw)
+    with pytest.raises(DataRequiredError, match="finetune_top"):
+        autoprune.search(_mlp(), finetune_top=1, **kw)
+
+
+def test_after_prune_and_calibration_through_the_facade() -> None:
+    class Stored(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.bn, self.fc2, self.width = nn.Linear(12, 32), nn.BatchNorm1d(32), nn.Linear(32, 3), 32
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.bn(self.fc1(x))).reshape(-1, self.width))
+
+    def fix(model: nn.Module, plan: Any) -> None:
+        model.width = model.fc1.out_features
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(2))
+    result = autoprune.search(
+        Stored().eval(), evaluate=lambda m: 1.0, example_inputs=x[:1], after_prune=fix, calibration=[x[:32], x[32:]],
+        strategy="uniform", budget=2, latency=DeterministicMeter(), round_to=1,
+    )  # fmt: skip
+    assert result.objective.group_names == ("fc1",)  # without the hook fc1 is locked
+    pruned = result.materialize(result.evaluations[-1])
+    assert pruned.width == pruned.fc1.out_features < 32
+    with torch.no_grad():
+        h = pruned.fc1(x)
+    torch.testing.assert_close(pruned.bn.running_mean, h.mean(0))  # re-estimated on the calibration batches
