@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     """Optuna storage URL of the studies that jobs with ``workers > 1`` share; default: the service's own
     database when it is PostgreSQL (schema ``optuna``). Operator configuration only: the API refuses a job's
     ``strategy_options.storage``."""
+
+    export_front: Literal["eager", "lazy"] = "eager"
+    """``AUTOPRUNE_EXPORT_FRONT``: a job's worker exports its best point, then the job succeeds; ``eager`` then
+    queues the rest of the front as background exports (any idle worker makes them), ``lazy`` exports other
+    points only on request (``POST /v1/jobs/{id}/exports``)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
