@@ -70,7 +70,7 @@ _SB3_OPTIONS = (
     "reward_baseline",
     "warmup_episodes",
 )
-_SB3_OFF_POLICY_OPTIONS = tuple(sorted((*_SB3_OPTIONS, "warm_start")))  # PPO has no replay buffer to warm
+_SB3_OFF_POLICY_OPTIONS = tuple(sorted((*_SB3_OPTIONS, "warm_start")))  # PPO's constructor refuses warm_start > 0
 
 STRATEGIES: dict[str, StrategyInfo] = {
     s.name: s
@@ -122,7 +122,11 @@ STRATEGIES: dict[str, StrategyInfo] = {
             _SB3_OFF_POLICY_OPTIONS,
         ),
         StrategyInfo(
-            "sb3-ppo", "agents.rl:SB3Strategy", "PPO on the LayerPrune env", (("algorithm", "ppo"),), _SB3_OPTIONS
+            "sb3-ppo",
+            "agents.rl:SB3Strategy",
+            "PPO on the LayerPrune env",
+            (("algorithm", "ppo"),),
+            _SB3_OFF_POLICY_OPTIONS,
         ),
     )
 }

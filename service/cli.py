@@ -329,16 +329,33 @@ def download(
     ),
     stage: Annotated[str | None, _opt("search or finetuned (default: finetuned if exported).", "--stage")] = None,
     output: Annotated[Path | None, _opt("Output file (default ./job-<id>-<point>.<ext>).", "--output", "-o")] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Do not wait for a point not exported yet: queue it, exit 3.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0, help="Seconds to wait for a queued export (then exit 3).")
+    ] = 600.0,
     url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Download an exported model of a finished job and print its recorded figures."""
+    """Download an exported model of a finished (or cancelled, or failed) job and print its recorded figures.
+    A point not exported yet is requested and waited for (exit status 3 when it is not ready in time)."""
+    from service.client import ExportFailed, ExportPending
+
     if format not in SUFFIXES:
         raise CliError(f"--format must be one of {', '.join(SUFFIXES)}, got {format!r}")
     with _client(url, key) as client:
-        meta = client.model_meta(job_id, point, format=format, stage=stage)
         dest = output or Path(f"job-{job_id[:12]}-{point}{SUFFIXES[format]}")
-        path = client.download(job_id, dest, point=point, format=format, stage=stage)
+        try:
+            path = client.download(
+                job_id, dest, point=point, format=format, stage=stage, wait=not no_wait, timeout=timeout
+            )
+        except ExportPending as exc:
+            err_console.print(f"{exc}; run download again later", highlight=False)
+            raise typer.Exit(3) from None
+        except ExportFailed as exc:
+            raise CliError(str(exc)) from None
+        meta = client.model_meta(job_id, point, format=format, stage=stage)
     ev = (meta.get("meta") or {}).get("evaluation") or {}
     figures = ""
     if ev:

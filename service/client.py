@@ -6,8 +6,11 @@
         job = api.submit(model="resnet20", data="digits", strategy="random", budget=6)
         final = api.wait(job["id"], on_event=print)         # follows the live events (SSE)
         api.download(job["id"], "best.onnx", point="best", format="onnx")
+        api.download(job["id"], "p3.pt2", point=3, format="pt2")   # not exported yet: requested, then waited for
 
-Every error answer becomes :class:`ApiError` carrying the problem document (RFC 9457).
+Every error answer becomes :class:`ApiError` carrying the problem document (RFC 9457); a download that is not
+ready (``wait=False``, or past its ``timeout``) raises :class:`ExportPending`, one whose export failed
+:class:`ExportFailed`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,28 @@ class ApiError(Exception):
         title = self.problem.get("title") or f"HTTP {status}"
         detail = self.problem.get("detail")
         super().__init__(f"{title} ({status}): {detail}" if detail else f"{title} ({status})")
+
+
+class ExportPending(Exception):
+    """The export is queued or running (``request`` is its export request); download again later."""
+
+    def __init__(self, request: Mapping[str, Any], why: str) -> None:
+        self.request = dict(request)
+        super().__init__(
+            f"{why}: the {self.request.get('format')} export of {self.request.get('stage')} point "
+            f"{self.request.get('index')} is {self.request.get('state')} (request {self.request.get('id')})"
+        )
+
+
+class ExportFailed(Exception):
+    """The worker could not export the point (``request["error"]`` says why)."""
+
+    def __init__(self, request: Mapping[str, Any]) -> None:
+        self.request = dict(request)
+        super().__init__(
+            f"the {self.request.get('format')} export of {self.request.get('stage')} point "
+            f"{self.request.get('index')} failed: {self.request.get('error')}"
+        )
 
 
 @dataclass(frozen=True)
@@ -273,6 +298,48 @@ class Client:
         params = {"format": format, **({"stage": stage} if stage else {})}
         return self._request("GET", f"/v1/jobs/{job_id}/models/{point}/meta", params=params)  # type: ignore[no-any-return]
 
+    def request_export(
+        self, job_id: str, point: str | int = "best", *, format: str = "onnx", stage: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/exports``: the export request (``state`` done when the file exists already)."""
+        body: dict[str, Any] = {"point": point if point == "best" else int(point), "format": format}
+        if stage:
+            body["stage"] = stage
+        return self._request("POST", f"/v1/jobs/{job_id}/exports", json=body)  # type: ignore[no-any-return]
+
+    def export_requests(self, job_id: str) -> dict[str, Any]:
+        """The job's export requests: ``items``, ``done``, ``total``, ``pending``."""
+        return self._request("GET", f"/v1/jobs/{job_id}/exports")  # type: ignore[no-any-return]
+
+    def export_request(self, job_id: str, request_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}/exports/{request_id}")  # type: ignore[no-any-return]
+
+    def wait_export(
+        self,
+        job_id: str,
+        point: str | int = "best",
+        *,
+        format: str = "onnx",
+        stage: str | None = None,
+        wait: bool = True,
+        timeout: float = 600.0,
+        poll: float = 0.5,
+    ) -> dict[str, Any]:
+        """Request the export (if it is not there) and poll it until done: the done request. :class:`ExportPending`
+        when it is not done and ``wait`` is False or ``timeout`` s passed; :class:`ExportFailed` when it failed."""
+        req = self.request_export(job_id, point, format=format, stage=stage)
+        deadline = time.monotonic() + timeout
+        while req["state"] not in ("done", "failed"):
+            if not wait:
+                raise ExportPending(req, "not exported yet (queued)")
+            if time.monotonic() >= deadline:
+                raise ExportPending(req, f"timed out after {timeout:g} s")
+            time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+            req = self.export_request(job_id, req["id"])
+        if req["state"] == "failed":
+            raise ExportFailed(req)
+        return req
+
     def download(
         self,
         job_id: str,
@@ -281,8 +348,25 @@ class Client:
         point: str | int = "best",
         format: str = "onnx",
         stage: str | None = None,
+        wait: bool = True,
+        timeout: float = 600.0,
+        poll: float = 0.5,
     ) -> Path:
-        """Stream an exported model to ``dest`` (written to a temporary file, then renamed)."""
+        """Stream an exported model to ``dest`` (written to a temporary file, then renamed). A point that was not
+        exported yet (the rest of the front is exported after the job, or only on request; a cancelled or failed
+        job's points) is requested and, with ``wait``, waited for up to ``timeout`` s (:class:`ExportPending`
+        otherwise)."""
+        try:
+            return self._fetch(job_id, dest, point, format, stage)
+        except ApiError as exc:
+            if exc.status != 404 or not str(exc.problem.get("type", "")).endswith("/no-export"):
+                raise
+        req = self.wait_export(job_id, point, format=format, stage=stage, wait=wait, timeout=timeout, poll=poll)
+        return self._fetch(job_id, dest, req["index"], format, req["stage"])
+
+    def _fetch(
+        self, job_id: str, dest: str | os.PathLike[str], point: str | int, format: str, stage: str | None
+    ) -> Path:
         dest = Path(dest)
         params = {"format": format, **({"stage": stage} if stage else {})}
         with self._http.stream("GET", f"/v1/jobs/{job_id}/models/{point}", params=params) as response:
@@ -303,9 +387,12 @@ class Client:
         return dest
 
     # -- live events ------------------------------------------------------------------------------------------
-    def events(self, job_id: str, *, last_event_id: str | None = None, reconnects: int = 5) -> Iterator[Event]:
-        """The job's live events (a ``snapshot`` first); ends after the job reaches a terminal state. A dropped
-        connection is resumed with ``Last-Event-ID`` (at most ``reconnects`` times in a row)."""
+    def events(
+        self, job_id: str, *, last_event_id: str | None = None, reconnects: int = 5, follow_exports: bool = False
+    ) -> Iterator[Event]:
+        """The job's live events (a ``snapshot`` first); ends after the job reaches a terminal state (with
+        ``follow_exports``: once its queued exports are made too). A dropped connection is resumed with
+        ``Last-Event-ID`` (at most ``reconnects`` times in a row)."""
         tries = 0
         while True:
             done = False
@@ -314,7 +401,11 @@ class Client:
                 headers["Last-Event-ID"] = last_event_id
             try:
                 with self._http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(60.0, read=90.0)
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    headers=headers,
+                    params={"follow_exports": "true"} if follow_exports else None,
+                    timeout=httpx.Timeout(60.0, read=90.0),
                 ) as response:
                     _raise_for(response)
                     for ev in parse_sse(response.iter_lines()):
@@ -327,7 +418,8 @@ class Client:
                         elif ev.event == "snapshot" and isinstance(ev.data, dict):
                             done = ev.data.get("state") in TERMINAL_STATES
                 # the server ends the stream when the job has finished; anything else was a dropped stream
-                if done or self.job(job_id)["state"] in TERMINAL_STATES:
+                finished = done or self.job(job_id)["state"] in TERMINAL_STATES
+                if finished and (not follow_exports or self.export_requests(job_id)["pending"] == 0):
                     return
                 tries += 1
                 if tries > reconnects:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     """The lock files' directory: one every worker of this host sees (in containers: a shared volume)."""
     measure_lock_timeout_s: float = Field(default=30.0, ge=0)
     """Longest wait for the locks; then the figure is timed anyway and recorded as ``exclusive="timeout"``."""
+    export_front: Literal["eager", "lazy"] = "eager"
+    """``AUTOPRUNE_EXPORT_FRONT``: a job's worker exports its best point, then the job succeeds; ``eager`` then
+    queues the rest of the front as background exports (any idle worker makes them), ``lazy`` exports other
+    points only on request (``POST /v1/jobs/{id}/exports``)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -15,12 +15,23 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   resumes the job).
 * **Fine-tuning** (``finetune_top``) runs point by point after the search; points already fine-tuned in an
   earlier attempt are taken from the records.
-* **Exports.** Every front point (the unpruned baseline too when on the front) and the best point under the
-  job's ``select`` rule, in each of the job's ``export_formats``: ``onnx`` (verified in ONNX Runtime; the best
-  one re-timed against the exported unpruned model), ``safetensors`` (a zip of ``model.safetensors``,
-  ``model.plan.json`` and ``evaluation.json``) and ``pt2``. Files go to the artefact store, rows to ``exports``
-  (``meta``: the export report, the evaluation summary and plan, ``best``); ``jobs.best`` names the best point.
-  A point that fails to export in one format leaves a ``log`` event and no row; the job still succeeds.
+* **Exports.** The job's worker exports the best point under the job's ``select`` rule in each of the job's
+  ``export_formats``, *then* the job succeeds, so the file a user waits for is ready with the job. The rest of
+  the front (the unpruned baseline too when on the front) goes through the ``export_requests`` queue:
+  ``AUTOPRUNE_EXPORT_FRONT=eager`` (default) queues it in the background before the job succeeds, ``lazy``
+  leaves it to requests (``POST /v1/jobs/{id}/exports``, which also serves cancelled and failed jobs' points).
+  :meth:`Worker.run_once` takes a user's export request first, then a job, then a background export: each
+  request is one point in one format, rebuilt from the job's inputs and the point's plan (a fine-tuned point
+  from its stored weights: it is trained once, see ``weights_sha256``), held under a lease, retried on
+  transient errors. Formats: ``onnx`` (verified in ONNX Runtime; the best one re-timed against the exported
+  unpruned model), ``safetensors`` (a zip of ``model.safetensors``, ``model.plan.json`` and
+  ``evaluation.json``) and ``pt2``. Files go to the artefact store, rows to ``exports`` (``meta``: the export
+  report, the evaluation summary and plan, ``best``); ``jobs.best`` names the best point. Each export writes an
+  ``export`` event (point, format, done/total of the job's exports, seconds, ok, phase). A point that fails to
+  export in one format leaves a failed request (or, for the best, a ``log`` event) and no row; the job still
+  succeeds.
+* **Fine-tuned weights** are stored once, as a ``.safetensors`` artefact named on the evaluation row
+  (``weights_sha256``), when the point is fine-tuned.
 * **Failure.** Any exception: the job goes to ``failed`` with ``"<Type>: <first line>"`` (traceback in the
   event). A job is never left running without a live lease: if even that write fails, the lease expires.
 
@@ -80,12 +91,13 @@ from service.db.engine import (
     make_engine,
     shared_study_storage,
 )
-from service.db.models import JobRow, JobState
+from service.db.models import ExportRequest, JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
 from service.settings import InvalidSettings, Settings, load_settings
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
+    from torch import nn
 
     from agents.base import Progress
     from agents.result import SearchResult
@@ -173,6 +185,35 @@ def _key(e: Evaluation) -> tuple[str, int]:
     return (e.stage, e.index)
 
 
+class NotRebuildable(Exception):
+    """A point whose model cannot be rebuilt without training again (a fine-tuned point with no stored weights)."""
+
+
+class _RequestLease:
+    """Renews an export request's lease from a thread while the export runs (a pt2 export can outlast a lease)."""
+
+    def __init__(self, repo: Repository, request_id: str, worker_id: str, lease_s: float, every_s: float) -> None:
+        self.lost = False
+        self._done = threading.Event()
+
+        def loop() -> None:
+            while not self._done.wait(every_s):
+                try:
+                    repo.renew_export_lease(request_id, worker_id, lease_s)
+                except (LeaseLost, NotFound):
+                    self.lost = True
+                    return
+                except Exception:  # a database hiccup: the lease outlives a few beats
+                    log.exception("export request %s: heartbeat failed", request_id)
+
+        self._thread = threading.Thread(target=loop, name=f"export-heartbeat-{request_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+
 class Worker:
     """Claims and runs jobs. ``run_once`` processes at most one job; ``run_forever`` loops until stopped."""
 
@@ -184,13 +225,16 @@ class Worker:
         self.store = ArtefactStore(settings.artefacts)
         self.stop_event = threading.Event()
         """Set to stop after the current evaluation and release the job (SIGTERM, the embedding app's shutdown)."""
+        self._export_objective: tuple[str, JobSpec, Objective] | None = None
+        """The last job whose points were exported on request: its spec and objective (built once per job)."""
 
     def close(self) -> None:
         self.engine.dispose()
 
     # -- loop ---------------------------------------------------------------------------------------------
     def run_forever(self, stop_event: threading.Event | None = None, *, max_jobs: int | None = None) -> int:
-        """Claim and run jobs until ``stop_event`` is set (or ``max_jobs`` were processed); returns how many.
+        """Claim and run jobs and export requests until ``stop_event`` is set (or ``max_jobs`` jobs were
+        processed: export requests do not count); returns how many jobs.
 
         Setting ``stop_event`` while a job runs finishes the current evaluation and releases the job."""
         if stop_event is not None:
@@ -198,29 +242,46 @@ class Worker:
         processed = 0
         while not self.stop_event.is_set() and (max_jobs is None or processed < max_jobs):
             try:
-                worked = self.run_once()
+                worked = self._run_one()
             except Exception:  # the database is unreachable, ...: keep the worker alive and try again
                 log.exception("worker %s: claiming a job failed", self.worker_id)
-                worked = False
-            if worked:
+                worked = None
+            if worked == "job":
                 processed += 1
-            else:
+            elif worked is None:
                 self.stop_event.wait(self.settings.poll_seconds)
         return processed
 
     def run_once(self) -> bool:
-        """Claim one job and process it; False when there was nothing to claim."""
-        job = self.repo.claim_job(self.worker_id, self.settings.lease_seconds)
-        if job is None:
-            return False
-        log.info("worker %s: claimed job %s (attempt %d)", self.worker_id, job.id, job.attempts)
-        self.process(job)
-        return True
+        """Claim one piece of work and do it: a user's export request, else a job, else a background export
+        request; False when there was nothing to claim."""
+        return self._run_one() is not None
+
+    def _run_one(self) -> str | None:
+        """:meth:`run_once`; what it did: ``job``, ``export`` or None."""
+        from service.db.models import EXPORT_PRIORITY
+
+        lease = self.settings.lease_seconds
+        request = self.repo.claim_export(self.worker_id, lease, max_priority=EXPORT_PRIORITY["user"])
+        if request is not None:
+            self.process_export(request)
+            return "export"
+        job = self.repo.claim_job(self.worker_id, lease)
+        if job is not None:
+            log.info("worker %s: claimed job %s (attempt %d)", self.worker_id, job.id, job.attempts)
+            self.process(job)
+            return "job"
+        request = self.repo.claim_export(self.worker_id, lease)
+        if request is not None:
+            self.process_export(request)
+            return "export"
+        return None
 
     # -- one job ------------------------------------------------------------------------------------------
     def process(self, job: JobRow) -> str:
         """Run a claimed job to its next state; returns the outcome (succeeded, failed, cancelled, released,
         lost)."""
+        self._export_objective = None  # an earlier export's model and data are not needed while a job runs
         lease = _Lease(self.repo, job.id, self.worker_id, self.settings.lease_seconds, self.settings.heartbeat_seconds)
         lease.start()
         outcome = "interrupted"
@@ -358,9 +419,17 @@ class Worker:
             )
             return self._best_summary(snapshot, spec)
 
-        def record(e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation]) -> None:
+        def record(
+            e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation], weights: str | None = None
+        ) -> None:
             self.repo.record_evaluation(
-                job.id, self.worker_id, _finite(e.to_json()), done=done, best=best, front=[_key(p) for p in front]
+                job.id,
+                self.worker_id,
+                _finite(e.to_json()),
+                done=done,
+                best=best,
+                front=[_key(p) for p in front],
+                weights_sha256=weights,
             )
             lease.renew()  # after every evaluation: keeps the lease fresh and reads a cancel request back
 
@@ -530,9 +599,17 @@ class Worker:
         final = snapshot(self.repo.all_records(job.id))
         final = dataclasses.replace(final, finetuned=[], stop_reason=stop_reason, wall_s=time.monotonic() - started)
 
-        def record(e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation]) -> None:
+        def record(
+            e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation], weights: str | None = None
+        ) -> None:
             self.repo.record_evaluation(
-                job.id, self.worker_id, _finite(e.to_json()), done=done, best=best, front=[_key(p) for p in front]
+                job.id,
+                self.worker_id,
+                _finite(e.to_json()),
+                done=done,
+                best=best,
+                front=[_key(p) for p in front],
+                weights_sha256=weights,
             )
             lease.renew()
 
@@ -621,8 +698,25 @@ class Worker:
                 if not tuned_list:
                     continue
                 tuned = tuned_list[0]
+                weights = self._store_weights(result.materialize(tuned))  # the kept model: trained once
+            else:
+                weights = None  # recorded by an earlier attempt, with its weights
             result.finetuned.append(tuned)
-            record(tuned, len(result.evaluations), best_of(result.evaluations, result.finetuned), result.front())
+            record(
+                tuned,
+                len(result.evaluations),
+                best_of(result.evaluations, result.finetuned),
+                result.front(),
+                weights,
+            )
+
+    def _store_weights(self, model: nn.Module) -> str:
+        """A fine-tuned model's weights as a ``.safetensors`` artefact; its hash."""
+        from autoprune.models.weights import weights_to_bytes
+
+        sha, size = self.store.put_bytes(weights_to_bytes(model), ".safetensors")
+        self.repo.add_artefact(sha, size, "application/octet-stream", ".safetensors")
+        return sha
 
     def _finetune_event(self, job_id: str, point: Evaluation, report: FinetuneReport) -> None:
         """A ``finetune`` event: which point, steps done of total, the best validation loss so far, and how it
@@ -640,58 +734,164 @@ class Worker:
 
     # -- exports ------------------------------------------------------------------------------------------
     def _export(self, job: JobRow, spec: JobSpec, result: SearchResult, objective: Objective, lease: _Lease) -> None:
+        """The best point in every format (before the job succeeds), then the rest of the front queued in the
+        background (``export_front = eager``) or left to requests (``lazy``)."""
         from autoprune.errors import ExportError
 
         best = result.best(
             spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
         )
-        points = list(result.front())
-        if not any(_key(p) == _key(best) for p in points):
-            points.append(best)
+        weights = self._weights_of(job.id, best)
+        model = None
         with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
-            for done, point in enumerate(points):
+            for fmt in spec.export_formats:
                 self._check(lease)
                 lease.renew()
-                is_best = _key(point) == _key(best)
-                with contextlib.suppress(RepositoryError):  # the dashboard's export progress
-                    self.repo.add_event(
-                        job.id,
-                        "log",
-                        message=f"exporting {point.stage} point {point.index} as {', '.join(spec.export_formats)}",
-                        done=done,
-                        total=len(points),
-                    )
-                model = result.materialize(point)
-                for fmt in spec.export_formats:
-                    self._check(lease)
-                    out = Path(tmp) / f"{point.stage}-{point.index}-{fmt}"
-                    try:
-                        path, report = self._export_one(
-                            model, point, fmt, out, objective, spec, is_best, self.settings.latency_host
-                        )
-                    except ExportError as exc:
-                        self._log(job.id, f"export of {point.stage} point {point.index} as {fmt} failed: {exc}")
-                        continue
-                    sha, size = self.store.put_file(path, SUFFIXES[fmt])
-                    self.repo.add_artefact(sha, size, MEDIA_TYPES[fmt], SUFFIXES[fmt])
-                    meta = {
-                        "point": {"stage": point.stage, "index": point.index},
-                        "best": is_best,
-                        "select": spec.select,
-                        "filename": f"{job.id}-{point.stage}-{point.index}{SUFFIXES[fmt]}",
-                        "evaluation": evaluation_summary(point.to_json()),
-                        "plan": point.plan.to_json(),
-                        "export": report,
-                    }
-                    self.repo.add_export(
-                        job_id=job.id,
-                        index=point.index,
-                        stage=point.stage,
-                        format=fmt,
-                        artefact_sha256=sha,
-                        meta=_finite(meta),
-                        worker_id=self.worker_id,
-                    )
+                started = time.monotonic()
+                try:
+                    if model is None:
+                        model = self._rebuild(objective, best, weights, result)
+                    sha, meta = self._export_point(job.id, model, best, fmt, Path(tmp), objective, spec, True)
+                except ExportError as exc:
+                    self._log(job.id, f"export of {best.stage} point {best.index} as {fmt} failed: {exc}")
+                    with contextlib.suppress(RepositoryError):
+                        self.repo.add_event(
+                            job.id, "export", point={"stage": best.stage, "index": best.index}, format=fmt,
+                            ok=False, phase="job", seconds=time.monotonic() - started, error=str(exc)[:500],
+                        )  # fmt: skip
+                    continue
+                self.repo.add_export(
+                    job_id=job.id,
+                    index=best.index,
+                    stage=best.stage,
+                    format=fmt,
+                    artefact_sha256=sha,
+                    meta=meta,
+                    worker_id=self.worker_id,
+                    phase="job",
+                    seconds=time.monotonic() - started,
+                )
+        if self.settings.export_front == "eager":
+            rest = [_key(p) for p in result.front() if _key(p) != _key(best)]
+            queued = self.repo.enqueue_exports(job.id, rest, spec.export_formats, origin="background")
+            if queued:
+                self._log(job.id, f"queued {queued} background export(s) of the other front points")
+
+    def _weights_of(self, job_id: str, point: Evaluation) -> str | None:
+        """The stored weights of a fine-tuned point (None for search points)."""
+        if point.stage != "finetuned":
+            return None
+        try:
+            return self.repo.evaluation(job_id, stage=point.stage, index=point.index).weights_sha256
+        except NotFound:
+            return None
+
+    def _rebuild(
+        self, objective: Objective, point: Evaluation, weights: str | None, result: SearchResult | None = None
+    ) -> nn.Module:
+        """The model of ``point``: the unpruned model, a fine-tuned point's pruned shape with its stored weights,
+        or a search point rebuilt from its plan (with the search's recovery). Without stored weights a
+        fine-tuned point is rebuilt only inside its job (``result`` hands over the model it kept), else
+        :class:`NotRebuildable`."""
+        import copy
+
+        from agents.result import recovery_from_extra
+        from autoprune.models.weights import load_weights
+
+        if point.index == 0 and point.stage == "search":
+            return copy.deepcopy(objective.base).eval()
+        if weights is not None:
+            return load_weights(objective.prune(point.plan), self._artefact_path(weights)).eval()
+        if point.stage == "finetuned":
+            if result is None:
+                raise NotRebuildable(
+                    f"fine-tuned point {point.index} has no stored weights (fine-tuned before they were kept): "
+                    "it cannot be rebuilt without training it again"
+                )
+            return result.materialize(point)
+        return objective.materialize(point.plan, recovery=recovery_from_extra(point.extra))
+
+    def _export_point(
+        self,
+        job_id: str,
+        model: nn.Module,
+        point: Evaluation,
+        fmt: str,
+        tmp: Path,
+        objective: Objective,
+        spec: JobSpec,
+        is_best: bool,
+    ) -> tuple[str, dict[str, Any]]:
+        """Export ``model`` in ``fmt`` into the artefact store: (sha256, the export row's meta)."""
+        out = tmp / f"{point.stage}-{point.index}-{fmt}"
+        path, report = self._export_one(model, point, fmt, out, objective, spec, is_best, self.settings.latency_host)
+        sha, size = self.store.put_file(path, SUFFIXES[fmt])
+        self.repo.add_artefact(sha, size, MEDIA_TYPES[fmt], SUFFIXES[fmt])
+        meta = {
+            "point": {"stage": point.stage, "index": point.index},
+            "best": is_best,
+            "select": spec.select,
+            "filename": f"{job_id}-{point.stage}-{point.index}{SUFFIXES[fmt]}",
+            "evaluation": evaluation_summary(point.to_json()),
+            "plan": point.plan.to_json(),
+            "export": report,
+        }
+        return sha, _finite(meta)
+
+    def process_export(self, request: ExportRequest) -> str:
+        """Make one claimed export request: rebuild the point, export it, store it; returns the request's state
+        (``done``, ``failed``, ``queued`` for a retry, or ``lost``)."""
+        from autoprune.errors import AutopruneError
+        from autoprune.objective import Evaluation
+
+        log.info(
+            "worker %s: exporting %s point %d of job %s as %s (%s, attempt %d)",
+            self.worker_id, request.stage, request.index, request.job_id, request.format, request.origin,
+            request.attempts,
+        )  # fmt: skip
+        lease = _RequestLease(
+            self.repo, request.id, self.worker_id, self.settings.lease_seconds, self.settings.heartbeat_seconds
+        )
+        started = time.monotonic()
+        fields: dict[str, Any]
+        try:
+            job = self.repo.get_job(request.job_id)
+            row = self.repo.evaluation(request.job_id, stage=request.stage, index=request.index)
+            point = Evaluation.from_json(row.record)
+            spec, objective = self._objective_for(job)
+            model = self._rebuild(objective, point, row.weights_sha256)
+            best = job.best or {}
+            is_best = (best.get("stage"), best.get("index")) == (request.stage, request.index)
+            with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
+                sha, meta = self._export_point(
+                    job.id, model, point, request.format, Path(tmp), objective, spec, is_best
+                )
+            fields = {"artefact_sha256": sha, "meta": meta}
+        except (AutopruneError, NotRebuildable, NotFound) as exc:  # the same every time: no retry
+            fields = {"error": _first_line(exc)}
+        except Exception as exc:  # a transient failure (disk, database, memory): try again later
+            log.exception("export request %s failed", request.id)
+            fields = {"error": _first_line(exc), "retry": True}
+        finally:
+            lease.stop()
+        try:
+            done = self.repo.finish_export(request.id, self.worker_id, seconds=time.monotonic() - started, **fields)
+        except LeaseLost:
+            log.warning("export request %s: lease lost", request.id)
+            return "lost"
+        log.info("worker %s: export request %s %s", self.worker_id, request.id, done.state)
+        return done.state
+
+    def _objective_for(self, job: JobRow) -> tuple[JobSpec, Objective]:
+        """The job's spec and objective for exporting its points (kept for the next request of the same job)."""
+        cached = self._export_objective
+        if cached is not None and cached[0] == job.id:
+            return cached[1], cached[2]
+        self._export_objective = None  # the previous job's model and data can go
+        spec = self.build_spec(job)
+        objective = spec.build_objective(latency=spec.latency_config(**self.settings.latency_host))
+        self._export_objective = (job.id, spec, objective)
+        return spec, objective
 
     @staticmethod
     def _export_one(

@@ -146,6 +146,26 @@ class EventHub:
                 if feed.task is not None and not feed.task.done():
                     feed.task.cancel()
 
+    async def follow(self, job_id: str, cursor: int) -> AsyncIterator[ServerSentEvent]:
+        """Every stored event after ``cursor``, past the terminal state, until the job has finished and none of
+        its exports is queued or running (``follow_exports``: a poller of its own, for the short tail after a
+        job; the request's ``export`` event is written with its outcome, so the last read finds it)."""
+        while True:
+            rows = await run_in_threadpool(self.repo.events_after, job_id, cursor, self.batch)
+            self.polls += 1
+            for row in rows:
+                item = render(row)
+                cursor = item.id
+                yield item.sse
+            if rows:
+                continue
+            job = await run_in_threadpool(self.repo.get_job, job_id)
+            if job.state in _TERMINAL and await run_in_threadpool(self.repo.pending_exports, job_id) == 0:
+                async for item in self._backlog(job_id, cursor, until_empty=True):
+                    yield item.sse
+                return
+            await asyncio.sleep(self.poll_seconds)
+
     async def _backlog(self, job_id: str, cursor: int, *, until_empty: bool) -> AsyncIterator[_Item]:
         """The stored events after ``cursor``, page by page (``until_empty``: read until a read finds none, as
         the per-stream poller did; else stop at a short page)."""

@@ -1,5 +1,6 @@
 """``/v1/jobs``: create (validated by ``JobSpec.validate()``, torch-free; ``Idempotency-Key`` honoured), list,
-get, cancel, live events (SSE), evaluations, the Pareto front and downloads of exported models."""
+get, cancel, live events (SSE), evaluations, the Pareto front, export requests (``/exports``: a point of a finished
+job in a format, made by a worker) and downloads of exported models."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from service.api.schemas import (
     EvaluationOut,
     EvaluationPage,
     ExportOut,
+    ExportRequestCreate,
+    ExportRequestList,
+    ExportRequestOut,
     JobCreate,
     JobOut,
     JobPage,
@@ -174,17 +178,30 @@ async def job_events(
         Header(alias="Last-Event-ID", max_length=20, description="Resume after this event id (set by EventSource)."),
     ] = None,
     after: Annotated[int | None, Query(ge=0, description="Resume after this event id (like Last-Event-ID).")] = None,
+    follow_exports: Annotated[
+        bool,
+        Query(
+            description="Go on past the terminal state until none of the job's exports is queued or running "
+            "(their `export` events)."
+        ),
+    ] = False,
 ) -> AsyncIterator[ServerSentEvent]:
     """First a ``snapshot`` event (the job as ``GET /v1/jobs/{id}`` returns it), then one event per stored job
     event after ``Last-Event-ID`` (all of them without it): ``state`` (a transition) and ``evaluation`` (one
-    recorded evaluation, with progress). Event ids are the job-event ids. The stream ends after the event that
-    moves the job to a terminal state (or at once when the job already finished and nothing is left to send)."""
+    recorded evaluation, with progress), ``export`` (one export done or failed: point, format, done/total of the
+    job's exports, seconds, ok, phase), ``log``, ``finetune``. Event ids are the job-event ids. The stream ends
+    after the event that moves the job to a terminal state (or at once when the job already finished and nothing
+    is left to send); with ``follow_exports``, once the job has finished and its last queued export is made."""
     cursor = after or 0
     if last_event_id is not None:
         with contextlib.suppress(ValueError):  # a foreign id: ignore it
             cursor = max(cursor, int(last_event_id))
     hub: EventHub = request.app.state.events
     yield ServerSentEvent(event="snapshot", data=JobOut.of(job).model_dump(mode="json"), retry=2000)
+    if follow_exports:  # the short tail after a job: one poller per such stream
+        async for event in hub.follow(job.id, cursor):
+            yield event
+        return
     # one poller per job, whatever the number of watchers (service.api.events)
     async for event in hub.stream(job.id, cursor, finished=_terminal(job.state)):
         yield event
@@ -272,7 +289,12 @@ def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stag
             found = None  # type: ignore[assignment]
         if found is None:
             why = "" if job.state == JobState.succeeded.value else f" (the job {job.state})"
-            raise Problem(404, f"job {job.id} has no {format} export of its best point{why}", slug="no-export")
+            raise Problem(
+                404,
+                f"job {job.id} has no {format} export of its best point{why}; request one with "
+                f"POST /v1/jobs/{job.id}/exports",
+                slug="no-export",
+            )
         return found
     try:
         index = int(point)
@@ -286,7 +308,8 @@ def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stag
         raise Problem(
             404,
             f"point {index}{f' ({stage})' if stage else ''} of job {job.id} was not exported as {format}"
-            + (f"; exported points: {', '.join(have)}" if have else ""),
+            + (f"; exported points: {', '.join(have)}" if have else "")
+            + f"; request it with POST /v1/jobs/{job.id}/exports",
             slug="no-export",
         )
     # the same plan after fine-tuning is the better model of that point
@@ -385,6 +408,88 @@ def model_meta(req: ExportRequest) -> ModelMeta:
     ev = _find_evaluation(req.repo, req.job_id, row.index, row.stage)
     base = ExportOut.of(row, _size(req.repo, req.store, row), _export_url(row))
     return ModelMeta(**base.model_dump(), evaluation=EvaluationOut.of(ev) if ev is not None else None)
+
+
+# --- export requests -----------------------------------------------------------------------------------------------
+
+RequestId = Annotated[str, Path(min_length=1, max_length=64, description="An export request's id.")]
+
+
+def _point_to_export(repo: Repository, job: JobRow, body: ExportRequestCreate) -> EvaluationRow:
+    """The stored evaluation ``body`` names (404 if none)."""
+    stage: str | None
+    if body.point == "best":
+        best = _best_point(job)
+        if best is None:
+            raise Problem(404, f"job {job.id} has no evaluations: there is no best point", slug="no-point")
+        index, stage = best[0], body.stage or best[1]
+    else:
+        index, stage = int(body.point), body.stage
+    stages = [stage] if stage is not None else ["finetuned", "search"]
+    for st in stages:
+        with contextlib.suppress(NotFound):
+            return repo.evaluation(job.id, stage=st, index=index)
+    raise Problem(
+        404, f"job {job.id} has no {stage + ' ' if stage else ''}evaluation {index}", slug="no-point"
+    )  # fmt: skip
+
+
+@router.post(
+    "/jobs/{job_id}/exports",
+    status_code=202,
+    response_model=ExportRequestOut,
+    summary="Request the export of one point",
+    responses={
+        200: {"description": "The file exists already (`download_url`)", "model": ExportRequestOut},
+        **problem_responses(401, 404, 409, 422),
+    },
+)
+def request_export(job_id: JobId, body: ExportRequestCreate, response: Response, repo: RepoDep) -> ExportRequestOut:
+    """Queue the export of a point (``best`` or an evaluation index) of a finished job in one format: 202 with
+    ``Location`` (the request; poll it until ``done``, then download ``download_url``), or 200 when the file
+    exists already. A user's request goes before the workers' background exports. Cancelled and failed jobs'
+    evaluations can be exported too. 409 while the job is queued or running, and for a point that cannot be
+    rebuilt (fine-tuned before its weights were kept)."""
+    job = repo.get_job(job_id)
+    if not _terminal(job.state):
+        raise Problem(
+            409,
+            f"job {job.id} is {job.state}: its best point is exported when it finishes, other points can be "
+            "requested then",
+            slug="job-not-finished",
+        )
+    row = _point_to_export(repo, job, body)
+    if row.stage == "finetuned" and row.weights_sha256 is None:
+        raise Problem(
+            409,
+            f"fine-tuned point {row.index} of job {job.id} has no stored weights (it was fine-tuned before they were "
+            "kept): it cannot be rebuilt without training it again",
+            slug="point-not-rebuildable",
+        )
+    req, ready = repo.request_export(job.id, stage=row.stage, index=row.index, format=body.format, origin="user")
+    out = ExportRequestOut.of(req)
+    response.status_code = 200 if ready else 202
+    response.headers["Location"] = out.url
+    return out
+
+
+@router.get("/jobs/{job_id}/exports", response_model=ExportRequestList, responses=problem_responses(401, 404))
+def list_exports(job_id: JobId, repo: RepoDep) -> ExportRequestList:
+    """The job's export requests (the best point's, made by the job's worker, included), in the order workers
+    take them: a user's requests first, then the background exports of the front."""
+    rows = repo.export_requests(job_id)
+    items = [ExportRequestOut.of(r) for r in rows]
+    done = sum(1 for r in rows if r.state in ("done", "failed"))
+    return ExportRequestList(items=items, done=done, total=len(items), pending=len(items) - done)
+
+
+@router.get(
+    "/jobs/{job_id}/exports/{request_id}", response_model=ExportRequestOut, responses=problem_responses(401, 404)
+)
+def get_export_request(job_id: JobId, request_id: RequestId, repo: RepoDep) -> ExportRequestOut:
+    """One export request: queued, running, done (``download_url``) or failed (``error``)."""
+    repo.get_job(job_id)
+    return ExportRequestOut.of(repo.get_export_request(job_id, request_id))
 
 
 __all__ = ["PROBLEM_MEDIA_TYPE", "router"]

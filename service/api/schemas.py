@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from agents import STRATEGIES
 from autoprune.job import JobSpec, Knob
-from service.db.models import DatasetRow, EvaluationRow, ExportRow, JobEvent, JobRow, ModelRow
+from service.db.models import DatasetRow, EvaluationRow, ExportRequest, ExportRow, JobEvent, JobRow, ModelRow
 
 
 class _Request(BaseModel):
@@ -242,6 +242,72 @@ class ExportOut(BaseModel):
             meta=dict(row.meta or {}),
             created_at=row.created_at,
         )
+
+
+class ExportRequestCreate(_Request):
+    """Export one point of a finished (or cancelled, or failed) job in one format."""
+
+    point: Literal["best"] | Annotated[int, Field(ge=0, le=999_999_999, strict=True)] = Field(
+        description="`best` or an evaluation index."
+    )
+    stage: Literal["search", "finetuned"] | None = Field(
+        default=None, description="search or finetuned (default: the best's stage; for an index, finetuned if "
+        "that point was fine-tuned)."
+    )  # fmt: skip
+    format: ExportFormat = Field(description="onnx, safetensors (a zip with the plan) or pt2.")
+
+
+class ExportRequestOut(BaseModel):
+    """An export request: ``queued`` -> ``running`` -> ``done`` (``download_url`` serves the file) or
+    ``failed`` (``error``)."""
+
+    id: str
+    job_id: str
+    index: int
+    stage: str
+    format: str
+    state: Literal["queued", "running", "done", "failed"]
+    origin: str = Field(description="user (a request), background (the front, queued by the worker) or job (the "
+                        "best point, exported before the job succeeded).")  # fmt: skip
+    priority: int
+    attempts: int
+    error: str | None
+    seconds: float | None = Field(description="How long the export took (rebuilding the model included).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    url: str = Field(description="This request.")
+    download_url: str | None = Field(description="The file, once done.")
+
+    @classmethod
+    def of(cls, row: ExportRequest) -> ExportRequestOut:
+        base = f"/v1/jobs/{row.job_id}"
+        done = row.state == "done"
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            index=row.index,
+            stage=row.stage,
+            format=row.format,
+            state=row.state,  # type: ignore[arg-type]
+            origin=row.origin,
+            priority=row.priority,
+            attempts=row.attempts,
+            error=row.error,
+            seconds=row.seconds,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            url=f"{base}/exports/{row.id}",
+            download_url=f"{base}/models/{row.index}?format={row.format}&stage={row.stage}" if done else None,
+        )
+
+
+class ExportRequestList(BaseModel):
+    items: list[ExportRequestOut]
+    done: int = Field(description="Requests done or failed.")
+    total: int
+    pending: int = Field(description="Requests queued or running.")
 
 
 class EventOut(BaseModel):

@@ -144,6 +144,10 @@ class EvaluationRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     worker_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
     """The worker that recorded it (several workers share one job when ``jobs.workers > 1``)."""
+    weights_sha256: Mapped[str | None] = mapped_column(ForeignKey("artefacts.sha256"), nullable=True)
+    """A fine-tuned point's trained weights (a ``.safetensors`` artefact, stored once when it was fine-tuned):
+    its exports load them into the pruned shape instead of training again. None for search points (rebuilt from
+    the plan) and for points fine-tuned before migration 0003 (they cannot be rebuilt without retraining)."""
 
 
 class ExportRow(Base):
@@ -177,3 +181,44 @@ class JobSlot(Base):
     lease_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     reserved_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportRequestState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+EXPORT_PRIORITY = {"user": 0, "background": 10}
+"""Lower first: a user's request (``POST /v1/jobs/{id}/exports``) before the worker's own background exports of
+the front (``AUTOPRUNE_EXPORT_FRONT=eager``). ``job``: the best point, exported by the job's worker itself."""
+
+
+class ExportRequest(Base):
+    """One export of one point of a finished job in one format, as a queue entry: queued -> running (a worker
+    holds its lease) -> done (an :class:`ExportRow` exists) or failed (after its retries, or at once when the
+    point cannot be exported in that format). A worker that dies leaves it running with an expired lease: the
+    next claim takes it again (one attempt more). The best point's exports, made by the job's own worker before
+    the job succeeds, are recorded here as ``done`` (origin ``job``), so the list shows every export of the job."""
+
+    __tablename__ = "export_requests"
+    __table_args__ = (UniqueConstraint("job_id", "stage", "index", "format", name="uq_export_request_point_format"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(20))
+    format: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20), default=ExportRequestState.queued.value, index=True)
+    origin: Mapped[str] = mapped_column(String(20))  # "user" | "background" | "job"
+    priority: Mapped[int] = mapped_column(Integer, default=EXPORT_PRIORITY["background"])
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """How long the export that finished it took (rebuilding the model included)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -29,6 +29,15 @@ How it works:
   ``jobs.best`` holds the best point's summary (:func:`evaluation_summary` plus ``select``); its
   ``(stage, index)`` is the key to download "best": ``get_export(job, stage=best["stage"],
   index=best["index"], format=...)``. Each export's ``meta`` has ``best: true`` for that point.
+* **The export queue** (``export_requests``): the job's worker exports only the best point before the job
+  succeeds (recorded as ``done`` requests of origin ``job``); the rest of the front is queued (origin
+  ``background``, :meth:`~Repository.enqueue_exports`) or requested (origin ``user``,
+  :meth:`~Repository.request_export`), and any worker claims requests of *finished* jobs like jobs:
+  :meth:`~Repository.claim_export` takes the lowest ``priority`` (user before background), oldest first, with
+  ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL and inside ``BEGIN IMMEDIATE`` on SQLite; a lease
+  (:meth:`~Repository.renew_export_lease`) and :data:`MAX_EXPORT_ATTEMPTS` claims; :meth:`~Repository.finish_export`
+  stores the export (or the error: retried, or failed) and writes an ``export`` event with the job's export
+  progress (``done`` of ``total`` requests).
 * **Shared jobs** (``jobs.workers`` = N > 1, from ``spec["workers"]``): up to N workers hold the job at once,
   one :class:`JobSlot` row each. The claim that starts the job takes slot 0 (queued -> running, as above); a
   worker with nothing queued to start *joins* a running shared job with a free or expired slot (no state change,
@@ -55,9 +64,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.engine import IMMEDIATE
 from service.db.models import (
+    EXPORT_PRIORITY,
+    TERMINAL,
     Artefact,
     DatasetRow,
     EvaluationRow,
+    ExportRequest,
+    ExportRequestState,
     ExportRow,
     JobEvent,
     JobRow,
@@ -80,6 +93,11 @@ def _export_of(job_id: str, index: int, stage: str, format: str) -> Any:
         ExportRow.index == index,
         ExportRow.format == format,
     )
+
+
+MAX_EXPORT_ATTEMPTS = 3
+"""Claims of one export request before it is failed (its worker died or a transient error repeated)."""
+_FINISHED_EXPORT = (ExportRequestState.done.value, ExportRequestState.failed.value)
 
 
 class RepositoryError(Exception):
@@ -683,6 +701,7 @@ class Repository:
         best: dict[str, Any] | None,
         front: Sequence[tuple[str, int]],
         derive: Callable[[list[dict[str, Any]]], tuple[dict[str, Any] | None, Sequence[tuple[str, int]]]] | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         """Store one evaluation (``Evaluation.to_json()``), update progress/best/front flags (``front`` holds
         (stage, index) of the current front points), and write an 'evaluation' event, in one transaction.
@@ -691,7 +710,9 @@ class Repository:
         ``derive`` (for shared jobs, whose holders each see only their own evaluations): called under the job's
         lock with every stored record plus this one, it returns (best, front) in place of ``best``/``front``;
         ``progress_done`` is then the stored search count. A shared job's search evaluation (index > 0) is
-        accepted only under its holder's reservation (:meth:`reserve_index`; LeaseLost otherwise)."""
+        accepted only under its holder's reservation (:meth:`reserve_index`; LeaseLost otherwise).
+
+        ``weights_sha256``: a fine-tuned point's stored weights (an artefact), which its exports load."""
         summary = evaluation_summary(record)
         stage, index = summary["stage"], summary["index"]
         with self._write() as s:
@@ -742,6 +763,7 @@ class Repository:
                     record=record,
                     created_at=now,
                     worker_id=worker_id,
+                    weights_sha256=weights_sha256,
                 )
             )
             job.progress_done = max(job.progress_done or 0, int(done))
@@ -816,29 +838,60 @@ class Repository:
         artefact_sha256: str,
         meta: dict[str, Any],
         worker_id: str | None = None,
+        phase: str | None = None,
+        seconds: float | None = None,
     ) -> ExportRow:
-        """Store (or replace: a resumed job exports again) the export of one point in one format.
-        With ``worker_id``: LeaseLost unless that worker holds the job."""
+        """Store (or replace: a resumed job exports again) the export of one point in one format, and mark its
+        export request ``done`` (one of origin ``job`` is written if there was none). With ``worker_id``:
+        LeaseLost unless that worker holds the job. With ``phase``: an ``export`` event too."""
         with self._write() as s:
             job = self._lock_job(s, job_id)
             if worker_id is not None:
                 self._check_holder(s, job, worker_id)
-            self._check_exists(s, Artefact, artefact_sha256, "artefact")
-            row = s.scalars(_export_of(job_id, index, stage, format)).first()
-            if row is None:
-                row = ExportRow(
-                    job_id=job_id,
-                    index=index,
-                    stage=stage,
-                    format=format,
-                    artefact_sha256=artefact_sha256,
-                    meta=dict(meta),
-                    created_at=utcnow(),
-                )
-                s.add(row)
-            else:
-                row.artefact_sha256 = artefact_sha256
-                row.meta = dict(meta)
+            row = self._store_export(s, job_id, index, stage, format, artefact_sha256, meta)
+            now = utcnow()
+            req = s.scalars(self._request_of(job_id, index, stage, format)).first()
+            if req is None:
+                req = ExportRequest(
+                    id=new_id(), job_id=job_id, index=index, stage=stage, format=format, origin="job",
+                    priority=EXPORT_PRIORITY["user"], attempts=1, created_at=now, started_at=now,
+                )  # fmt: skip
+                s.add(req)
+            req.state, req.worker_id, req.lease_expires_at, req.error = ExportRequestState.done.value, None, None, None
+            req.seconds, req.finished_at, req.updated_at = seconds, now, now
+            if phase is not None:
+                s.flush()
+                self._export_event(s, req, ok=True, phase=phase)
+        return row
+
+    @staticmethod
+    def _request_of(job_id: str, index: int, stage: str, format: str) -> Any:
+        return select(ExportRequest).where(
+            ExportRequest.job_id == job_id,
+            ExportRequest.stage == stage,
+            ExportRequest.index == index,
+            ExportRequest.format == format,
+        )
+
+    def _store_export(
+        self, s: Session, job_id: str, index: int, stage: str, format: str, artefact_sha256: str, meta: dict[str, Any]
+    ) -> ExportRow:
+        self._check_exists(s, Artefact, artefact_sha256, "artefact")
+        row = s.scalars(_export_of(job_id, index, stage, format)).first()
+        if row is None:
+            row = ExportRow(
+                job_id=job_id,
+                index=index,
+                stage=stage,
+                format=format,
+                artefact_sha256=artefact_sha256,
+                meta=dict(meta),
+                created_at=utcnow(),
+            )
+            s.add(row)
+        else:
+            row.artefact_sha256 = artefact_sha256
+            row.meta = dict(meta)
         return row
 
     def get_export(self, job_id: str, *, index: int, stage: str, format: str) -> ExportRow:
@@ -857,4 +910,231 @@ class Repository:
                     .where(ExportRow.job_id == job_id)
                     .order_by(ExportRow.stage == "finetuned", ExportRow.index, ExportRow.format)
                 ).all()
+            )
+
+    def evaluation(self, job_id: str, *, stage: str, index: int) -> EvaluationRow:
+        """One stored evaluation; NotFound if the job or the point is absent."""
+        with self._read() as s:
+            self._require_job(s, job_id)
+            row = s.scalars(
+                select(EvaluationRow).where(
+                    EvaluationRow.job_id == job_id, EvaluationRow.stage == stage, EvaluationRow.index == index
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"job {job_id} has no {stage} evaluation {index}")
+        return row
+
+    # -- the export queue ---------------------------------------------------------------------------------
+    def request_export(
+        self, job_id: str, *, stage: str, index: int, format: str, origin: str = "user"
+    ) -> tuple[ExportRequest, bool]:
+        """(request, ready): ``ready`` when the export is stored already (the request is then ``done``; one is
+        written for an export that had none). Otherwise the point's request is queued: a new one, a failed one
+        queued again (attempts reset), or a queued background one raised to ``origin``'s priority. The caller
+        checks that the job has finished and the point exists."""
+        priority = EXPORT_PRIORITY.get(origin, EXPORT_PRIORITY["background"])
+        with self._write() as s:
+            self._lock_job(s, job_id)
+            now = utcnow()
+            req = s.scalars(self._request_of(job_id, index, stage, format)).first()
+            exported = s.scalar(select(ExportRow.id).where(
+                ExportRow.job_id == job_id, ExportRow.stage == stage, ExportRow.index == index,
+                ExportRow.format == format,
+            ))  # fmt: skip
+            if req is None:
+                req = ExportRequest(
+                    id=new_id(), job_id=job_id, index=index, stage=stage, format=format, origin=origin,
+                    priority=priority, attempts=0, created_at=now, updated_at=now,
+                    state=ExportRequestState.queued.value,
+                )  # fmt: skip
+                s.add(req)
+            if exported is not None:
+                if req.state != ExportRequestState.done.value:
+                    req.state, req.finished_at, req.error = ExportRequestState.done.value, now, None
+                    req.worker_id, req.lease_expires_at, req.updated_at = None, None, now
+                return req, True
+            if req.state == ExportRequestState.failed.value:
+                req.state, req.attempts, req.error, req.finished_at = ExportRequestState.queued.value, 0, None, None
+                req.updated_at = now
+            if priority < req.priority:
+                req.priority, req.origin, req.updated_at = priority, origin, now
+            return req, False
+
+    def enqueue_exports(
+        self, job_id: str, points: Sequence[tuple[str, int]], formats: Sequence[str], *, origin: str = "background"
+    ) -> int:
+        """Queue every (stage, index) point in every format that has neither an export nor a request; returns
+        how many were queued (idempotent)."""
+        priority = EXPORT_PRIORITY.get(origin, EXPORT_PRIORITY["background"])
+        with self._write() as s:
+            self._lock_job(s, job_id)
+            have: set[tuple[str, int, str]] = set()
+            for cls in (ExportRequest, ExportRow):
+                query = select(cls.stage, cls.index, cls.format).where(cls.job_id == job_id)  # type: ignore[attr-defined]
+                have |= {(str(st), int(i), str(f)) for st, i, f in s.execute(query).all()}
+            now, added = utcnow(), 0
+            for stage, index in points:
+                for fmt in formats:
+                    if (stage, index, fmt) in have:
+                        continue
+                    have.add((stage, index, fmt))
+                    s.add(ExportRequest(
+                        id=new_id(), job_id=job_id, index=index, stage=stage, format=fmt, origin=origin,
+                        priority=priority, attempts=0, state=ExportRequestState.queued.value,
+                        created_at=now + timedelta(microseconds=added), updated_at=now,
+                    ))  # fmt: skip
+                    added += 1
+            return added
+
+    def claim_export(
+        self, worker_id: str, lease_seconds: float, *, max_priority: int | None = None
+    ) -> ExportRequest | None:
+        """Claim the next export request of a finished job: queued, or running with an expired lease (its worker
+        died), lowest priority first, then oldest; at most ``max_priority`` when given. PostgreSQL: ``FOR UPDATE
+        SKIP LOCKED``; SQLite: inside ``BEGIN IMMEDIATE``. A request whose worker died on it
+        :data:`MAX_EXPORT_ATTEMPTS` times is failed instead (with an ``export`` event)."""
+
+        def claimable() -> Any:
+            cond = and_(
+                or_(
+                    ExportRequest.state == ExportRequestState.queued.value,
+                    and_(
+                        ExportRequest.state == ExportRequestState.running.value,
+                        ExportRequest.lease_expires_at < utcnow(),
+                    ),
+                ),
+                ExportRequest.job_id.in_(select(JobRow.id).where(JobRow.state.in_([t.value for t in TERMINAL]))),
+            )
+            return cond if max_priority is None else and_(cond, ExportRequest.priority <= max_priority)
+
+        with self._read() as s:  # idle workers poll: look before taking SQLite's database-wide lock
+            if s.scalar(select(ExportRequest.id).where(claimable()).limit(1)) is None:
+                return None
+        with self._write() as s:
+            while True:
+                query = (
+                    select(ExportRequest)
+                    .where(claimable())
+                    .order_by(ExportRequest.priority, ExportRequest.created_at, ExportRequest.id)
+                    .limit(1)
+                )
+                if self._pg:
+                    query = query.with_for_update(skip_locked=True)
+                req = s.scalars(query).first()
+                if req is None:
+                    return None
+                now = utcnow()
+                if req.state == ExportRequestState.running.value and req.attempts >= MAX_EXPORT_ATTEMPTS:
+                    req.state, req.finished_at, req.updated_at = ExportRequestState.failed.value, now, now
+                    req.error = f"gave up after {req.attempts} attempts: the exporting worker kept stopping"
+                    req.worker_id, req.lease_expires_at = None, None
+                    s.flush()
+                    self._export_event(s, req, ok=False, phase=req.origin)
+                    continue
+                req.state, req.worker_id = ExportRequestState.running.value, worker_id
+                req.lease_expires_at = now + timedelta(seconds=float(lease_seconds))
+                req.attempts = (req.attempts or 0) + 1
+                req.started_at, req.updated_at = now, now
+                return req
+
+    def _held_export(self, s: Session, request_id: str, worker_id: str) -> ExportRequest:
+        req = s.scalars(select(ExportRequest).where(ExportRequest.id == request_id).with_for_update()).one_or_none()
+        if req is None:
+            raise NotFound(f"no export request {request_id!r}")
+        if req.state != ExportRequestState.running.value or req.worker_id != worker_id:
+            raise LeaseLost(f"worker {worker_id} does not hold export request {request_id} (state {req.state})")
+        return req
+
+    def renew_export_lease(self, request_id: str, worker_id: str, lease_seconds: float) -> None:
+        """LeaseLost unless ``worker_id`` still holds the request."""
+        with self._write() as s:
+            req = self._held_export(s, request_id, worker_id)
+            req.lease_expires_at = utcnow() + timedelta(seconds=float(lease_seconds))
+
+    def finish_export(
+        self,
+        request_id: str,
+        worker_id: str,
+        *,
+        seconds: float,
+        artefact_sha256: str | None = None,
+        meta: dict[str, Any] | None = None,
+        error: str | None = None,
+        retry: bool = False,
+    ) -> ExportRequest:
+        """The held request's outcome, with an ``export`` event, in one transaction: with ``artefact_sha256`` the
+        export is stored and the request ``done``; else ``error``: queued again when ``retry`` and claims are
+        left, failed otherwise. LeaseLost unless ``worker_id`` holds the request."""
+        with self._write() as s:
+            req = self._held_export(s, request_id, worker_id)
+            self._lock_job(s, req.job_id)
+            now = utcnow()
+            req.seconds, req.updated_at, req.lease_expires_at = float(seconds), now, None
+            if artefact_sha256 is not None:
+                self._store_export(s, req.job_id, req.index, req.stage, req.format, artefact_sha256, meta or {})
+                req.state, req.error, req.finished_at, req.worker_id = ExportRequestState.done.value, None, now, None
+            elif retry and req.attempts < MAX_EXPORT_ATTEMPTS:
+                req.state, req.error, req.worker_id = ExportRequestState.queued.value, error, None
+            else:
+                req.state, req.error, req.finished_at = ExportRequestState.failed.value, error, now
+                req.worker_id = None
+            s.flush()
+            if req.state != ExportRequestState.queued.value:
+                self._export_event(s, req, ok=req.state == ExportRequestState.done.value, phase=req.origin)
+            return req
+
+    @staticmethod
+    def _export_event(s: Session, req: ExportRequest, *, ok: bool, phase: str) -> None:
+        """An ``export`` event: the point, format, outcome, seconds and the job's export progress."""
+        counts = dict(
+            s.execute(
+                select(ExportRequest.state, func.count())
+                .where(ExportRequest.job_id == req.job_id)
+                .group_by(ExportRequest.state)
+            ).all()
+        )
+        data: dict[str, Any] = {
+            "point": {"stage": req.stage, "index": req.index},
+            "format": req.format,
+            "request_id": req.id,
+            "ok": ok,
+            "seconds": req.seconds,
+            "phase": phase,
+            "done": sum(int(counts.get(k, 0)) for k in _FINISHED_EXPORT),
+            "total": sum(int(v) for v in counts.values()),
+        }
+        if not ok:
+            data["error"] = req.error
+        s.add(JobEvent(job_id=req.job_id, kind="export", data=data, created_at=utcnow()))
+
+    def export_requests(self, job_id: str) -> list[ExportRequest]:
+        """The job's export requests, in claim order (priority, then age)."""
+        with self._read() as s:
+            self._require_job(s, job_id)
+            return list(
+                s.scalars(
+                    select(ExportRequest)
+                    .where(ExportRequest.job_id == job_id)
+                    .order_by(ExportRequest.priority, ExportRequest.created_at, ExportRequest.id)
+                ).all()
+            )
+
+    def get_export_request(self, job_id: str, request_id: str) -> ExportRequest:
+        with self._read() as s:
+            req = s.get(ExportRequest, request_id)
+        if req is None or req.job_id != job_id:
+            raise NotFound(f"job {job_id} has no export request {request_id!r}")
+        return req
+
+    def pending_exports(self, job_id: str) -> int:
+        """How many of the job's export requests are queued or running."""
+        with self._read() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(ExportRequest)
+                    .where(ExportRequest.job_id == job_id, ExportRequest.state.not_in(_FINISHED_EXPORT))
+                )
+                or 0
             )

@@ -267,9 +267,7 @@ def test_off_policy_agents_start_from_the_knapsack_plans(objective: Objective, a
 
 
 def test_ppo_has_no_replay_buffer_to_warm() -> None:
-    with pytest.raises(InvalidConfigError, match="no option"):
-        make_strategy("sb3-ppo", warm_start=2)
     with pytest.raises(InvalidConfigError, match="ppo has none"):
-        SB3Strategy("ppo", warm_start=2)
+        make_strategy("sb3-ppo", warm_start=2)
     with pytest.raises(InvalidConfigError, match="warm_start"):
         make_strategy("sb3-ddpg", warm_start=-1)

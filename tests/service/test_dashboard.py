@@ -288,11 +288,19 @@ def test_dashboard_in_a_real_browser(
         # a second job (the worker runs it next) for the comparison, and a third to cancel while it is queued
         second = _api_job(api, strategy="uniform", budget=3)
 
-        # download the best point's ONNX model: fetched with the key, saved by the browser
+        # download the best point's ONNX model: fetched with the key, saved by the browser. The best one was
+        # exported before the job succeeded; the rest of the front follows from the export queue, which the page
+        # follows (its export events) until every point has its button
+        _until(lambda: api.get(f"/v1/jobs/{job_id}/exports").json()["pending"] == 0, 120, "the front exports", server)
         exports = api.get(f"/v1/jobs/{job_id}/models").json()
         assert exports and {e["format"] for e in exports} == {"onnx"}
-        _until(lambda: all_css("#job-downloads button.download"), 30, "the download buttons", server)
-        assert len(all_css("#job-downloads button.download")) == len(exports)
+        _until(
+            lambda: len(all_css("#job-downloads button.download")) == len(exports), 30, "the download buttons", server
+        )
+        assert not all_css("#job-downloads span.pending")
+        requests = api.get(f"/v1/jobs/{job_id}/exports").json()
+        _until(lambda: f"{requests['total']}/{requests['total']} made" in css("#job-exports-progress").text, 10,
+               "the export progress", server)  # fmt: skip
         best = css("#job-downloads tr.best button.download[data-format='onnx']")
         best.click()
         size = int(_until(lambda: best.get_attribute("data-bytes"), 30, "the download", server))

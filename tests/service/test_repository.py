@@ -66,7 +66,7 @@ def test_migrations_build_the_models_schema_and_are_idempotent(db_url: str) -> N
     assert current_revision(db_url) is None
     upgrade(db_url)
     upgrade(db_url)  # a second run (another process starting) changes nothing
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0003"
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:

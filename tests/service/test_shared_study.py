@@ -256,12 +256,14 @@ def test_two_workers_share_one_job_and_one_study(
         e = by_index[t.user_attrs["evaluation_index"]]
         assert t.value == pytest.approx(e.reward) and t.user_attrs["worker_id"] == e.worker_id
 
-    # the finisher exported the front and the best, over every worker's evaluations
+    # the finisher exported the best over every worker's evaluations and queued the rest of the front
     best = row.best
     assert best is not None and best["reward"] == max(e.reward for e in pg_repo.evaluations(job.id).items)
     front = {(e.stage, e.index) for e in pg_repo.front(job.id)}
     exports = {(x.stage, x.index) for x in pg_repo.exports(job.id)}
-    assert exports == front | {(best["stage"], best["index"])}
+    assert exports == {(best["stage"], best["index"])}
+    requested = {(r.stage, r.index) for r in pg_repo.export_requests(job.id)}
+    assert requested == front | {(best["stage"], best["index"])}
     assert row.front_size == len(front) >= 1
 
 

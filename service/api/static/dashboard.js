@@ -478,11 +478,12 @@
   }
 
   /** Read a job's SSE stream through fetch (with the key), resuming after the last event id until `done()`. */
-  async function followEvents(jobId, onEvent, signal, done) {
-    let last = 0;
+  async function followEvents(jobId, onEvent, signal, done, { after = 0, exports = false } = {}) {
+    let last = after;
     while (!signal.aborted) {
       try {
-        const r = await api(`/v1/jobs/${encodeURIComponent(jobId)}/events${last ? `?after=${last}` : ""}`, {
+        const q = [last ? `after=${last}` : "", exports ? "follow_exports=true" : ""].filter(Boolean).join("&");
+        const r = await api(`/v1/jobs/${encodeURIComponent(jobId)}/events${q ? "?" + q : ""}`, {
           signal, headers: { Accept: "text/event-stream" },
         });
         const reader = r.body.getReader();
@@ -534,7 +535,10 @@
   async function jobView(jobId) {
     const view = show("job");
     const ctrl = new AbortController();
-    const jv = { job: null, points: new Map(), exports: [], sort: { key: "index", dir: 1 }, phase: {}, refetch: null };
+    const jv = {
+      job: null, points: new Map(), exports: [], requests: { items: [], pending: 0, done: 0, total: 0 },
+      sort: { key: "index", dir: 1 }, phase: {}, refetch: null, lastId: 0, followingExports: false,
+    };
     view.cleanup = () => { ctrl.abort(); clearTimeout(jv.refetch); clearTimeout(drawing); };
     $("#job-id").textContent = jobId;
     $("#job-log").innerHTML = "";
@@ -652,30 +656,83 @@
       $("#job-protocol").innerHTML = facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v ?? "–")}</dd>`).join("");
     }
 
+    /** Per point of the front (and the best, and any point exported on request): a download button per
+     * exported format, an export button for a format not exported yet, its state while queued or running. */
     function renderDownloads() {
       const tbody = $("#job-downloads tbody");
+      const j = jv.job || {};
+      const formats = (j.spec && j.spec.export_formats) || [];
       const byPoint = new Map();
+      const group = (stage, index) => {
+        const k = `${stage}:${index}`;
+        if (!byPoint.has(k)) byPoint.set(k, { stage, index, best: false, items: new Map() });
+        return byPoint.get(k);
+      };
+      if (TERMINAL.has(j.state)) {
+        for (const p of points()) if (p.on_front) group(p.stage, p.index);
+        if (j.best && Number.isInteger(j.best.index)) group(j.best.stage || "search", j.best.index).best = true;
+      }
       for (const e of jv.exports) {
-        const k = `${e.stage}:${e.index}`;
-        if (!byPoint.has(k)) byPoint.set(k, { stage: e.stage, index: e.index, best: false, items: [] });
-        const g = byPoint.get(k);
-        g.items.push(e);
+        const g = group(e.stage, e.index);
+        g.items.set(e.format, { export: e });
         g.best = g.best || (e.meta && e.meta.best === true);
+      }
+      for (const r of jv.requests.items) {
+        const g = byPoint.get(`${r.stage}:${r.index}`);
+        if (g && !g.items.has(r.format)) g.items.set(r.format, { request: r });
       }
       const groups = [...byPoint.values()].sort((a, b) => (b.best - a.best) || a.index - b.index);
       $("#job-downloads-hint").hidden = groups.length > 0;
+      const rq = jv.requests;
+      const prog = $("#job-exports-progress");
+      prog.hidden = !rq.total;
+      prog.textContent = rq.total ? `exports: ${rq.done}/${rq.total} made${rq.pending ? `, ${rq.pending} queued or running` : ""}` : "";
       tbody.innerHTML = groups.map((g) => {
         const p = jv.points.get(`${g.stage}:${g.index}`);
-        const buttons = g.items.map((e) => {
-          const name = (e.meta && e.meta.filename) || `job-${shortId(jobId)}-${e.stage}-${e.index}.${e.format}`;
-          return `<button type="button" class="small download" data-url="${esc(e.url)}" data-filename="${esc(name)}"
-            data-format="${esc(e.format)}" title="${esc(bytes(e.size_bytes))}">${esc(e.format)}</button>`;
+        const names = [...new Set([...formats, ...g.items.keys()])];
+        const cells = names.map((fmt) => {
+          const it = g.items.get(fmt) || {};
+          const data = `data-stage="${esc(g.stage)}" data-index="${g.index}" data-format="${esc(fmt)}"`;
+          if (it.export) {
+            const e = it.export;
+            const name = (e.meta && e.meta.filename) || `job-${shortId(jobId)}-${e.stage}-${e.index}.${e.format}`;
+            return `<button type="button" class="small download" data-url="${esc(e.url)}" data-filename="${esc(name)}"
+              ${data} title="${esc(bytes(e.size_bytes))}">${esc(fmt)}</button>`;
+          }
+          const r = it.request;
+          if (r && (r.state === "queued" || r.state === "running")) {
+            return `<span class="pending" ${data}>${esc(fmt)}: ${r.state === "running" ? "exporting…" : "queued"}</span>`;
+          }
+          const failed = r && r.state === "failed";
+          return `<button type="button" class="small secondary export" ${data}
+            title="${esc(failed ? "failed: " + (r.error || "") : "export this point")}">${failed ? "retry " : "export "}${esc(fmt)}</button>`;
         }).join(" ");
         return `<tr class="${g.best ? "best" : ""}" data-k="${esc(g.stage + ":" + g.index)}">
           <td>#${g.index} ${esc(g.stage)}${g.best ? " ★ best" : ""}</td>
           <td class="num">${p ? num(p.quality) : ""}</td><td class="num">${p ? speed(p.speedup) : ""}</td>
-          <td>${buttons}</td></tr>`;
+          <td>${cells}</td></tr>`;
       }).join("");
+    }
+
+    /** After the job: follow its export events (``follow_exports``) while some of its exports are queued. */
+    function followExports() {
+      if (jv.followingExports || !live()) return;
+      jv.followingExports = true;
+      followEvents(jobId, onEvent, ctrl.signal, () => !live() || jv.requests.pending === 0, { after: jv.lastId, exports: true })
+        .catch(report)
+        .finally(() => { jv.followingExports = false; if (live()) scheduleReload(0); });
+    }
+
+    async function requestExport(btn) {
+      btn.disabled = true;
+      try {
+        await postJson(`/v1/jobs/${encodeURIComponent(jobId)}/exports`, {
+          point: parseInt(btn.dataset.index, 10), stage: btn.dataset.stage, format: btn.dataset.format,
+        });
+        await reload();
+      } finally {
+        btn.disabled = false;
+      }
     }
 
     async function reload() {
@@ -686,9 +743,14 @@
       jv.job = job;
       for (const e of evals) jv.points.set(pointKey(e), e);
       if (TERMINAL.has(job.state)) {
-        jv.exports = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}/models`);
+        const [exports, requests] = await Promise.all([
+          getJson(`/v1/jobs/${encodeURIComponent(jobId)}/models`), getJson(`/v1/jobs/${encodeURIComponent(jobId)}/exports`),
+        ]);
         if (!live()) return;
+        jv.exports = exports;
+        jv.requests = requests;
         renderDownloads();
+        if (requests.pending > 0) followExports();
       }
       renderHeader();
       renderPlot();
@@ -722,6 +784,10 @@
 
     function onEvent(kind, ev) {
       if (!live()) return;
+      if (ev && Number.isInteger(ev.id)) {
+        if (kind !== "snapshot" && ev.id <= jv.lastId) return; // already seen (the export stream resumes after it)
+        jv.lastId = Math.max(jv.lastId, ev.id);
+      }
       if (kind === "snapshot") {
         jv.job = Object.assign(jv.job || {}, ev);
         renderHeader();
@@ -753,6 +819,13 @@
         addLog(msg, ev.created_at);
         if (/^fine-tuning point/.test(msg)) renderProgress("fine-tune", 0, 0);
         if (/^exporting/.test(msg)) renderProgress("export", data.done || 0, data.total || 0);
+      } else if (kind === "export") {
+        const pt = data.point || {};
+        addLog(`${data.ok ? "exported" : "export failed:"} #${pt.index} ${pt.stage} as ${data.format}` +
+          (data.seconds != null ? ` (${num(data.seconds, 1)} s)` : "") + (data.ok ? "" : ` ${data.error || ""}`) +
+          ` — ${data.done}/${data.total}`, ev.created_at);
+        if (jv.job && !TERMINAL.has(jv.job.state)) renderProgress("export", data.done || 0, data.total || 0);
+        scheduleReload(300);
       } else if (kind === "sensitivity") {
         const groups = Object.keys((data.sensitivity && data.sensitivity.groups) || data.sensitivity || {}).length;
         addLog(`latency table measured${groups ? ` (${groups} entries)` : ""}`, ev.created_at);
@@ -777,6 +850,8 @@
     $("#job-downloads").onclick = (ev) => {
       const btn = ev.target.closest("button.download");
       if (btn) download(btn).catch(report);
+      const exp = ev.target.closest("button.export");
+      if (exp) requestExport(exp).catch(report);
     };
 
     renderPlot();

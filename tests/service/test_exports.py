@@ -1,0 +1,418 @@
+"""Issue 13.7: exports lazy or queued, with progress; the best point first; a cancelled job's points on request.
+
+* The queue itself (``export_requests``, on SQLite and PostgreSQL): a user's request before background ones,
+  only finished jobs' requests are claimed, concurrent claimers never share one (SKIP LOCKED / BEGIN
+  IMMEDIATE), an expired lease is claimed again and fences the old worker, transient errors are retried up to
+  ``MAX_EXPORT_ATTEMPTS``, and every outcome writes an ``export`` event with the job's progress.
+* The worker (real ResNet-20 / digits searches): the best file exists when the job succeeds, the rest of the
+  front follows from the queue (``eager``); a fine-tuned point's weights are stored once and its later exports
+  load them (no training again).
+* The API over a real uvicorn (``lazy``): 409 while the job runs, 202 + Location then the file, 200 when it
+  exists, 404/422 for bad ids and formats, the ``export`` events in the event stream, ``Client.download``
+  waiting for a queued export, ``autoprune download --no-wait`` exiting 3, and a cancelled job's best point.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from service.api.app import create_app
+from service.artefacts import ArtefactStore
+from service.client import Client, parse_sse
+from service.db.engine import make_engine, upgrade
+from service.db.models import EvaluationRow, JobState
+from service.db.repository import MAX_EXPORT_ATTEMPTS, LeaseLost, Repository
+from service.settings import Settings
+from service.worker import Worker
+from tests.service.conftest import serve_in_thread
+from tests.service.test_repository import new_job
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "exports-key-0123456789"
+SPEC = {"strategy": "random", "budget": 3, "val_samples": 100, "bn_batches": 2, "max_ratio": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finished_job(repo: Repository, state: JobState = JobState.succeeded) -> str:
+    job = new_job(repo)
+    assert repo.claim_job("w", 60) is not None
+    repo.transition(job.id, state, worker_id="w")
+    return job.id
+
+
+def export_events(repo: Repository, job_id: str) -> list[dict[str, Any]]:
+    return [e.data for e in repo.events_after(job_id) if e.kind == "export"]
+
+
+# -- the queue ------------------------------------------------------------------------------------------------
+def test_user_requests_go_first_and_only_finished_jobs_are_claimed(repo: Repository) -> None:
+    running = new_job(repo)
+    assert repo.claim_job("w", 60) is not None
+    assert repo.enqueue_exports(running.id, [("search", 1)], ["onnx"]) == 1
+    assert repo.claim_export("x", 60) is None  # the job still runs: its exports wait
+
+    job_id = finished_job(repo)
+    assert repo.enqueue_exports(job_id, [("search", 1), ("search", 2)], ["onnx"]) == 2
+    assert repo.enqueue_exports(job_id, [("search", 1), ("search", 2)], ["onnx"]) == 0  # idempotent
+    user, ready = repo.request_export(job_id, stage="search", index=3, format="pt2")
+    assert not ready and user.state == "queued" and user.origin == "user"
+    # a user asking for a queued background export raises it to the user's priority
+    raised, _ = repo.request_export(job_id, stage="search", index=2, format="onnx")
+    assert raised.origin == "user"
+
+    order = []
+    while (req := repo.claim_export("x", 60, max_priority=0)) is not None:  # user requests only
+        order.append((req.origin, req.index, req.format))
+    assert order == [("user", 2, "onnx"), ("user", 3, "pt2")]  # the raised one is older
+    req = repo.claim_export("x", 60)
+    assert req is not None and (req.origin, req.index, req.format) == ("background", 1, "onnx")
+    assert req.state == "running" and req.attempts == 1 and req.worker_id == "x"
+    assert repo.claim_export("x", 60) is None
+    assert repo.pending_exports(job_id) == 3  # all running now
+
+
+def test_finish_stores_the_export_and_writes_an_event(repo: Repository) -> None:
+    job_id = finished_job(repo, JobState.cancelled)  # a cancelled job's points can be exported
+    repo.enqueue_exports(job_id, [("search", 1), ("search", 2)], ["onnx"])
+    sha = "ab" * 32
+    repo.add_artefact(sha, 5, "application/onnx", ".onnx")
+    first = repo.claim_export("x", 60)
+    assert first is not None
+    done = repo.finish_export(first.id, "x", seconds=1.5, artefact_sha256=sha, meta={"best": False})
+    assert done.state == "done" and done.seconds == 1.5 and done.finished_at is not None
+    assert repo.get_export(job_id, index=first.index, stage="search", format="onnx").artefact_sha256 == sha
+    second = repo.claim_export("x", 60)
+    assert second is not None
+    failed = repo.finish_export(second.id, "x", seconds=0.5, error="ExportError: no")  # not retried
+    assert failed.state == "failed" and failed.error == "ExportError: no"
+    events = export_events(repo, job_id)
+    assert [(e["point"], e["ok"], e["done"], e["total"], e["phase"]) for e in events] == [
+        ({"stage": "search", "index": first.index}, True, 1, 2, "background"),
+        ({"stage": "search", "index": second.index}, False, 2, 2, "background"),
+    ]
+    assert events[0]["format"] == "onnx" and events[0]["seconds"] == 1.5 and events[1]["error"] == "ExportError: no"
+    # asking again: the stored one is ready (200), the failed one is queued again with fresh attempts
+    assert repo.request_export(job_id, stage="search", index=first.index, format="onnx")[1] is True
+    again, ready = repo.request_export(job_id, stage="search", index=second.index, format="onnx")
+    assert not ready and again.state == "queued" and again.attempts == 0 and again.error is None
+
+
+def test_lease_expiry_retries_and_fencing(repo: Repository) -> None:
+    job_id = finished_job(repo)
+    repo.enqueue_exports(job_id, [("search", 1)], ["onnx"])
+    first = repo.claim_export("dead", 0.001)  # its worker dies: the lease runs out
+    assert first is not None
+    time.sleep(0.05)
+    again = repo.claim_export("alive", 60)
+    assert again is not None and again.id == first.id and again.attempts == 2 and again.worker_id == "alive"
+    with pytest.raises(LeaseLost):
+        repo.finish_export(first.id, "dead", seconds=1.0, error="late")
+    with pytest.raises(LeaseLost):
+        repo.renew_export_lease(first.id, "dead", 60)
+    repo.renew_export_lease(again.id, "alive", 60)
+    # a transient error: queued again while claims are left, then failed
+    assert repo.finish_export(again.id, "alive", seconds=0.1, error="OSError: disk", retry=True).state == "queued"
+    last = repo.claim_export("alive", 60)
+    assert last is not None and last.attempts == MAX_EXPORT_ATTEMPTS == 3
+    assert repo.finish_export(last.id, "alive", seconds=0.1, error="OSError: disk", retry=True).state == "failed"
+    # a request whose workers keep dying is failed by the next claim
+    repo.enqueue_exports(job_id, [("search", 2)], ["onnx"])
+    for _ in range(MAX_EXPORT_ATTEMPTS):
+        assert repo.claim_export("dying", 0.001) is not None
+        time.sleep(0.05)
+    assert repo.claim_export("next", 60) is None
+    gave_up = next(r for r in repo.export_requests(job_id) if r.index == 2)
+    assert gave_up.state == "failed" and "gave up after 3 attempts" in (gave_up.error or "")
+    assert export_events(repo, job_id)[-1]["ok"] is False
+
+
+def test_concurrent_claimers_never_share_a_request(db_url: str) -> None:
+    upgrade(db_url)
+    engines = [make_engine(db_url) for _ in range(4)]
+    try:
+        repo = Repository(engines[0])
+        job_id = finished_job(repo)
+        assert repo.enqueue_exports(job_id, [("search", i) for i in range(1, 21)], ["onnx", "pt2"]) == 40
+        claimed: list[list[str]] = [[] for _ in engines]
+        barrier = threading.Barrier(len(engines))
+
+        def claim(k: int) -> None:
+            r = Repository(engines[k])
+            barrier.wait()
+            while (req := r.claim_export(f"w{k}", 60)) is not None:
+                claimed[k].append(req.id)
+
+        threads = [threading.Thread(target=claim, args=(k,)) for k in range(len(engines))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        ids = [i for c in claimed for i in c]
+        assert len(ids) == len(set(ids)) == 40
+        assert sum(1 for c in claimed if c) >= 2  # they really raced
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+# -- the worker -----------------------------------------------------------------------------------------------
+def _submit(repo: Repository, **spec: Any) -> str:
+    model = repo.create_model(name="r", kind="architecture", architecture="resnet20", kwargs={}, artefact_sha256=None)
+    data = repo.create_dataset(name="digits", kind="builtin", builtin="digits", artefact_sha256=None, info={})
+    body = {**SPEC, **spec}
+    job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=body, progress_total=body["budget"])
+    return job.id
+
+
+@pytest.mark.slow
+def test_the_best_file_is_ready_when_the_job_succeeds_and_the_front_follows(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, lease_seconds=10, heartbeat_seconds=1)
+    upgrade(db_url)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    try:
+        job_id = _submit(repo, export_formats=["onnx"], budget=4, max_ratio=0.6)
+        assert worker._run_one() == "job"
+        job = repo.get_job(job_id)
+        assert job.state == "succeeded" and job.best is not None
+        best = (job.best["stage"], job.best["index"])
+        # at success: the best point's file, and a queue for the rest of the front
+        assert [(x.stage, x.index, x.format) for x in repo.exports(job_id)] == [(*best, "onnx")]
+        front = {(e.stage, e.index) for e in repo.front(job_id)}
+        requests = {(r.stage, r.index): r for r in repo.export_requests(job_id)}
+        assert set(requests) == front | {best}
+        assert requests[best].state == "done" and requests[best].origin == "job"
+        rest = {k for k, r in requests.items() if r.state == "queued"}
+        assert rest == front - {best} and all(requests[k].origin == "background" for k in rest)
+        succeeded_at = next(e.id for e in repo.events_after(job_id) if e.to_state == "succeeded")
+        first = next(e for e in repo.events_after(job_id) if e.kind == "export")
+        assert first.id < succeeded_at and first.data["phase"] == "job" and first.data["ok"] is True
+        assert first.data["point"] == {"stage": best[0], "index": best[1]}
+
+        # the worker then makes the rest, one request at a time, with progress events
+        made = 0
+        while worker._run_one() == "export":
+            made += 1
+        assert made == len(rest)
+        assert {(x.stage, x.index) for x in repo.exports(job_id)} == front | {best}
+        assert repo.pending_exports(job_id) == 0
+        later = [e for e in export_events(repo, job_id) if e["phase"] == "background"]
+        assert len(later) == len(rest) and all(e["ok"] and e["seconds"] > 0 for e in later)
+        assert [e["done"] for e in later] == list(range(2, 2 + len(rest)))
+        assert all(e["total"] == len(requests) for e in later)
+        store = ArtefactStore(settings.artefacts)
+        for x in repo.exports(job_id):
+            assert store.exists(x.artefact_sha256, ".onnx") and x.meta["best"] == ((x.stage, x.index) == best)
+    finally:
+        worker.close()
+
+
+@pytest.mark.slow
+def test_finetuned_weights_are_stored_once_and_exports_reuse_them(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    settings = Settings(data_dir=tmp_path / "data", export_front="lazy", lease_seconds=10, heartbeat_seconds=1)
+    upgrade(settings.db_url)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    try:
+        job_id = _submit(repo, export_formats=["onnx"], finetune_top=1, finetune_epochs=1)
+        assert worker._run_one() == "job"
+        assert repo.get_job(job_id).state == "succeeded"
+        tuned = repo.evaluations(job_id, stage="finetuned").items
+        assert len(tuned) == 1 and tuned[0].weights_sha256 is not None
+        weights = ArtefactStore(settings.artefacts).path_for(tuned[0].weights_sha256, ".safetensors")
+        assert weights.is_file()
+        assert repo.export_requests(job_id) and all(r.origin == "job" for r in repo.export_requests(job_id))  # lazy
+        finetune_events = sum(1 for e in repo.events_after(job_id) if e.kind == "finetune")
+    finally:
+        worker.close()
+
+    # a fresh worker (another process, say) exports the fine-tuned point from its stored weights: no training
+    repo2 = Repository(make_engine(settings.db_url))
+    req, ready = repo2.request_export(job_id, stage="finetuned", index=tuned[0].index, format="safetensors")
+    assert not ready
+    fresh = Worker(settings, "w2")
+    try:
+        assert fresh._run_one() == "export"
+    finally:
+        fresh.close()
+    assert repo2.get_export_request(job_id, req.id).state == "done"
+    assert sum(1 for e in repo2.events_after(job_id) if e.kind == "finetune") == finetune_events
+    export = repo2.get_export(job_id, index=tuned[0].index, stage="finetuned", format="safetensors")
+    archive = ArtefactStore(settings.artefacts).path_for(export.artefact_sha256, ".zip")
+    with zipfile.ZipFile(io.BytesIO(archive.read_bytes())) as zf:
+        exported = safetensors.torch.load(zf.read("model.safetensors"))
+    stored = safetensors.torch.load_file(str(weights))
+    assert exported.keys() == stored.keys()
+    assert all(bool((exported[k] == stored[k]).all()) for k in stored)
+    repo2.engine.dispose()
+
+
+# -- the API over real HTTP -----------------------------------------------------------------------------------
+def _problem(r: httpx.Response, status: int, slug: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    if slug is not None:
+        assert body["type"].endswith(f"/{slug}"), body
+    return body
+
+
+@pytest.mark.slow
+def test_export_requests_over_http(db_url: str, tmp_path: Path, wait_for: Callable[..., None]) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=db_url, api_keys=[KEY], export_front="lazy", lease_seconds=10
+    )
+    upgrade(db_url)
+    app = create_app(settings, sse_poll_seconds=0.05)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    try:
+        with serve_in_thread(app) as url, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as api:  # fmt: skip
+            model = api.post("/v1/models", params={"architecture": "resnet20"}).json()["id"]
+            data = api.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+            job_id = api.post(
+                "/v1/jobs", json={"model_id": model, "dataset_id": data, **SPEC, "export_formats": ["onnx"]}
+            ).json()["id"]
+            exports = f"/v1/jobs/{job_id}/exports"
+            _problem(api.post(exports, json={"point": "best", "format": "onnx"}), 409, "job-not-finished")
+            repo.claim_job("holder", 60)  # running: still 409
+            _problem(api.post(exports, json={"point": 1, "format": "onnx"}), 409, "job-not-finished")
+            repo.release_job(job_id, "holder")
+
+            assert worker._run_one() == "job"
+            # the best file is there the moment the job has succeeded
+            assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded"
+            best = api.get(f"/v1/jobs/{job_id}/models/best", params={"format": "onnx"})
+            assert best.status_code == 200 and len(best.content) > 1000
+            listed = api.get(exports).json()
+            assert listed["total"] == listed["done"] == 1 and listed["pending"] == 0  # lazy: nothing queued
+            assert listed["items"][0]["origin"] == "job" and listed["items"][0]["download_url"]
+
+            # another evaluation, in another format: 404 until requested, 202 + Location, then the file
+            best_index = api.get(f"/v1/jobs/{job_id}").json()["best"]["index"]
+            other = next(i for i in range(4) if i != best_index)
+            _problem(api.get(f"/v1/jobs/{job_id}/models/{other}", params={"format": "pt2"}), 404, "no-export")
+            r = api.post(exports, json={"point": other, "format": "pt2"})
+            assert r.status_code == 202, r.text
+            req = r.json()
+            assert r.headers["location"] == req["url"] == f"{exports}/{req['id']}"
+            assert req["state"] == "queued" and req["origin"] == "user" and req["download_url"] is None
+            assert api.post(exports, json={"point": other, "format": "pt2"}).status_code == 202  # same request
+            assert api.get(exports).json()["pending"] == 1
+
+            assert worker._run_one() == "export"
+            status = api.get(r.headers["location"]).json()
+            assert status["state"] == "done" and status["attempts"] == 1 and status["seconds"] > 0
+            file = api.get(status["download_url"])
+            assert file.status_code == 200 and file.content[:2] == b"PK"  # a .pt2 is a zip
+            again = api.post(exports, json={"point": other, "format": "pt2"})
+            assert again.status_code == 200 and again.json()["id"] == req["id"]
+
+            # bad ids and bodies
+            _problem(api.post("/v1/jobs/nope/exports", json={"point": "best", "format": "onnx"}), 404)
+            _problem(api.post(exports, json={"point": "best", "format": "tflite"}), 422)
+            _problem(api.post(exports, json={"point": -1, "format": "onnx"}), 422)
+            _problem(api.post(exports, json={"point": "1", "format": "onnx"}), 422)
+            _problem(api.post(exports, json={"point": 999, "format": "onnx"}), 404, "no-point")
+            _problem(api.post(exports, json={"point": 1, "stage": "finetuned", "format": "onnx"}), 404, "no-point")
+            _problem(api.get(f"{exports}/0123456789abcdef"), 404)
+            _problem(api.get("/v1/jobs/nope/exports"), 404)
+
+            # the export events are in the job's event stream (past the terminal state with follow_exports)
+            with api.stream("GET", f"/v1/jobs/{job_id}/events", params={"follow_exports": "true"}) as stream:
+                events = [e for e in parse_sse(stream.iter_lines()) if e.event == "export"]
+            assert [(e.data["data"]["phase"], e.data["data"]["ok"]) for e in events] == [("job", True), ("user", True)]
+            last = events[-1].data["data"]
+            assert last["point"] == {"stage": "search", "index": other} and last["format"] == "pt2"
+            assert (last["done"], last["total"]) == (2, 2) and last["seconds"] > 0
+
+            # a point fine-tuned before weights were kept cannot be rebuilt without training: 409
+            tuned_job = _finetuned_job_without_weights(repo, worker, job_id)
+            _problem(
+                api.post(f"/v1/jobs/{tuned_job}/exports", json={"point": 1, "stage": "finetuned", "format": "onnx"}),
+                409,
+                "point-not-rebuildable",
+            )
+
+            # Client.download requests a missing point and waits for a worker; --no-wait exits 3 at once
+            with Client(url, KEY) as client:
+                third = next(i for i in range(4) if i not in (best_index, other))
+                cli = [sys.executable, "-m", "service.cli", "download", job_id, "--url", url, "--key", KEY]
+                no_wait = subprocess.run(
+                    [*cli, "--point", str(third), "--format", "pt2", "--no-wait", "-o", str(tmp_path / "x.pt2")],
+                    capture_output=True, text=True, cwd=ROOT, timeout=120,
+                )  # fmt: skip
+                assert no_wait.returncode == 3, no_wait.stderr
+                assert "queued" in no_wait.stderr and not (tmp_path / "x.pt2").exists()
+                runner.start()
+                path = client.download(job_id, tmp_path / "third.pt2", point=third, format="pt2", timeout=300)
+                assert path.stat().st_size > 1000
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(60)
+        worker.close()
+
+
+def _finetuned_job_without_weights(repo: Repository, worker: Worker, source_job: str) -> str:
+    """A finished job with a fine-tuned evaluation 1 that has no stored weights (as before migration 0003)."""
+    job = new_job(repo)
+    assert repo.claim_job("old", 60) is not None
+    rec = repo.evaluation(source_job, stage="search", index=1).record
+    repo.record_evaluation(job.id, "old", {**rec, "stage": "finetuned"}, done=1, best=None, front=[])
+    repo.transition(job.id, JobState.succeeded, worker_id="old")
+    with worker.engine.begin() as conn:
+        conn.execute(update(EvaluationRow).where(EvaluationRow.job_id == job.id).values(weights_sha256=None))
+    return job.id
+
+
+@pytest.mark.slow
+def test_a_cancelled_jobs_best_point_is_exported_on_request(tmp_path: Path, wait_for: Callable[..., None]) -> None:
+    settings = Settings(data_dir=tmp_path / "data", lease_seconds=10, heartbeat_seconds=0.5, poll_seconds=0.2)
+    upgrade(settings.db_url)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    try:
+        job_id = _submit(repo, budget=500, export_formats=["onnx"])
+        thread = threading.Thread(target=worker.run_once)
+        thread.start()
+        wait_for(lambda: repo.get_job(job_id).progress_done >= 2, 180, "two evaluations", interval=0.05)
+        repo.request_cancel(job_id)
+        thread.join(120)
+        job = repo.get_job(job_id)
+        assert job.state == "cancelled" and repo.exports(job_id) == [] and job.best is not None
+        req, ready = repo.request_export(job_id, stage=job.best["stage"], index=job.best["index"], format="onnx")
+        assert not ready
+        assert worker._run_one() == "export"
+        assert repo.get_export_request(job_id, req.id).state == "done"
+        export = repo.get_export(job_id, index=job.best["index"], stage=job.best["stage"], format="onnx")
+        assert export.meta["best"] is True
+    finally:
+        worker.close()
