@@ -110,6 +110,15 @@ class Progress:
     replayed: bool
     """True when the evaluation came from the recorded history instead of being run again."""
 
+    def __repr__(self) -> str:
+        """One compact line (``callbacks=[print]`` prints it), not the nested Evaluations' reprs."""
+        e, total = self.evaluation, "?" if self.total is None else self.total
+        return (
+            f"Progress({self.done}/{total}: {e.metric} {e.quality:.4f}, {e.speedup:.2f}x, reward {e.reward:.4f}"
+            f"{' (replayed)' if self.replayed else ''} | best reward {self.best.reward:.4f} | front "
+            f"{self.front_size} | {self.elapsed:.1f} s)"
+        )
+
 
 ProgressCallback = Callable[[Progress], None]
 

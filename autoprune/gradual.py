@@ -38,6 +38,7 @@ from autoprune.inputs import Inputs, call_model, to_device
 from autoprune.names import ITERATIVE_SCHEDULES
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, analyze
+from autoprune.pruning.structured import AfterPrune
 from autoprune.pruning.unstructured import sparsifiable_layers
 from autoprune.recovery import FinetuneReport, RecoveryConfig, TrainStep, make_optimizer, recover
 
@@ -493,6 +494,7 @@ def iterative_prune(
     on_step: Callable[[IterativeStep], None] | None = None,
     on_finetune: Callable[[FinetuneReport], None] | None = None,
     train_step: TrainStep | None = None,
+    after_prune: AfterPrune | None = None,
 ) -> IterativeResult:
     """Reach a structured plan in ``steps`` increments: prune a fraction, recover, repeat (the base model is not
     modified).
@@ -506,7 +508,8 @@ def iterative_prune(
     :func:`autoprune.recovery.recover` under ``recovery`` (BatchNorm re-estimation, then fine-tuning if the recipe
     asks); with distillation or label-free data the teacher defaults to the unpruned base model. ``recovery``
     is the recipe of *each* increment (:meth:`RecoveryConfig.per_increment` splits a whole budget over them).
-    ``on_finetune`` receives every increment's fine-tune progress; ``train_step`` replaces the built-in loss.
+    ``on_finetune`` receives every increment's fine-tune progress; ``train_step`` replaces the built-in loss;
+    ``after_prune(model, plan)`` fixes up every increment's pruned model (as in :class:`PruningContext`).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidConfigError(f"steps must be an integer >= 1, got {steps!r}")
@@ -521,7 +524,7 @@ def iterative_prune(
         if plan.criterion == "taylor"
         else None
     )
-    base = PruningContext(model, example_inputs, keep=keep, calibration=calibration)
+    base = PruningContext(model, example_inputs, keep=keep, calibration=calibration, after_prune=after_prune)
     ratios_full = {name: r for name, r in plan.ratios if r > 0}
     names = list(ratios_full)
     current = model
@@ -538,7 +541,9 @@ def iterative_prune(
             step_plan = Plan(ratios=tuple(relative.items()), criterion=plan.criterion, round_to=1, seed=plan.seed)
             if plan.criterion == "taylor":
                 calibration = list(dataset.train_batches(recovery.batch_size, seed=recovery.seed + i, max_batches=4))
-            current = PruningContext(current, example_inputs, keep=keep, calibration=calibration).apply(step_plan)
+            current = PruningContext(
+                current, example_inputs, keep=keep, calibration=calibration, after_prune=after_prune
+            ).apply(step_plan)
             width = _widths(current, example_inputs, names, keep)
         if width != target:
             raise PruningError(f"increment {i} reached widths {width}, expected {target}")

@@ -351,6 +351,7 @@ class Objective:
             teacher=self.base,
             on_finetune=on_finetune,
             train_step=self.train_step,
+            after_prune=self.after_prune,
         )
         return result.model
 

@@ -122,8 +122,12 @@ def test_progress_callbacks_see_every_evaluation_and_a_stop_event_ends_the_searc
         if p.done == 2:
             stop.set()
 
-    result = run_search(objective, "random", 10, stop=stop, callbacks=[on_progress])
+    lines: list[str] = []
+    result = run_search(objective, "random", 10, stop=stop, callbacks=[on_progress, lambda p: lines.append(repr(p))])
     assert [s[:2] for s in seen] == [(1, 10), (2, 10)]
+    # what `callbacks=[print]` shows: one compact line, not the nested Evaluations' reprs
+    assert len(lines) == 2 and all("\n" not in line and len(line) < 200 for line in lines), lines
+    assert lines[0].startswith("Progress(1/10: accuracy ") and "x, reward " in lines[0] and "| front " in lines[0]
     assert len(result.evaluations) == 2
     assert result.stop_reason == "stopped"
 

@@ -351,3 +351,17 @@ def test_a_fine_tuned_point_can_be_reached_iteratively(
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
     with pytest.raises(InvalidConfigError, match="applies to structured plans"):
         objective.evaluate(Plan(ratios=(("*", 0.5),), method="unstructured"), recovery=recipe)
+
+
+def test_iterative_prune_runs_the_after_prune_hook_on_every_increment(
+    resnet: tuple[nn.Module, torch.Tensor], digits_subset: Dataset
+) -> None:
+    model, x = resnet
+    seen: list[float] = []
+
+    def hook(pruned: nn.Module, plan: Plan) -> None:
+        seen.append(max(r for _, r in plan.ratios))
+
+    iterative_prune(model, x, digits_subset, 0.5, steps=3, after_prune=hook)
+    assert len(seen) >= 3  # the base's first cut and the two later increments (lock-probe trials may add more)
+    assert any(0 < r < 0.5 for r in seen)  # an intermediate increment, not only the final plan
