@@ -419,19 +419,7 @@ class Worker:
             )
             return self._best_summary(snapshot, spec)
 
-        def record(
-            e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation], weights: str | None = None
-        ) -> None:
-            self.repo.record_evaluation(
-                job.id,
-                self.worker_id,
-                _finite(e.to_json()),
-                done=done,
-                best=best,
-                front=[_key(p) for p in front],
-                weights_sha256=weights,
-            )
-            lease.renew()  # after every evaluation: keeps the lease fresh and reads a cancel request back
+        record = self._recorder(job.id, lease)
 
         record(baseline, 0, best_of([]), [baseline])
         self._check(lease)
@@ -599,19 +587,7 @@ class Worker:
         final = snapshot(self.repo.all_records(job.id))
         final = dataclasses.replace(final, finetuned=[], stop_reason=stop_reason, wall_s=time.monotonic() - started)
 
-        def record(
-            e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation], weights: str | None = None
-        ) -> None:
-            self.repo.record_evaluation(
-                job.id,
-                self.worker_id,
-                _finite(e.to_json()),
-                done=done,
-                best=best,
-                front=[_key(p) for p in front],
-                weights_sha256=weights,
-            )
-            lease.renew()
+        record = self._recorder(job.id, lease)
 
         def best_of(search: list[Evaluation], finetuned: Sequence[Evaluation] = ()) -> dict[str, Any]:
             return self._best_summary(dataclasses.replace(final, evaluations=search, finetuned=list(finetuned)), spec)
@@ -655,6 +631,26 @@ class Worker:
         log.info("job %s: %s", job_id, message)
         with contextlib.suppress(RepositoryError):
             self.repo.add_event(job_id, "log", message=message)
+
+    def _recorder(self, job_id: str, lease: Any) -> Callable[..., None]:
+        """``record(evaluation, done, best, front, weights=None)``: store one evaluation of this job with its
+        progress, best summary and front (and a fine-tuned point's stored weights), then renew the lease."""
+
+        def record(
+            e: Evaluation, done: int, best: dict[str, Any], front: list[Evaluation], weights: str | None = None
+        ) -> None:
+            self.repo.record_evaluation(
+                job_id,
+                self.worker_id,
+                _finite(e.to_json()),
+                done=done,
+                best=best,
+                front=[_key(p) for p in front],
+                weights_sha256=weights,
+            )
+            lease.renew()  # after every evaluation: keeps the lease fresh and reads a cancel request back
+
+        return record
 
     @staticmethod
     def _best_summary(result: SearchResult, spec: JobSpec) -> dict[str, Any]:
