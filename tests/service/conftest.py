@@ -110,6 +110,14 @@ def pg_repo(pg_url: str) -> Iterator[Repository]:
 
 
 # -- subprocesses: free ports, a clean environment, a real server, waiting ---------------------------------------
+def submit_job(repo: Repository, spec: dict[str, Any]) -> str:
+    """A queued job of the built-in resnet20 on digits with ``spec`` (the worker tests' submission)."""
+    model = repo.create_model(name="r", kind="architecture", architecture="resnet20", kwargs={}, artefact_sha256=None)
+    data = repo.create_dataset(name="digits", kind="builtin", builtin="digits", artefact_sha256=None, info={})
+    job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=spec, progress_total=spec["budget"])
+    return job.id
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

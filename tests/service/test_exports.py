@@ -36,7 +36,7 @@ from service.db.models import EvaluationRow, JobState
 from service.db.repository import MAX_EXPORT_ATTEMPTS, LeaseLost, Repository
 from service.settings import Settings
 from service.worker import Worker
-from tests.service.conftest import serve_in_thread
+from tests.service.conftest import serve_in_thread, submit_job
 from tests.service.test_repository import new_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,11 +178,7 @@ def test_concurrent_claimers_never_share_a_request(db_url: str) -> None:
 
 # -- the worker -----------------------------------------------------------------------------------------------
 def _submit(repo: Repository, **spec: Any) -> str:
-    model = repo.create_model(name="r", kind="architecture", architecture="resnet20", kwargs={}, artefact_sha256=None)
-    data = repo.create_dataset(name="digits", kind="builtin", builtin="digits", artefact_sha256=None, info={})
-    body = {**SPEC, **spec}
-    job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=body, progress_total=body["budget"])
-    return job.id
+    return submit_job(repo, {**SPEC, **spec})
 
 
 @pytest.mark.slow

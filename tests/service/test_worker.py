@@ -26,6 +26,7 @@ from service.db.engine import ensure_schema, make_engine
 from service.db.repository import Repository
 from service.settings import Settings
 from service.worker import Worker
+from tests.service.conftest import submit_job
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL = 0.02
@@ -69,11 +70,7 @@ def repo(settings: Settings) -> Iterator[Repository]:
 
 
 def submit(repo: Repository, **spec: Any) -> str:
-    model = repo.create_model(name="r", kind="architecture", architecture="resnet20", kwargs={}, artefact_sha256=None)
-    data = repo.create_dataset(name="digits", kind="builtin", builtin="digits", artefact_sha256=None, info={})
-    body = {**SPEC, **spec}
-    job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=body, progress_total=body["budget"])
-    return job.id
+    return submit_job(repo, {**SPEC, **spec})
 
 
 def run_one(settings: Settings, worker_id: str | None = None) -> None:
