@@ -98,7 +98,11 @@ class SentenceEmbedder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.long()
         mask = (ids != self.pad_token_id).long()
-        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.pool(self.bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the token states where ``mask`` is 1, L2-normalised: the sentence embedding."""
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
         return F.normalize(pooled, p=2.0, dim=1)

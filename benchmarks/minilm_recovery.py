@@ -26,7 +26,6 @@ from typing import Any
 
 import minilm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autoprune.data import Dataset
@@ -59,8 +58,7 @@ def _embed_layers(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tu
     mask = (ids != 0).long()
     out = model.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-    pooled = (out.last_hidden_state * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
-    return F.normalize(pooled, p=2.0, dim=1), out.hidden_states, weights
+    return minilm.SentenceEmbedder.pool(out.last_hidden_state, mask), out.hidden_states, weights
 
 
 def _train_step(teacher: nn.Module, layerwise: float) -> Any:
