@@ -321,22 +321,34 @@ def _root_geometry(module: nn.Module) -> tuple[str, int, int, int]:
 # ---------------------------------------------------------------------------------------------------------
 # importance
 # ---------------------------------------------------------------------------------------------------------
-def _importance(criterion: str) -> tp.importance.Importance:
-    return RecurrentImportance(_base_importance(criterion))
+@dataclass(frozen=True)
+class Criterion:
+    """How one importance criterion scores channels (Torch-Pruning's importance classes behind a name)."""
+
+    make: Callable[[], tp.importance.Importance]
+    """A fresh Torch-Pruning importance object."""
+    needs_gradients: bool = False
+    """Scores use gradients: calibration batches are run forward and backward first (Taylor)."""
+    seeded: bool = False
+    """Scores are random: cached per seed."""
 
 
-def _base_importance(criterion: str) -> tp.importance.Importance:
-    if criterion == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if criterion == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if criterion == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    if criterion == "random":
-        return tp.importance.RandomImportance()
-    if criterion == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    raise InvalidPlanError(f"unknown criterion {criterion!r}")
+IMPORTANCES: dict[str, Criterion] = {
+    "l1": Criterion(lambda: tp.importance.GroupMagnitudeImportance(p=1)),
+    "l2": Criterion(lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+    "taylor": Criterion(tp.importance.GroupTaylorImportance, needs_gradients=True),
+    "bn_scale": Criterion(tp.importance.BNScaleImportance),
+    "random": Criterion(tp.importance.RandomImportance, seeded=True),
+}
+"""The structured importance criteria by name (the names are :data:`autoprune.names.CRITERIA`, which the job spec,
+the CLI and the API validate against; ``tests`` check both agree)."""
+
+
+def _criterion(name: str) -> Criterion:
+    found = IMPORTANCES.get(name)
+    if found is None:
+        raise InvalidPlanError(f"unknown criterion {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    return found
 
 
 def _accumulate_gradients(model: nn.Module, batches: Batches | None, max_batches: int = 4) -> None:
@@ -530,10 +542,11 @@ class PruningContext:
     # -- importance -----------------------------------------------------------------------------------------
     def scores(self, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
         """Importance of every channel of every group on the unpruned model (cached per criterion)."""
-        key = (criterion, seed if criterion == "random" else 0)
+        spec = _criterion(criterion)
+        key = (criterion, seed if spec.seeded else 0)
         if key not in self._scores:
-            importance = _importance(criterion)
-            if criterion == "taylor":
+            importance = RecurrentImportance(spec.make())
+            if spec.needs_gradients:
                 _accumulate_gradients(self.base, self.calibration)
             result: dict[str, torch.Tensor] = {}
             try:
@@ -553,7 +566,7 @@ class PruningContext:
                             continue
                         result[name] = imp.detach().float().cpu()
             finally:
-                if criterion == "taylor":
+                if spec.needs_gradients:
                     self.base.zero_grad(set_to_none=True)
             self._scores[key] = result
         return self._scores[key]

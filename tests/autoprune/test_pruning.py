@@ -242,6 +242,13 @@ def cnn_ctx() -> tuple[nn.Module, torch.Tensor, PruningContext]:
     return model, x, PruningContext(model, x, calibration=calibration)
 
 
+def test_every_criterion_name_has_an_importance() -> None:
+    from autoprune.names import CRITERIA
+    from autoprune.pruning.structured import IMPORTANCES
+
+    assert tuple(IMPORTANCES) == CRITERIA  # the names the job spec, the CLI and the API accept are the registry's
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random", "taylor"])
 def test_each_criterion_prunes(criterion: str, cnn_ctx: tuple[nn.Module, torch.Tensor, PruningContext]) -> None:
     model, x, ctx = cnn_ctx
@@ -702,10 +709,10 @@ def test_a_group_that_cannot_be_scored_only_fails_plans_that_prune_it(monkeypatc
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     ctx = PruningContext(model, torch.randn(1, 8))
     first, second = ctx.structure.names[:2]
-    real = structured._importance
+    real = structured.IMPORTANCES["l1"]
 
-    def flaky(criterion: str) -> object:
-        inner = real(criterion)
+    def flaky() -> object:
+        inner = real.make()
 
         def score(group: object) -> object:
             if group[0].dep.target.module is model[0]:  # type: ignore[index]
@@ -714,7 +721,7 @@ def test_a_group_that_cannot_be_scored_only_fails_plans_that_prune_it(monkeypatc
 
         return score
 
-    monkeypatch.setattr(structured, "_importance", flaky)
+    monkeypatch.setitem(structured.IMPORTANCES, "l1", structured.Criterion(flaky))  # type: ignore[arg-type]
     pruned = ctx.apply(Plan(ratios={second: 0.5}))
     assert pruned(torch.randn(2, 8)).shape == (2, 4)
     with pytest.raises(PruningError, match=rf"cannot score group '{re.escape(first)}'.*mis-traced"):
