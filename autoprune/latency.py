@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -37,7 +37,8 @@ from autoprune.errors import InvalidConfigError
 from autoprune.inputs import Inputs, tensors
 from autoprune.inputs import batched as resize_batch
 from autoprune.inputs import signature as input_signature
-from autoprune.measure_lock import Exclusive, Held, MeasureLock, unlocked
+from autoprune.measure_lock import Held, MeasureLock, unlocked
+from autoprune.records import Latency, LatencyProtocol
 from autoprune.runtime import RUNTIMES, Runner, make_runner, runtime_versions, torch_threads
 
 
@@ -85,76 +86,6 @@ class LatencyConfig:
             raise InvalidConfigError("latency lock_dir must be a directory path or None")
         if not (isinstance(self.lock_timeout_s, int | float) and self.lock_timeout_s >= 0):
             raise InvalidConfigError(f"latency lock_timeout_s must be >= 0, got {self.lock_timeout_s!r}")
-
-
-@dataclass(frozen=True)
-class LatencyProtocol:
-    """How a latency figure was taken."""
-
-    runtime: str
-    threads: int
-    batch_size: int
-    warmup: int
-    repeats: int
-    interleaved: bool
-    load_before: float
-    """1-minute load average when the measurement started."""
-    load_after: float
-    versions: dict[str, str] = field(default_factory=dict)
-    machine: str = ""
-    meter: str = "measured"
-    """``measured`` for real timings; anything else marks a synthetic figure (e.g. ``deterministic``)."""
-    cpus: tuple[int, ...] = ()
-    """The cores the measuring process could run on (its affinity); empty in records made before it was kept."""
-    exclusive: Exclusive = "off"
-    """``locked``: the cores' measurement locks were held while timing; ``timeout``: the wait for them ran out and
-    the figure was timed anyway (possibly beside another measurement); ``off``: no lock was configured."""
-    lock_wait_ms: float = 0.0
-    """How long the measurement waited for the locks."""
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LatencyProtocol:
-        """Also reads records stored before ``cpus``/``exclusive``/``lock_wait_ms`` existed."""
-        values = dict(data)
-        if "cpus" in values:
-            values["cpus"] = tuple(int(c) for c in values["cpus"])
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class Latency:
-    """A latency figure with its spread and protocol. Times in milliseconds."""
-
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    min_ms: float
-    protocol: LatencyProtocol
-    reference_median_ms: float | None = None
-    """Median of the unpruned reference timed in the same window (interleaved)."""
-    ratio: float | None = None
-    """Median of per-pair candidate/reference time ratios: below 1 means faster than the reference."""
-    cached: bool = False
-    timed_ms: float | None = None
-    """Wall time of every run the meter made (warm-up and timed, candidate and reference): what the measurement
-    cost in forward passes."""
-
-    @property
-    def spread(self) -> float:
-        """Inter-quartile range relative to the median."""
-        return (self.p75_ms - self.p25_ms) / self.median_ms if self.median_ms else 0.0
-
-    @property
-    def speedup(self) -> float | None:
-        """Reference time / candidate time from the interleaved pairs (above 1 means faster)."""
-        return 1.0 / self.ratio if self.ratio else None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Latency:
-        return cls(**{**data, "protocol": LatencyProtocol.from_json(data["protocol"])})
 
 
 class LatencyMeter(Protocol):

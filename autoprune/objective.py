@@ -15,7 +15,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +24,12 @@ from autoprune.cost import Cost, MacProfile, count_macs, measure_cost
 from autoprune.data import Batch, Dataset, check_compatible
 from autoprune.errors import DataRequiredError, InvalidConfigError
 from autoprune.inputs import Inputs, as_inputs, split_batch
-from autoprune.latency import CachedMeter, Latency, LatencyConfig, LatencyMeter, Meter, shape_signature
+from autoprune.latency import CachedMeter, LatencyConfig, LatencyMeter, Meter, shape_signature
 from autoprune.plan import Plan
 from autoprune.pruning import PruningContext, Structure, analyze_unstructured, apply_plan
 from autoprune.pruning.structured import AfterPrune, resolve_keep
 from autoprune.quality import CallableMetric, QualityMetric, get_metric
+from autoprune.records import Evaluation
 from autoprune.recovery import (
     FinetuneReport,
     RecoveryConfig,
@@ -39,98 +39,6 @@ from autoprune.recovery import (
     recover,
 )
 from autoprune.reward import RewardConfig, compute_reward
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Everything known about one candidate: the plan and what it measured."""
-
-    plan: Plan
-    quality: float
-    """Quality metric of the pruned (and recovered) model; higher is better."""
-    metric: str
-    latency: Latency
-    """Measured latency with its protocol; ``latency.ratio`` is candidate/base from interleaved runs."""
-    macs: int
-    params: int
-    nonzero_params: int
-    size_bytes: int
-    compressed_bytes: int
-    reward: float
-    reward_terms: dict[str, float]
-    timings: dict[str, float]
-    """Seconds spent in each stage: ``prune``, ``recover``, ``evaluate``, ``measure``, ``cost``, ``total``."""
-    base_quality: float
-    base_latency_ms: float
-    base_macs: int
-    base_params: int
-    index: int = 0
-    """Sequence number of this evaluation within its objective (0 is the unpruned model)."""
-    stage: str = "search"
-    """``search`` for candidates as evaluated in the loop, ``finetuned`` after the final fine-tuning stage."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    test_quality: float | None = None
-    """Quality on the held-out test split, measured for delivered models only (fine-tuned points, ``prune``);
-    ``None`` for search candidates and when the dataset has no test split."""
-    base_test_quality: float | None = None
-    """The unpruned model's quality on the same test split (set with ``test_quality``)."""
-
-    # -- derived ------------------------------------------------------------------------------------------
-    @property
-    def latency_ratio(self) -> float:
-        """Candidate/base latency: the interleaved ratio when available, else the ratio of medians."""
-        if self.latency.ratio is not None:
-            return self.latency.ratio
-        return self.latency.median_ms / self.base_latency_ms if self.base_latency_ms else 1.0
-
-    @property
-    def speedup(self) -> float:
-        return 1.0 / self.latency_ratio if self.latency_ratio else float("inf")
-
-    @property
-    def latency_ms(self) -> float:
-        """Latency in ms on the base model's time scale (base median x interleaved ratio)."""
-        return self.base_latency_ms * self.latency_ratio
-
-    @property
-    def storage_bytes(self) -> int:
-        """Bytes to ship the weights: the file for structured plans, compressed for unstructured ones."""
-        return self.compressed_bytes if self.plan.method == "unstructured" else self.size_bytes
-
-    @property
-    def quality_drop(self) -> float:
-        """Relative quality loss versus the unpruned model (0.01 = 1% worse)."""
-        return (self.base_quality - self.quality) / abs(self.base_quality) if self.base_quality else 0.0
-
-    @property
-    def test_quality_drop(self) -> float | None:
-        """Relative quality loss on the held-out test split, when it was measured."""
-        if self.test_quality is None or not self.base_test_quality:
-            return None
-        return (self.base_test_quality - self.test_quality) / abs(self.base_test_quality)
-
-    # -- JSON ---------------------------------------------------------------------------------------------
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["plan"] = self.plan.to_json()
-        data["latency"] = self.latency.to_json()
-        data["derived"] = {
-            "latency_ratio": self.latency_ratio,
-            "latency_ms": self.latency_ms,
-            "speedup": self.speedup,
-            "storage_bytes": self.storage_bytes,
-            "quality_drop": self.quality_drop,
-            "test_quality_drop": self.test_quality_drop,
-        }
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Evaluation:
-        fields = {k: v for k, v in data.items() if k != "derived"}
-        fields["plan"] = Plan.from_json(data["plan"])
-        fields["latency"] = Latency.from_json(data["latency"])
-        return cls(**fields)
-
 
 MetricSpec = str | QualityMetric | Callable[[nn.Module], Any]
 """A built-in metric's name, a :class:`QualityMetric`, or ``fn(model) -> float`` (or ``-> {name: float}``)."""

@@ -657,7 +657,7 @@ class Worker:
         best = result.best(
             spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
         )
-        return _finite({**evaluation_summary(best.to_json()), "select": spec.select})
+        return _finite({**evaluation_summary(best), "select": spec.select})
 
     def _finetune(
         self,
@@ -828,7 +828,7 @@ class Worker:
             "best": is_best,
             "select": spec.select,
             "filename": f"{job_id}-{point.stage}-{point.index}{SUFFIXES[fmt]}",
-            "evaluation": evaluation_summary(point.to_json()),
+            "evaluation": evaluation_summary(point),
             "plan": point.plan.to_json(),
             "export": report,
         }

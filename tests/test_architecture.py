@@ -108,3 +108,18 @@ def test_no_import_circles() -> None:
         if node not in state:
             visit(node)
     assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_records_and_the_repository_are_torch_free() -> None:
+    # the API process reads stored evaluations as autoprune.records objects without importing torch
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, autoprune.records, autoprune.plan, service.db.repository, service.api.schemas\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"

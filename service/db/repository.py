@@ -62,6 +62,7 @@ from sqlalchemy import Engine, and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from autoprune.records import Evaluation
 from service.db.engine import IMMEDIATE
 from service.db.models import (
     EXPORT_PRIORITY,
@@ -134,25 +135,23 @@ class Page:
     limit: int
 
 
-def evaluation_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of an ``Evaluation.to_json()`` record (event payloads, ``jobs.best``)."""
-    derived = record.get("derived") or {}
-    latency = record.get("latency") or {}
+def evaluation_summary(evaluation: Evaluation) -> dict[str, Any]:
+    """The headline figures of an evaluation (event payloads, ``jobs.best``)."""
     return {
-        "index": int(record["index"]),
-        "stage": str(record.get("stage", "search")),
-        "quality": float(record["quality"]),
-        "metric": record.get("metric"),
-        "latency_ms": float(derived.get("latency_ms", latency.get("median_ms", 0.0))),
-        "latency_ratio": float(derived.get("latency_ratio", 1.0)),
-        "speedup": derived.get("speedup"),
-        "quality_drop": derived.get("quality_drop"),
-        "test_quality": record.get("test_quality"),
-        "test_quality_drop": derived.get("test_quality_drop"),
-        "reward": float(record["reward"]),
-        "macs": int(record["macs"]),
-        "params": int(record["params"]),
-        "size_bytes": int(derived.get("storage_bytes", record.get("size_bytes", 0))),
+        "index": evaluation.index,
+        "stage": evaluation.stage,
+        "quality": evaluation.quality,
+        "metric": evaluation.metric,
+        "latency_ms": evaluation.latency_ms,
+        "latency_ratio": evaluation.latency_ratio,
+        "speedup": evaluation.speedup,
+        "quality_drop": evaluation.quality_drop,
+        "test_quality": evaluation.test_quality,
+        "test_quality_drop": evaluation.test_quality_drop,
+        "reward": evaluation.reward,
+        "macs": evaluation.macs,
+        "params": evaluation.params,
+        "size_bytes": evaluation.storage_bytes,
     }
 
 
@@ -713,7 +712,8 @@ class Repository:
         accepted only under its holder's reservation (:meth:`reserve_index`; LeaseLost otherwise).
 
         ``weights_sha256``: a fine-tuned point's stored weights (an artefact), which its exports load."""
-        summary = evaluation_summary(record)
+        evaluation = Evaluation.from_json(record)  # a malformed record fails here, before anything is written
+        summary = evaluation_summary(evaluation)
         stage, index = summary["stage"], summary["index"]
         with self._write() as s:
             job = self._lock_job(s, job_id)
@@ -756,7 +756,7 @@ class Repository:
                     latency_ratio=summary["latency_ratio"],
                     macs=summary["macs"],
                     params=summary["params"],
-                    size_bytes=int(record.get("size_bytes", summary["size_bytes"])),
+                    size_bytes=evaluation.size_bytes,
                     reward=summary["reward"],
                     on_front=(stage, index) in keys,
                     plan=record["plan"],

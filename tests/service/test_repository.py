@@ -16,6 +16,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from autoprune.plan import Plan
+from autoprune.records import Evaluation, Latency, LatencyProtocol
 from service.artefacts import ArtefactStore, TooLarge
 from service.db.engine import current_revision, make_engine, normalize_url, upgrade
 from service.db.models import Base, JobRow, JobState
@@ -25,26 +27,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def record(index: int, stage: str = "search", *, quality: float = 0.9, ratio: float = 1.0, size: int = 1000) -> dict:
-    """An ``Evaluation.to_json()``-shaped record (the repository reads only these keys)."""
-    return {
-        "index": index,
-        "stage": stage,
-        "quality": quality,
-        "metric": "accuracy",
-        "reward": quality / ratio,
-        "macs": 1000 - index,
-        "params": 100 - index,
-        "size_bytes": size,
-        "plan": {"ratios": {"g": round(0.1 * index, 3)}},
-        "latency": {"median_ms": 2.0 * ratio},
-        "derived": {
-            "latency_ms": 2.0 * ratio,
-            "latency_ratio": ratio,
-            "speedup": 1.0 / ratio,
-            "storage_bytes": size,
-            "quality_drop": 0.0,
-        },
-    }
+    """A real ``Evaluation.to_json()`` record (torch-free: :mod:`autoprune.records`)."""
+    protocol = LatencyProtocol("torch", 1, 1, 2, 10, True, 0.0, 0.0)
+    return Evaluation(
+        plan=Plan(ratios={"g": round(0.1 * index, 3)}),
+        quality=quality,
+        metric="accuracy",
+        latency=Latency(
+            2.0 * ratio, 2.0 * ratio, 2.0 * ratio, 2.0 * ratio, protocol, reference_median_ms=2.0, ratio=ratio
+        ),
+        macs=1000 - index,
+        params=100 - index,
+        nonzero_params=100 - index,
+        size_bytes=size,
+        compressed_bytes=size,
+        reward=quality / ratio,
+        reward_terms={},
+        timings={},
+        base_quality=0.9,
+        base_latency_ms=2.0,
+        base_macs=1000,
+        base_params=100,
+        index=index,
+        stage=stage,
+    ).to_json()
 
 
 def new_job(repo: Repository, **kwargs: Any) -> JobRow:
@@ -334,7 +340,7 @@ def test_record_evaluation_is_idempotent_and_keeps_progress_and_front(repo: Repo
     assert stored[2].quality == 0.9 and stored[2].latency_ratio == 0.6 and stored[2].latency_ms == 1.2
     assert (
         stored[2].size_bytes == 900
-        and stored[2].plan == {"ratios": {"g": 0.2}}
+        and stored[2].plan["ratios"] == {"g": 0.2}
         and stored[2].record == record(2, quality=0.9, ratio=0.6, size=900)
     )
     events = repo.events_after(job.id)
