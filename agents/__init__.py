@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any
 from autoprune.errors import InvalidConfigError
 
 if TYPE_CHECKING:
-    from agents.base import Budget, SearchSession, SearchSpace, Strategy, run_search
+    from agents.base import Budget, CallbackList, SearchCallback, SearchSession, SearchSpace, Strategy, run_search
     from agents.result import SearchResult
 
 __all__ = [
     "STORAGE_OPTIONS",
     "STRATEGIES",
     "Budget",
+    "CallbackList",
+    "SearchCallback",
     "SearchResult",
     "SearchSession",
     "SearchSpace",
@@ -182,6 +184,8 @@ def make_strategy(name: str, **options: Any) -> Strategy:
 def __getattr__(name: str) -> Any:
     lazy = {
         "Budget": "agents.base",
+        "CallbackList": "agents.base",
+        "SearchCallback": "agents.base",
         "SearchSession": "agents.base",
         "SearchSpace": "agents.base",
         "Strategy": "agents.base",

@@ -1,8 +1,8 @@
 """One strategy protocol and one loop that runs it against an :class:`~autoprune.objective.Objective`.
 
 Black-box strategies implement ``ask() -> {group: ratio}`` and ``tell(ratios, evaluation)``; :func:`run_search`
-turns ask/tell into a search with a budget (evaluations and/or seconds), a stop signal, progress callbacks and a
-seed, the way Optuna builds ``optimize`` on ask/tell. RL strategies implement ``run(session)`` themselves (they
+turns ask/tell into a search with a budget (evaluations and/or seconds), a :class:`SearchCallback` and a seed, the
+way Optuna builds ``optimize`` on ask/tell. RL strategies implement ``run(session)`` themselves (they
 drive the gymnasium env, whose objective is the session's recording objective), so every strategy's evaluations
 go through the same :class:`SearchSession` and look the same.
 
@@ -16,6 +16,13 @@ The session also *replays*: given evaluations recorded earlier for the same job 
 already evaluated is answered from the record instead of being pruned and measured again. A seeded strategy
 asks the same plans in the same order, so a resumed job redoes none of its completed evaluations, and a
 recorded run can be replayed exactly, latency noise included.
+
+Whoever runs a search watches and steers it through one :class:`SearchCallback` object, as stable-baselines3's
+callbacks do a training run: ``on_start(session)``, ``on_step() -> bool`` before each candidate (False stops the
+search: a cancel, a lost lease, Ctrl-C), ``on_evaluation(progress) -> bool`` after each (False stops it too),
+``on_end(result)``, and ``number(local)`` for the index an evaluation gets (workers sharing a job number theirs from
+one allocator). :class:`CallbackList` combines several; :func:`as_callback` turns the conveniences a user passes
+(a ``threading.Event`` or ``() -> bool`` stop signal, plain ``fn(progress)`` functions) into one.
 """
 
 from __future__ import annotations
@@ -123,6 +130,113 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+class SearchCallback:
+    """Hooks of one search (see the module docstring); subclass and override what you need."""
+
+    reason: str = "stopped"
+    """The ``stop_reason`` a search stopped by this callback ends with."""
+
+    def on_start(self, session: SearchSession) -> None:
+        """Before the strategy runs."""
+
+    def on_step(self) -> bool:
+        """Before each candidate (and each probe of a strategy that probes); False stops the search."""
+        return True
+
+    def on_evaluation(self, progress: Progress) -> bool:
+        """After each evaluation (replayed ones too); False stops the search."""
+        return True
+
+    def on_end(self, result: SearchResult) -> None:
+        """After the search, with what it found."""
+
+    def number(self, local: int) -> int:
+        """The index the ``local``-th evaluation of this session gets (default: ``local``)."""
+        return local
+
+
+class CallbackList(SearchCallback):
+    """Several callbacks as one: every hook goes to each in order; the first one that stops the search names the
+    reason; the first one that numbers evaluations differently numbers them."""
+
+    def __init__(self, callbacks: Iterable[SearchCallback]) -> None:
+        self.callbacks = list(callbacks)
+
+    def _stopped_by(self, callback: SearchCallback) -> bool:
+        self.reason = callback.reason
+        return False
+
+    def on_start(self, session: SearchSession) -> None:
+        for c in self.callbacks:
+            c.on_start(session)
+
+    def on_step(self) -> bool:
+        return all(c.on_step() or self._stopped_by(c) for c in self.callbacks)
+
+    def on_evaluation(self, progress: Progress) -> bool:
+        keep = True
+        for c in self.callbacks:  # every callback sees every evaluation, even after one said stop
+            if not c.on_evaluation(progress) and keep:
+                keep = self._stopped_by(c)
+        return keep
+
+    def on_end(self, result: SearchResult) -> None:
+        for c in self.callbacks:
+            c.on_end(result)
+
+    def number(self, local: int) -> int:
+        for c in self.callbacks:
+            if type(c).number is not SearchCallback.number:
+                return c.number(local)
+        return local
+
+
+class StopOn(SearchCallback):
+    """Stops the search once ``signal`` is set (a ``threading.Event``) or returns True (``() -> bool``); its
+    ``reason`` attribute, if any, names the stop (the CLI's Ctrl-C flag says "interrupted")."""
+
+    def __init__(self, signal: threading.Event | Callable[[], bool]) -> None:
+        self.signal = signal
+
+    @property
+    def reason(self) -> str:  # type: ignore[override]
+        return str(getattr(self.signal, "reason", None) or "stopped")
+
+    def on_step(self) -> bool:
+        if isinstance(self.signal, threading.Event):
+            return not self.signal.is_set()
+        return not self.signal()
+
+
+class EachEvaluation(SearchCallback):
+    """Calls ``fn(progress)`` after every evaluation (a plain progress function; its return value is ignored)."""
+
+    def __init__(self, fn: ProgressCallback) -> None:
+        self.fn = fn
+
+    def on_evaluation(self, progress: Progress) -> bool:
+        self.fn(progress)
+        return True
+
+
+def as_callback(
+    callback: SearchCallback | Sequence[SearchCallback] | None = None,
+    *,
+    stop: StopSignal = None,
+    callbacks: Sequence[ProgressCallback | SearchCallback] = (),
+) -> SearchCallback:
+    """One callback from what a caller passes: callback object(s), a stop signal and progress functions."""
+    found: list[SearchCallback] = []
+    if isinstance(callback, SearchCallback):
+        found.append(callback)
+    elif callback is not None:
+        found.extend(callback)
+    if stop is not None:
+        found.append(StopOn(stop))
+    found.extend(c if isinstance(c, SearchCallback) else EachEvaluation(c) for c in callbacks)
+    return found[0] if len(found) == 1 else CallbackList(found)
+
+
 class SearchStopped(Exception):
     """Raised inside a strategy's run when the budget is spent or a stop was requested."""
 
@@ -136,7 +250,7 @@ class CandidateFailed(PruningError):
 
 
 class SearchSession:
-    """The live state of one search: budget, stop signal, callbacks, history replay and every evaluation."""
+    """The live state of one search: budget, callback, history replay and every evaluation."""
 
     def __init__(
         self,
@@ -145,20 +259,14 @@ class SearchSession:
         budget: Budget,
         *,
         seed: int = 0,
-        stop: StopSignal = None,
-        callbacks: Sequence[ProgressCallback] = (),
+        callback: SearchCallback | None = None,
         history: Iterable[Evaluation] = (),
-        next_index: Callable[[int], int] | None = None,
     ) -> None:
         self.objective = objective
-        self._next_index = next_index
-        """Maps the session's own count (1, 2, ...) to the index an evaluation gets; None: that count. Several
-        sessions feeding one job (workers sharing a study) take their indices from a common allocator."""
         self.space = space
         self.budget = budget
         self.seed = seed
-        self._stop = stop
-        self.callbacks = list(callbacks)
+        self.callback = callback or SearchCallback()
         self.evaluations: list[Evaluation] = []
         self.failures: list[Failure] = []
         self._failing = 0
@@ -197,17 +305,9 @@ class SearchSession:
             self.stop_reason = "failing"
         elif self.budget.seconds is not None and self.elapsed >= self.budget.seconds:
             self.stop_reason = "time"
-        elif self._stop_requested():
-            # a stop signal may say why it stops the search (the CLI's Ctrl-C flag: "interrupted")
-            self.stop_reason = str(getattr(self._stop, "reason", None) or "stopped")
+        elif not self.callback.on_step():
+            self.stop_reason = self.callback.reason
         return self.stop_reason is not None
-
-    def _stop_requested(self) -> bool:
-        if self._stop is None:
-            return False
-        if isinstance(self._stop, threading.Event):
-            return self._stop.is_set()
-        return bool(self._stop())
 
     def interrupt(self, reason: str = "interrupted") -> None:
         if self.stop_reason is None:
@@ -242,7 +342,7 @@ class SearchSession:
                 raise CandidateFailed(str(exc)) from exc
         self._failing = 0
         local = len(self.evaluations) + 1
-        index = local if self._next_index is None else self._next_index(local)
+        index = self.callback.number(local)
         evaluation = dataclasses.replace(evaluation, index=index)
         self.evaluations.append(evaluation)
         best = max(self.evaluations, key=lambda e: e.reward)
@@ -258,8 +358,8 @@ class SearchSession:
             elapsed=self.elapsed,
             replayed=replayed,
         )
-        for callback in self.callbacks:
-            callback(progress)
+        if not self.callback.on_evaluation(progress):
+            self.interrupt(self.callback.reason)
         return evaluation
 
     def recording_objective(self) -> RecordingObjective:
@@ -343,18 +443,20 @@ def run_search(
     *,
     seed: int = 0,
     max_ratio: float = 0.8,
+    callback: SearchCallback | Sequence[SearchCallback] | None = None,
     stop: StopSignal = None,
-    callbacks: Sequence[ProgressCallback] = (),
+    callbacks: Sequence[ProgressCallback | SearchCallback] = (),
     history: Iterable[Evaluation] = (),
     options: Mapping[str, Any] | None = None,
-    next_index: Callable[[int], int] | None = None,
 ) -> SearchResult:
-    """Run ``strategy`` against ``objective`` until the budget is spent or ``stop`` is set.
+    """Run ``strategy`` against ``objective`` until the budget is spent or the callback stops it.
 
     ``strategy`` is a strategy object or a registered name (``options`` are passed to its constructor).
     Ctrl-C stops the search cleanly: what was evaluated is kept and returned (``result.stop_reason ==
     "interrupted"``). ``history`` holds evaluations recorded earlier for this job; plans found there are not
-    evaluated again. ``next_index`` numbers the evaluations (see :class:`SearchSession`).
+    evaluated again. ``callback`` (one :class:`SearchCallback` or several) watches and steers the search;
+    ``stop`` (an Event or ``() -> bool``) and ``callbacks`` (``fn(progress)`` functions) are conveniences that
+    become callbacks (:func:`as_callback`).
     """
     from agents import make_strategy
 
@@ -365,9 +467,9 @@ def run_search(
     elif options:
         raise InvalidConfigError("options are for strategies given by name")
     space = SearchSpace.from_objective(objective, max_ratio)
-    session = SearchSession(
-        objective, space, budget, seed=seed, stop=stop, callbacks=callbacks, history=history, next_index=next_index
-    )
+    hooks = as_callback(callback, stop=stop, callbacks=callbacks)
+    session = SearchSession(objective, space, budget, seed=seed, callback=hooks, history=history)
+    hooks.on_start(session)
     try:
         strategy.run(session)
     except SearchStopped:
@@ -375,7 +477,7 @@ def run_search(
     except KeyboardInterrupt:
         session.interrupt("interrupted")
     session.should_stop()
-    return SearchResult(
+    result = SearchResult(
         strategy=strategy.name,
         seed=seed,
         baseline=objective.baseline,
@@ -387,3 +489,5 @@ def run_search(
         objective=objective,
         info=strategy.info() if callable(getattr(strategy, "info", None)) else {},  # type: ignore[attr-defined]
     )
+    hooks.on_end(result)
+    return result

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from agents.base import ProgressCallback, StopSignal, Strategy
+    from agents.base import ProgressCallback, SearchCallback, StopSignal, Strategy
     from agents.result import SearchResult
     from autoprune.data import Dataset
     from autoprune.inputs import Inputs
@@ -481,18 +481,18 @@ def run_job(
     spec: JobSpec,
     *,
     objective: Objective | None = None,
+    callback: SearchCallback | Sequence[SearchCallback] | None = None,
     callbacks: Sequence[ProgressCallback] = (),
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
     log: Callable[[str], None] | None = None,
     strategy: Strategy | None = None,
-    next_index: Callable[[int], int] | None = None,
 ) -> SearchResult:
     """Run a validated job spec: build the objective (unless given), search, then the final fine-tuning stage.
 
     ``strategy``: a strategy object to use instead of building ``spec.strategy`` from ``spec.strategy_options``
-    (a service worker sharing a study configures its own); ``next_index`` numbers the evaluations
-    (:class:`agents.base.SearchSession`)."""
+    (a service worker sharing a study configures its own); ``callback``, ``callbacks`` and ``stop`` watch and
+    steer the search (:func:`agents.base.run_search`)."""
     from agents import Budget, run_search
 
     spec.validate()
@@ -503,11 +503,11 @@ def run_job(
         Budget(evaluations=spec.budget, seconds=spec.seconds),
         seed=spec.seed,
         max_ratio=spec.max_ratio,
+        callback=callback,
         stop=stop,
         callbacks=callbacks,
         history=history,
         options=dict(spec.strategy_options) if strategy is None else None,
-        next_index=next_index,
     )
     if spec.finetune_top > 0 and result.stop_reason != "interrupted":
         result.finetune_front(spec.finetune_top, spec.finetune_recovery(), key=spec.select)

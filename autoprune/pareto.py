@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 import moocore
 import numpy as np
 
-from autoprune.objective import Evaluation
+from autoprune.records import Evaluation
 
 
 def _points(evaluations: Sequence[Evaluation], with_size: bool = True) -> np.ndarray:

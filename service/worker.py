@@ -81,6 +81,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agents.base import SearchCallback
 from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.artefacts import ArtefactStore
 from service.db.engine import (
@@ -547,21 +548,14 @@ class Worker:
                 stop_reason = "time"
                 break
             strategy = new_strategy()
-            gate = _SharedBudget(self, job.id, lease, spec.budget, strategy.trial_user_attrs)
+            gate = _SharedBudget(self, job.id, lease, spec.budget, strategy.trial_user_attrs, record_shared)
             # each holder its own sampler seed: identical seeds would ask identical random start-up plans
             seed = (spec.seed + 1_000_003 * (slot + 1) + 7919 * self.repo.search_count(job.id)) % 2**31
-
-            def on_progress(p: Progress, gate: _SharedBudget = gate) -> None:
-                record_shared(p.evaluation)
-                gate.reserved = None
-
             result = run_job(
                 dataclasses.replace(spec, finetune_top=0, prune_steps=1, seed=seed, seconds=left_s),
                 objective=objective,
-                callbacks=[on_progress],
-                stop=gate.stop,
+                callback=gate,
                 strategy=strategy,
-                next_index=gate.index,
             )
             self._check(lease)
             self._log_failures(job.id, result)
@@ -930,38 +924,51 @@ class Worker:
         return archive, data
 
 
-class _SharedBudget:
-    """The stop signal of one holder of a shared job: besides stop/cancel/lost, it reserves the next evaluation
-    index before every ask (``exhausted`` once the job's budget is taken) and hands it to the session."""
+class _SharedBudget(SearchCallback):
+    """The search callback of one holder of a shared job: besides stop/cancel/lost, it reserves the next
+    evaluation index before every ask (``exhausted`` once the job's budget is taken), numbers the evaluation with
+    it, and records each evaluation (``record``) before freeing the reservation."""
 
     def __init__(
-        self, worker: Worker, job_id: str, lease: _Lease, budget: int | None, trial_attrs: dict[str, Any]
+        self,
+        worker: Worker,
+        job_id: str,
+        lease: _Lease,
+        budget: int | None,
+        trial_attrs: dict[str, Any],
+        record: Callable[[Evaluation], None],
     ) -> None:
         self.worker, self.job_id, self.lease, self.budget = worker, job_id, lease, budget
+        self.record = record
         self.trial_attrs = trial_attrs
         """The strategy's ``trial_user_attrs``: the next trial carries its reserved index from the ask on."""
         self.reserved: int | None = None
         self.exhausted = False
 
-    def stop(self) -> bool:
+    def on_step(self) -> bool:
         if self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set():
-            return True
+            return False
         if self.reserved is None:
             try:
                 self.reserved = self.worker.repo.reserve_index(self.job_id, self.worker.worker_id, self.budget)
             except LeaseLost:
                 self.lease.lost = True
-                return True
+                return False
             if self.reserved is None:
                 self.exhausted = True
-                return True
+                return False
             self.trial_attrs["evaluation_index"] = self.reserved
-        return False
+        return True
 
-    def index(self, _local: int) -> int:
+    def number(self, local: int) -> int:
         if self.reserved is None:
             raise RuntimeError("an evaluation without a reserved index")
         return self.reserved
+
+    def on_evaluation(self, progress: Progress) -> bool:
+        self.record(progress.evaluation)
+        self.reserved = None
+        return True
 
 
 def _trial_alive(trial: FrozenTrial, live: set[str], grace_s: float) -> bool:

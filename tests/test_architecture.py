@@ -116,7 +116,7 @@ def test_records_and_the_repository_are_torch_free() -> None:
     import sys
 
     code = (
-        "import sys, autoprune.records, autoprune.plan, service.db.repository, service.api.schemas\n"
+        "import sys, autoprune.records, autoprune.plan, agents.base, service.db.repository, service.worker\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     out = subprocess.run(

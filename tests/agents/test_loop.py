@@ -132,6 +132,51 @@ def test_progress_callbacks_see_every_evaluation_and_a_stop_event_ends_the_searc
     assert result.stop_reason == "stopped"
 
 
+def test_a_search_callback_object_watches_steers_and_numbers_the_search(objective: Objective) -> None:
+    from agents import CallbackList, SearchCallback
+
+    class Watch(SearchCallback):
+        reason = "enough"
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def on_start(self, session: Any) -> None:
+            self.calls.append(f"start {session.budget.evaluations}")
+
+        def on_step(self) -> bool:
+            self.calls.append("step")
+            return True
+
+        def on_evaluation(self, progress: Any) -> bool:
+            self.calls.append(f"eval {progress.evaluation.index}")
+            return progress.done < 2  # the second evaluation is the last
+
+        def on_end(self, result: Any) -> None:
+            self.calls.append(f"end {result.stop_reason} {len(result.evaluations)}")
+
+    class Hundreds(SearchCallback):
+        def number(self, local: int) -> int:
+            return 100 + local
+
+    watch, plain = Watch(), []
+    result = run_search(objective, "random", 10, callback=[watch, Hundreds()], callbacks=[plain.append])
+    assert [e.index for e in result.evaluations] == [101, 102]
+    assert watch.calls[0] == "start 10" and watch.calls[-1] == "end enough 2"
+    assert [c for c in watch.calls if c.startswith("eval")] == ["eval 101", "eval 102"]
+    assert len(plain) == 2  # plain progress functions still see every evaluation
+    assert result.stop_reason == "enough"
+
+    class Refuse(SearchCallback):
+        reason = "cancelled"
+
+        def on_step(self) -> bool:
+            return False
+
+    nothing = run_search(objective, "random", 10, callback=CallbackList([Watch(), Refuse()]))
+    assert (nothing.evaluations, nothing.stop_reason) == ([], "cancelled")
+
+
 def test_ctrl_c_keeps_what_was_evaluated(objective: Objective) -> None:
     def interrupt_after_three(p: Any) -> None:
         if p.done == 3:
