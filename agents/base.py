@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agents.result import Failure, SearchResult
 from autoprune.errors import InvalidConfigError, PruningError
+from autoprune.names import MAX_RATIO
 from autoprune.pareto import pareto_front
 
 if TYPE_CHECKING:
@@ -88,8 +89,8 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if not self.groups:
             raise InvalidConfigError("the model has no prunable groups to search over")
-        if not 0.0 < self.max_ratio <= 0.95:
-            raise InvalidConfigError(f"max_ratio must be in (0, 0.95], got {self.max_ratio}")
+        if not 0.0 < self.max_ratio <= MAX_RATIO:
+            raise InvalidConfigError(f"max_ratio must be in (0, {MAX_RATIO}], got {self.max_ratio}")
 
     @classmethod
     def from_objective(cls, objective: Objective, max_ratio: float = 0.8) -> SearchSpace:

@@ -8,6 +8,7 @@ import numpy as np
 
 from agents.base import AskTellStrategy, Budget, Ratios, SearchSpace
 from autoprune.errors import InvalidConfigError
+from autoprune.names import MAX_RATIO
 
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation
@@ -23,10 +24,10 @@ class UniformSweep(AskTellStrategy):
     name = "uniform"
 
     def __init__(self, ratios: tuple[float, ...] | list[float] | None = None, step: float = 0.05) -> None:
-        if ratios is not None and (not ratios or any(not 0.0 <= float(r) <= 0.95 for r in ratios)):
-            raise InvalidConfigError("uniform ratios must be a non-empty list of numbers in [0, 0.95]")
-        if not 0.0 < step <= 0.95:
-            raise InvalidConfigError(f"uniform step must be in (0, 0.95], got {step}")
+        if ratios is not None and (not ratios or any(not 0.0 <= float(r) <= MAX_RATIO for r in ratios)):
+            raise InvalidConfigError(f"uniform ratios must be a non-empty list of numbers in [0, {MAX_RATIO}]")
+        if not 0.0 < step <= MAX_RATIO:
+            raise InvalidConfigError(f"uniform step must be in (0, {MAX_RATIO}], got {step}")
         self.ratios = None if ratios is None else [float(r) for r in ratios]
         self.step = step
         self._queue: list[float] = []
