@@ -44,6 +44,7 @@ from autoprune.pareto import pareto_front
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation, Objective
     from autoprune.plan import Plan
+    from autoprune.recovery import FinetuneReport, RecoveryConfig
 
 Ratios = dict[str, float]
 StopSignal = threading.Event | Callable[[], bool] | None
@@ -149,11 +150,21 @@ class SearchCallback:
         return True
 
     def on_end(self, result: SearchResult) -> None:
-        """After the search, with what it found."""
+        """After the search, with what it found (before any fine-tuning stage)."""
 
     def number(self, local: int) -> int:
         """The index the ``local``-th evaluation of this session gets (default: ``local``)."""
         return local
+
+    # the fine-tuning stage after the search (SearchResult.finetune_front); on_step is asked before each point
+    def on_finetune_start(self, point: Evaluation, recovery: RecoveryConfig) -> None:
+        """Before ``point`` (a search evaluation) is fine-tuned with ``recovery``."""
+
+    def on_finetune(self, point: Evaluation, report: FinetuneReport) -> None:
+        """``point``'s fine-tune as it trains."""
+
+    def on_finetuned(self, tuned: Evaluation, result: SearchResult, *, trained: bool) -> None:
+        """A fine-tuned point joined ``result`` (``trained`` False: taken as recorded by an earlier attempt)."""
 
 
 class CallbackList(SearchCallback):
@@ -184,6 +195,18 @@ class CallbackList(SearchCallback):
     def on_end(self, result: SearchResult) -> None:
         for c in self.callbacks:
             c.on_end(result)
+
+    def on_finetune_start(self, point: Evaluation, recovery: RecoveryConfig) -> None:
+        for c in self.callbacks:
+            c.on_finetune_start(point, recovery)
+
+    def on_finetune(self, point: Evaluation, report: FinetuneReport) -> None:
+        for c in self.callbacks:
+            c.on_finetune(point, report)
+
+    def on_finetuned(self, tuned: Evaluation, result: SearchResult, *, trained: bool) -> None:
+        for c in self.callbacks:
+            c.on_finetuned(tuned, result, trained=trained)
 
     def number(self, local: int) -> int:
         for c in self.callbacks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from autoprune.pareto import hypervolume, pareto_front
 if TYPE_CHECKING:
     from torch import nn
 
+    from agents.base import SearchCallback
     from autoprune.objective import Evaluation, Objective
     from autoprune.plan import Plan
     from autoprune.recovery import FinetuneReport, RecoveryConfig
@@ -146,11 +147,17 @@ class SearchResult:
         key: str = "reward",
         progress: Callable[[int, int, Evaluation], None] | None = None,
         on_finetune: Callable[[Evaluation, FinetuneReport], None] | None = None,
+        callback: SearchCallback | None = None,
+        stored: Mapping[int, Evaluation] | None = None,
     ) -> list[Evaluation]:
         """Fine-tune the top ``k`` front points (by ``key``), re-evaluate and re-measure them (not from the cache).
 
         ``progress(done, total, tuned)`` follows the points; ``on_finetune(point, report)`` each point's
-        fine-tune as it trains (the search evaluation being fine-tuned, and its progress report).
+        fine-tune as it trains (the search evaluation being fine-tuned, and its progress report). ``callback``
+        (the search's :class:`~agents.base.SearchCallback`) is asked ``on_step`` before each point (False stops
+        the stage; the points done so far are kept), told ``on_finetune_start``, each ``on_finetune`` report and
+        ``on_finetuned``. ``stored``: fine-tuned evaluations recorded earlier for this job, by search index; such
+        a point is taken as recorded instead of being trained again (a resumed job).
 
         The new evaluations have ``stage == "finetuned"`` and their recovery recipe in ``extra["recovery"]``;
         they join the front next to the search figures. Returns them.
@@ -169,23 +176,39 @@ class SearchResult:
         chosen = sorted(candidates, key=order[key])[:k]
         out = []
         for i, e in enumerate(chosen):
-            tuned = objective.evaluate(
-                e.plan,
-                recovery=recovery,
-                stage="finetuned",
-                remeasure=True,
-                keep_model=True,  # materialize / export hand this model over: a point is fine-tuned once
-                on_finetune=None if on_finetune is None else functools.partial(on_finetune, e),
-            )
-            tuned = dataclasses.replace(
-                tuned,
-                index=e.index,
-                extra={**tuned.extra, "recovery": dataclasses.asdict(recovery), "search_quality": e.quality},
-            )
+            if callback is not None and not callback.on_step():
+                break
+            tuned = (stored or {}).get(e.index)
+            trained = tuned is None
+            if tuned is None:
+                if callback is not None:
+                    callback.on_finetune_start(e, recovery)
+
+                def report(point: Evaluation, r: FinetuneReport) -> None:
+                    if on_finetune is not None:
+                        on_finetune(point, r)
+                    if callback is not None:
+                        callback.on_finetune(point, r)
+
+                tuned = objective.evaluate(
+                    e.plan,
+                    recovery=recovery,
+                    stage="finetuned",
+                    remeasure=True,
+                    keep_model=True,  # materialize / export hand this model over: a point is fine-tuned once
+                    on_finetune=functools.partial(report, e),
+                )
+                tuned = dataclasses.replace(
+                    tuned,
+                    index=e.index,
+                    extra={**tuned.extra, "recovery": dataclasses.asdict(recovery), "search_quality": e.quality},
+                )
             out.append(tuned)
+            self.finetuned.append(tuned)
+            if callback is not None:
+                callback.on_finetuned(tuned, self, trained=trained)
             if progress is not None:
                 progress(i + 1, len(chosen), tuned)
-        self.finetuned.extend(out)
         return out
 
     # -- JSON ---------------------------------------------------------------------------------------------

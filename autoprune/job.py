@@ -492,25 +492,33 @@ def run_job(
 
     ``strategy``: a strategy object to use instead of building ``spec.strategy`` from ``spec.strategy_options``
     (a service worker sharing a study configures its own); ``callback``, ``callbacks`` and ``stop`` watch and
-    steer the search (:func:`agents.base.run_search`)."""
+    steer the search and the fine-tuning stage (:func:`agents.base.run_search`,
+    :meth:`agents.result.SearchResult.finetune_front`); fine-tuned points recorded in ``history`` are reused."""
     from agents import Budget, run_search
+    from agents.base import as_callback
 
     spec.validate()
     objective = objective or spec.build_objective(log=log)
+    hooks = as_callback(callback, stop=stop, callbacks=callbacks)
+    history = list(history)
     result = run_search(
         objective,
         spec.strategy if strategy is None else strategy,
         Budget(evaluations=spec.budget, seconds=spec.seconds),
         seed=spec.seed,
         max_ratio=spec.max_ratio,
-        callback=callback,
-        stop=stop,
-        callbacks=callbacks,
+        callback=hooks,
         history=history,
         options=dict(spec.strategy_options) if strategy is None else None,
     )
     if spec.finetune_top > 0 and result.stop_reason != "interrupted":
-        result.finetune_front(spec.finetune_top, spec.finetune_recovery(), key=spec.select)
+        result.finetune_front(
+            spec.finetune_top,
+            spec.finetune_recovery(),
+            key=spec.select,
+            callback=hooks,
+            stored={e.index: e for e in history if e.stage == "finetuned"},
+        )
     return result
 
 

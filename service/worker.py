@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -104,7 +103,7 @@ if TYPE_CHECKING:
     from agents.result import SearchResult
     from autoprune.job import JobSpec
     from autoprune.objective import Evaluation, Objective
-    from autoprune.recovery import FinetuneReport
+    from autoprune.recovery import FinetuneReport, RecoveryConfig
 
 log = logging.getLogger("autoprune.worker")
 
@@ -391,7 +390,6 @@ class Worker:
         from agents.result import SearchResult
         from autoprune.job import run_job
         from autoprune.objective import Evaluation
-        from autoprune.pareto import pareto_front
 
         if job.cancel_requested:
             raise _Stop("cancelled")
@@ -406,7 +404,6 @@ class Worker:
             log=lambda note: self._log(job.id, note), latency=spec.latency_config(**self.settings.latency_host)
         )
         baseline = objective.baseline
-        evaluations: list[Evaluation] = []
 
         def best_of(search: list[Evaluation], finetuned: Sequence[Evaluation] = ()) -> dict[str, Any]:
             snapshot = SearchResult(
@@ -425,18 +422,10 @@ class Worker:
         record(baseline, 0, best_of([]), [baseline])
         self._check(lease)
 
-        def on_progress(p: Progress) -> None:
-            evaluations.append(p.evaluation)
-            record(p.evaluation, p.done, best_of(list(evaluations)), pareto_front([baseline, *evaluations]))
-
-        def should_stop() -> bool:
-            return lease.lost or lease.cancel_requested or self.stop_event.is_set()
-
         result = run_job(
-            dataclasses.replace(spec, finetune_top=0, prune_steps=1),  # fine-tuned after the search
+            spec,
             objective=objective,
-            callbacks=[on_progress],
-            stop=should_stop,
+            callback=_JobHooks(self, job.id, lease, record, best_of, baseline),
             history=history,
         )
         self._check(lease)
@@ -445,8 +434,6 @@ class Worker:
             self.repo.add_event(job.id, "sensitivity", **_finite(result.info))
         if result.stop_reason == "interrupted":  # Ctrl-C reached the search: stop like SIGTERM
             raise _Stop("released")
-        if spec.finetune_top > 0:
-            self._finetune(job, spec, result, history, lease, record, best_of)
         self._export(job, spec, result, objective, lease)
         if lease.cancel_requested:  # a shutdown now would only waste the finished exports: succeed instead
             raise _Stop("cancelled")
@@ -587,7 +574,14 @@ class Worker:
             return self._best_summary(dataclasses.replace(final, evaluations=search, finetuned=list(finetuned)), spec)
 
         if spec.finetune_top > 0:
-            self._finetune(job, spec, final, history, lease, record, best_of)
+            final.finetune_front(
+                spec.finetune_top,
+                spec.finetune_recovery(),
+                key=spec.select,
+                callback=_JobHooks(self, job.id, lease, record, best_of, objective.baseline),
+                stored={e.index: e for e in history if e.stage == "finetuned"},
+            )
+            self._check(lease)
         self._export(job, spec, final, objective, lease)
         if lease.cancel_requested:
             raise _Stop("cancelled")
@@ -652,53 +646,6 @@ class Worker:
             spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
         )
         return _finite({**evaluation_summary(best), "select": spec.select})
-
-    def _finetune(
-        self,
-        job: JobRow,
-        spec: JobSpec,
-        result: SearchResult,
-        history: list[Evaluation],
-        lease: _Lease,
-        record: Any,
-        best_of: Any,
-    ) -> None:
-        """``SearchResult.finetune_front`` one point at a time, between stop checks, reusing stored points."""
-        from agents.result import SearchResult
-
-        stored = {e.index: e for e in history if e.stage == "finetuned"}
-        order = {
-            "reward": lambda e: -e.reward,
-            "latency": lambda e: (e.latency_ratio, -e.quality),
-            "quality": lambda e: (-e.quality, e.latency_ratio),
-        }[spec.select]
-        chosen = sorted((e for e in result.front(stage="search") if e.index != 0), key=order)[: spec.finetune_top]
-        recovery = spec.finetune_recovery()
-        for point in chosen:
-            self._check(lease)
-            tuned = stored.get(point.index)
-            if tuned is None:
-                # a one-point result: finetune_front's own recipe (re-measured, recovery recorded in extra)
-                single = dataclasses.replace(result, evaluations=[point], finetuned=[])
-                assert isinstance(single, SearchResult)
-                self.repo.add_event(job.id, "log", message=f"fine-tuning point {point.index} ({recovery.describe()})")
-                tuned_list = single.finetune_front(
-                    1, recovery, key=spec.select, on_finetune=functools.partial(self._finetune_event, job.id)
-                )
-                if not tuned_list:
-                    continue
-                tuned = tuned_list[0]
-                weights = self._store_weights(result.materialize(tuned))  # the kept model: trained once
-            else:
-                weights = None  # recorded by an earlier attempt, with its weights
-            result.finetuned.append(tuned)
-            record(
-                tuned,
-                len(result.evaluations),
-                best_of(result.evaluations, result.finetuned),
-                result.front(),
-                weights,
-            )
 
     def _store_weights(self, model: nn.Module) -> str:
         """A fine-tuned model's weights as a ``.safetensors`` artefact; its hash."""
@@ -922,6 +869,48 @@ class Worker:
         archive.write_bytes(buf.getvalue())
         data["files"] = {"safetensors": "model.zip", "members": list(members)}
         return archive, data
+
+
+class _JobHooks(SearchCallback):
+    """The search callback of a job's holder: records every evaluation and fine-tuned point (with the trained
+    weights, which exports load instead of training again), writes fine-tune progress events, and stops the
+    search or the fine-tuning stage on a cancel, a lost lease or a shutdown."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        job_id: str,
+        lease: _Lease,
+        record: Callable[..., None],
+        best_of: Callable[..., dict[str, Any]],
+        baseline: Evaluation,
+    ) -> None:
+        self.worker, self.job_id, self.lease, self.record, self.best_of = worker, job_id, lease, record, best_of
+        self.baseline = baseline
+        self.evaluations: list[Evaluation] = []
+
+    def on_step(self) -> bool:
+        return not (self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set())
+
+    def on_evaluation(self, progress: Progress) -> bool:
+        from autoprune.pareto import pareto_front
+
+        self.evaluations.append(progress.evaluation)
+        front = pareto_front([self.baseline, *self.evaluations])
+        self.record(progress.evaluation, progress.done, self.best_of(list(self.evaluations)), front)
+        return True
+
+    def on_finetune_start(self, point: Evaluation, recovery: RecoveryConfig) -> None:
+        message = f"fine-tuning point {point.index} ({recovery.describe()})"
+        self.worker.repo.add_event(self.job_id, "log", message=message)
+
+    def on_finetune(self, point: Evaluation, report: FinetuneReport) -> None:
+        self.worker._finetune_event(self.job_id, point, report)
+
+    def on_finetuned(self, tuned: Evaluation, result: SearchResult, *, trained: bool) -> None:
+        weights = self.worker._store_weights(result.materialize(tuned)) if trained else None
+        best = self.best_of(result.evaluations, result.finetuned)
+        self.record(tuned, len(result.evaluations), best, result.front(), weights)
 
 
 class _SharedBudget(SearchCallback):
