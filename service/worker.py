@@ -654,9 +654,7 @@ class Worker:
 
     @staticmethod
     def _best_summary(result: SearchResult, spec: JobSpec) -> dict[str, Any]:
-        best = result.best(
-            spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
-        )
+        best = result.best(spec.selection())  # the rule the CLI and the facade apply
         return _finite({**evaluation_summary(best.to_json()), "select": spec.select})
 
     def _finetune(
