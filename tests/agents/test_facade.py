@@ -198,3 +198,15 @@ def test_select_is_the_results_rule_and_orders_the_fine_tune() -> None:
         _search(_mlp(), (x, y), select="fast")
     with pytest.raises(InvalidConfigError, match="max_quality_drop must be"):
         _search(_mlp(), (x, y), select="latency", max_quality_drop=2.0)
+
+
+def test_keep_takes_modules_and_container_names_through_the_facade() -> None:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    model = nn.Sequential(body, nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x, y = _xy()
+    assert _search(model, (x, y), progress=False).objective.group_names == ("0.0", "0.2", "1")
+    assert _search(model, (x, y), keep=["0"], progress=False).objective.group_names == ("1",)  # a container
+    assert _search(model, (x, y), keep=[model[1]], progress=False).objective.group_names == ("0.0", "0.2")
+    with pytest.raises(InvalidConfigError, match="did you mean"):
+        _search(model, (x, y), keep=["0.9"], progress=False)
