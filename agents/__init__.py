@@ -19,7 +19,7 @@ from autoprune.errors import InvalidConfigError
 
 if TYPE_CHECKING:
     from agents.base import Budget, CallbackList, SearchCallback, SearchSession, SearchSpace, Strategy, run_search
-    from agents.result import SearchResult
+    from agents.result import SearchResult, Selection
 
 __all__ = [
     "STORAGE_OPTIONS",
@@ -30,6 +30,7 @@ __all__ = [
     "SearchResult",
     "SearchSession",
     "SearchSpace",
+    "Selection",
     "Strategy",
     "StrategyInfo",
     "check_options",
@@ -191,6 +192,7 @@ def __getattr__(name: str) -> Any:
         "Strategy": "agents.base",
         "run_search": "agents.base",
         "SearchResult": "agents.result",
+        "Selection": "agents.result",
     }
     if name in lazy:
         return getattr(importlib.import_module(lazy[name]), name)

@@ -121,11 +121,15 @@ class Progress:
 
     def __repr__(self) -> str:
         """One compact line (``callbacks=[print]`` prints it), not the nested Evaluations' reprs."""
+        return f"Progress({self.line()})"
+
+    def line(self) -> str:
+        """``done/total: quality, speed-up, reward | best reward | front | elapsed`` (what the facade prints)."""
         e, total = self.evaluation, "?" if self.total is None else self.total
         return (
-            f"Progress({self.done}/{total}: {e.metric} {e.quality:.4f}, {e.speedup:.2f}x, reward {e.reward:.4f}"
+            f"{self.done}/{total}: {e.metric} {e.quality:.4f}, {e.speedup:.2f}x, reward {e.reward:.4f}"
             f"{' (replayed)' if self.replayed else ''} | best reward {self.best.reward:.4f} | front "
-            f"{self.front_size} | {self.elapsed:.1f} s)"
+            f"{self.front_size} | {self.elapsed:.1f} s"
         )
 
 

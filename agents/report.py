@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.result import SELECT_KEYS
 from autoprune.errors import ExportError, InvalidConfigError
 
 if TYPE_CHECKING:
@@ -45,16 +44,17 @@ def write_search_outputs(
     out_dir: str | os.PathLike[str],
     *,
     example_inputs: Inputs,
-    select: str = "reward",
-    max_quality_drop: float = 0.01,
-    max_latency_ratio: float = 0.5,
+    select: str | None = None,
+    max_quality_drop: float | None = None,
+    max_latency_ratio: float | None = None,
     export_formats: Sequence[str] = ("onnx", "safetensors"),
     latency_config: LatencyConfig | None = None,
     title: str | None = None,
 ) -> dict[str, Path]:
     """Write the outputs of ``result`` under ``out_dir`` (created if missing); returns ``{name: path}``.
 
-    The best point is ``result.best(select, max_quality_drop=..., max_latency_ratio=...)``; it is rebuilt from
+    The best point is ``result.best(select, max_quality_drop=..., max_latency_ratio=...)`` (what is not given
+    comes from ``result.selection``, the job's rule: the point a facade user gets from ``result.best()``); it is rebuilt from
     its plan (the unpruned model itself when nothing beat it) and exported in ``export_formats`` under
     ``best/``; ``latency_config`` sets how the exported ONNX model is re-timed (ONNX Runtime, against the
     exported unpruned model). Names in the returned dict: ``evaluations``, ``pareto``, ``best``, ``export``,
@@ -63,16 +63,15 @@ def write_search_outputs(
     If the export fails (:class:`~autoprune.errors.ExportError`), everything else is still written, the
     report says what failed, a ``best/`` left by an earlier run is removed, and the error is raised afterwards.
     """
-    if select not in SELECT_KEYS:
-        raise InvalidConfigError(f"unknown selection {select!r}; choose one of {', '.join(SELECT_KEYS)}")
+    selection = result.rule(select, max_quality_drop=max_quality_drop, max_latency_ratio=max_latency_ratio)
     if result.objective is None:
         raise InvalidConfigError("this result was loaded without its objective; it cannot rebuild the best model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
-    best = result.best(select, max_quality_drop=max_quality_drop, max_latency_ratio=max_latency_ratio)
-    rule = _selection_rule(select, max_quality_drop, max_latency_ratio)
+    best = result.best(selection)
+    rule = selection.describe()
     front = result.front()
 
     paths["evaluations"] = out / "evaluations.jsonl"
@@ -100,10 +99,8 @@ def write_search_outputs(
         "best": {
             "index": best.index,
             "stage": best.stage,
-            "select": select,
+            **selection.to_json(),
             "rule": rule,
-            "max_quality_drop": max_quality_drop,
-            "max_latency_ratio": max_latency_ratio,
             "is_baseline": _is_baseline(best),
             "on_front": any(_same(best, e) for e in front),
         },
@@ -225,14 +222,6 @@ def _swap_dir(staging: Path, target: Path) -> None:
 
 
 # -- wording ----------------------------------------------------------------------------------------------------
-def _selection_rule(select: str, max_quality_drop: float, max_latency_ratio: float) -> str:
-    if select == "reward":
-        return "highest reward (fine-tuned points win ties)"
-    if select == "latency":
-        return f"lowest latency with a relative quality drop of at most {max_quality_drop:.2%}"
-    return f"highest quality with latency at most {max_latency_ratio:.2f}x the unpruned model's"
-
-
 def _synthetic(p: LatencyProtocol) -> bool:
     return p.meter != "measured"
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autoprune.errors import InvalidConfigError
+from autoprune.names import SELECTIONS
 from autoprune.pareto import hypervolume, pareto_front
 
 if TYPE_CHECKING:
@@ -28,7 +29,70 @@ class Failure:
     reason: str
 
 
-SELECT_KEYS = ("reward", "latency", "quality")
+SELECT_KEYS = SELECTIONS
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which point of a search is "best": the one rule the CLI (``--select``), a job spec and the service
+    (``select``, what the worker exports first) and the facade (``autoprune.search(select=...)``) all apply,
+    through :meth:`choose` (``SearchResult.best``), so the same evaluations give the same chosen point
+    whichever front-end ran them.
+
+    * ``reward``: highest reward (fine-tuned points win ties).
+    * ``latency``: lowest measured latency with relative quality loss <= ``max_quality_drop``.
+    * ``quality``: highest quality with latency <= ``max_latency_ratio`` x the unpruned model's.
+
+    The baseline (the unpruned model) is chosen when no point qualifies.
+    """
+
+    key: str = "reward"
+    max_quality_drop: float = 0.01
+    """Relative quality loss allowed by ``latency``."""
+    max_latency_ratio: float = 0.5
+    """Latency ratio allowed by ``quality``."""
+
+    def __post_init__(self) -> None:
+        if self.key not in SELECTIONS:
+            raise InvalidConfigError(f"unknown selection {self.key!r}; choose one of {', '.join(SELECTIONS)}")
+        for name, lo, hi in (("max_quality_drop", "[0", 1.0), ("max_latency_ratio", "(0", 10.0)):
+            value = getattr(self, name)
+            number = not isinstance(value, bool) and isinstance(value, int | float)
+            if not number or not (value >= 0 if lo == "[0" else value > 0) or not value <= hi:
+                raise InvalidConfigError(f"{name} must be a number in {lo}, {hi:g}], got {value!r}")
+
+    def choose(self, pool: Sequence[Evaluation], baseline: Evaluation) -> Evaluation:
+        """The best of ``pool`` (which holds ``baseline``) under this rule; ``baseline`` when nothing qualifies."""
+        if self.key == "reward":
+            return max(pool, key=lambda e: (e.reward, e.stage == "finetuned"))
+        if self.key == "latency":
+            ok = [e for e in pool if e.quality_drop <= self.max_quality_drop]
+            return min(ok, key=lambda e: (e.latency_ratio, -e.quality)) if ok else baseline
+        ok = [e for e in pool if e.latency_ratio <= self.max_latency_ratio]
+        return max(ok, key=lambda e: (e.quality, -e.latency_ratio)) if ok else baseline
+
+    def rank(self, e: Evaluation) -> Any:
+        """Sort key of the points to fine-tune first under this rule (``finetune_top``)."""
+        if self.key == "reward":
+            return -e.reward
+        if self.key == "latency":
+            return (e.latency_ratio, -e.quality)
+        return (-e.quality, e.latency_ratio)
+
+    def describe(self) -> str:
+        """The rule in words (the report, the plot)."""
+        if self.key == "reward":
+            return "highest reward (fine-tuned points win ties)"
+        if self.key == "latency":
+            return f"lowest latency with a relative quality drop of at most {self.max_quality_drop:.2%}"
+        return f"highest quality with latency at most {self.max_latency_ratio:.2f}x the unpruned model's"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "select": self.key,
+            "max_quality_drop": self.max_quality_drop,
+            "max_latency_ratio": self.max_latency_ratio,
+        }
 
 
 @dataclass
@@ -53,6 +117,9 @@ class SearchResult:
     info: dict[str, Any] = field(default_factory=dict)
     """What the strategy learnt besides its candidates (``knapsack``: the measured ``sensitivity`` table and its
     calibration), JSON-ready."""
+    selection: Selection = field(default_factory=Selection)
+    """The job's rule for its best point (``select``): what :meth:`best` applies when given no rule, and the
+    order in which :meth:`finetune_front` picks points by default."""
 
     def failures_note(self) -> str | None:
         """One line on the candidates that could not be pruned (for the CLI, the report and the job log)."""
@@ -93,27 +160,38 @@ class SearchResult:
 
     def best(
         self,
-        key: str = "reward",
+        key: str | Selection | None = None,
         *,
-        max_quality_drop: float = 0.01,
-        max_latency_ratio: float = 0.5,
+        max_quality_drop: float | None = None,
+        max_latency_ratio: float | None = None,
     ) -> Evaluation:
-        """The best point under a named objective (the baseline when nothing qualifies).
+        """The best point (the baseline when nothing qualifies) under :attr:`selection`, the job's rule, or under
+        ``key`` (a :class:`Selection`, or ``reward`` / ``latency`` / ``quality``) and the thresholds given.
 
         * ``reward``: highest reward.
         * ``latency``: lowest measured latency with relative quality loss <= ``max_quality_drop``.
         * ``quality``: highest quality with latency <= ``max_latency_ratio`` x the unpruned model's.
         """
-        if key not in SELECT_KEYS:
-            raise InvalidConfigError(f"unknown selection {key!r}; choose one of {', '.join(SELECT_KEYS)}")
-        pool = self.all_evaluations
-        if key == "reward":
-            return max(pool, key=lambda e: (e.reward, e.stage == "finetuned"))
-        if key == "latency":
-            ok = [e for e in pool if e.quality_drop <= max_quality_drop]
-            return min(ok, key=lambda e: (e.latency_ratio, -e.quality)) if ok else self.baseline
-        ok = [e for e in pool if e.latency_ratio <= max_latency_ratio]
-        return max(ok, key=lambda e: (e.quality, -e.latency_ratio)) if ok else self.baseline
+        return self.rule(key, max_quality_drop=max_quality_drop, max_latency_ratio=max_latency_ratio).choose(
+            self.all_evaluations, self.baseline
+        )
+
+    def rule(
+        self,
+        key: str | Selection | None = None,
+        *,
+        max_quality_drop: float | None = None,
+        max_latency_ratio: float | None = None,
+    ) -> Selection:
+        """:attr:`selection` with what is given replaced (a :class:`Selection` is taken as it is)."""
+        if isinstance(key, Selection):
+            return key
+        changes: dict[str, Any] = {
+            "key": key,
+            "max_quality_drop": max_quality_drop,
+            "max_latency_ratio": max_latency_ratio,
+        }
+        return dataclasses.replace(self.selection, **{k: v for k, v in changes.items() if v is not None})
 
     def point(self, index: int, *, stage: str = "search") -> Evaluation:
         """The evaluation with this index and stage (fine-tuned points keep their search point's index)."""
@@ -144,13 +222,13 @@ class SearchResult:
         k: int,
         recovery: RecoveryConfig,
         *,
-        key: str = "reward",
+        key: str | Selection | None = None,
         progress: Callable[[int, int, Evaluation], None] | None = None,
         on_finetune: Callable[[Evaluation, FinetuneReport], None] | None = None,
         callback: SearchCallback | None = None,
         stored: Mapping[int, Evaluation] | None = None,
     ) -> list[Evaluation]:
-        """Fine-tune the top ``k`` front points (by ``key``), re-evaluate and re-measure them (not from the cache).
+        """Fine-tune the top ``k`` front points (ranked by ``key``, by default the result's :attr:`selection`), re-evaluate and re-measure them (not from the cache).
 
         ``progress(done, total, tuned)`` follows the points; ``on_finetune(point, report)`` each point's
         fine-tune as it trains (the search evaluation being fine-tuned, and its progress report). ``callback``
@@ -164,16 +242,10 @@ class SearchResult:
         """
         if k < 0:
             raise InvalidConfigError(f"the number of points to fine-tune must be >= 0, got {k}")
+        rule = self.rule(key)
         objective = self._objective()
         candidates = [e for e in self.front(stage="search") if e.index != 0]
-        order: dict[str, Callable[[Evaluation], Any]] = {
-            "reward": lambda e: -e.reward,
-            "latency": lambda e: (e.latency_ratio, -e.quality),
-            "quality": lambda e: (-e.quality, e.latency_ratio),
-        }
-        if key not in order:
-            raise InvalidConfigError(f"unknown selection {key!r}; choose one of {', '.join(SELECT_KEYS)}")
-        chosen = sorted(candidates, key=order[key])[:k]
+        chosen = sorted(candidates, key=rule.rank)[:k]
         out = []
         for i, e in enumerate(chosen):
             if callback is not None and not callback.on_step():
@@ -224,7 +296,7 @@ class SearchResult:
             "wall_s": self.wall_s,
             "front_size": len(self.front()),
             "hypervolume": self.hypervolume(),
-            "best": {"index": best.index, "stage": best.stage, "reward": best.reward},
+            "best": {"index": best.index, "stage": best.stage, "reward": best.reward, **self.selection.to_json()},
         }
 
 

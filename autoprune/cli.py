@@ -657,13 +657,10 @@ def _finish_search(job: Any, result: Any, obj: Any, out: Path) -> None:
             out,
             example_inputs=obj.example_inputs,
             latency_config=job.latency_config(),  # the exported file is re-timed at the search's threads and batch
-            select=job.select,
-            max_quality_drop=job.max_quality_drop,
-            max_latency_ratio=job.max_latency_ratio,
             export_formats=job.export_formats,
-        )
-    _print_front(result, job.select, job.max_quality_drop, job.max_latency_ratio)
-    chosen = result.best(job.select, max_quality_drop=job.max_quality_drop, max_latency_ratio=job.max_latency_ratio)
+        )  # the best point under the job's --select rule (result.selection), as the facade and the worker choose it
+    _print_front(result)
+    chosen = result.best()
     if chosen.index == 0 and result.evaluations:
         hints = [] if job.finetune_top else ["--finetune-top 2 (a short distilled fine-tune of the best front points)"]
         hints += ["a smaller --max-ratio", "a larger --budget"]
@@ -676,8 +673,8 @@ def _finish_search(job: Any, result: Any, obj: Any, out: Path) -> None:
     )
 
 
-def _print_front(result: Any, select: str, max_quality_drop: float, max_latency_ratio: float) -> None:
-    best = result.best(select, max_quality_drop=max_quality_drop, max_latency_ratio=max_latency_ratio)
+def _print_front(result: Any) -> None:
+    best = result.best()
     table = Table(
         title=f"Pareto front ({len(result.evaluations)} evaluations, {result.strategy}, stop: {result.stop_reason})"
     )

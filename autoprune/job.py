@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from agents.base import ProgressCallback, SearchCallback, StopSignal, Strategy
-    from agents.result import SearchResult
+    from agents.result import SearchResult, Selection
     from autoprune.data import Dataset
     from autoprune.inputs import Inputs
     from autoprune.latency import LatencyConfig, LatencyMeter
@@ -337,6 +337,13 @@ class JobSpec:
 
         return LatencyConfig(runtime=self.runtime, threads=self.threads, batch_size=self.batch_size, **host)
 
+    def selection(self) -> Selection:
+        """The job's rule for its best point (``select`` and its thresholds): the one the CLI, the service's
+        worker and the facade apply (:class:`agents.result.Selection`)."""
+        from agents.result import Selection
+
+        return Selection(self.select, self.max_quality_drop, self.max_latency_ratio)
+
     def reward_config(self) -> RewardConfig:
         from autoprune.reward import RewardConfig
 
@@ -511,11 +518,11 @@ def run_job(
         history=history,
         options=dict(spec.strategy_options) if strategy is None else None,
     )
+    result.selection = spec.selection()
     if spec.finetune_top > 0 and result.stop_reason != "interrupted":
         result.finetune_front(
             spec.finetune_top,
             spec.finetune_recovery(),
-            key=spec.select,
             callback=hooks,
             stored={e.index: e for e in history if e.stage == "finetuned"},
         )
@@ -547,6 +554,10 @@ def search(
     base_quality: float | None = None,
     after_prune: Callable[[nn.Module, Any], nn.Module | None] | None = None,
     calibration: Iterable[Any] | None = None,
+    select: str = "reward",
+    max_quality_drop: float = 0.01,
+    max_latency_ratio: float = 0.5,
+    progress: bool | Callable[[str], None] = True,
     callbacks: Sequence[ProgressCallback] = (),
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
@@ -567,8 +578,18 @@ def search(
     model; ``finetune_top=K`` fine-tunes the K best front points afterwards (``finetune`` sets the recipe;
     ``train_step(model, (x, y)) -> loss`` plugs in your own loss for every fine-tune; ``base_quality``: the
     unpruned model's known score, so an expensive ``evaluate`` is not run on it).
+
+    ``select`` (``reward``, ``latency`` within ``max_quality_drop``, ``quality`` within ``max_latency_ratio``)
+    is the job's rule for its best point, as the CLI's ``--select`` and the service's ``select``: one function
+    (:class:`agents.result.Selection`), so the same evaluations give the same ``result.best()`` from every
+    front-end; ``finetune_top`` fine-tunes the points first under it. ``progress=True`` prints one line on
+    stderr for the unpruned model, each evaluation (:meth:`agents.base.Progress.line`), each fine-tuned point
+    and the end (rewritten in place on a terminal; plain lines, no control characters, in a notebook, a pipe
+    or a log); ``False`` is quiet; a function of one string (``print``, ``logging.info``) gets the lines
+    instead. ``callbacks`` get every :class:`~agents.base.Progress` either way.
     """
     from agents import Budget, check_strategy, run_search
+    from agents.result import Selection
     from autoprune.data import as_dataset
     from autoprune.errors import DataRequiredError, InvalidModelError
     from autoprune.models.registry import example_inputs as make_example_inputs
@@ -576,6 +597,8 @@ def search(
     from autoprune.recovery import RecoveryConfig
 
     check_strategy(strategy)
+    selection = Selection(select, max_quality_drop, max_latency_ratio)
+    printer = _ProgressLines(progress)
     budget_ = Budget(evaluations=budget, seconds=seconds)
     if data is None and evaluate is None:
         raise DataRequiredError("give data (to score candidates with a metric) or evaluate=<fn(model) -> float>")
@@ -617,21 +640,101 @@ def search(
         after_prune=after_prune,
         calibration=calibration,
     )
-    result = run_search(
-        objective,
-        strategy,
-        budget_,
-        seed=seed,
-        max_ratio=max_ratio,
-        stop=stop,
-        callbacks=callbacks,
-        history=history,
-        options=dict(strategy_options or {}),
-    )
-    if finetune_top > 0 and result.stop_reason != "interrupted":
-        tuned = finetune or RecoveryConfig(finetune_steps=200, distill=True, finetune_lr=2e-3, seed=seed)
-        result.finetune_front(finetune_top, tuned)
+    printer.start(objective, strategy, budget_)
+    try:
+        result = run_search(
+            objective,
+            strategy,
+            budget_,
+            seed=seed,
+            max_ratio=max_ratio,
+            stop=stop,
+            callbacks=[*callbacks, printer.evaluation] if printer.on else callbacks,
+            history=history,
+            options=dict(strategy_options or {}),
+        )
+        result.selection = selection
+        if finetune_top > 0 and result.stop_reason != "interrupted":
+            tuned = finetune or RecoveryConfig(finetune_steps=200, distill=True, finetune_lr=2e-3, seed=seed)
+            result.finetune_front(finetune_top, tuned, progress=printer.finetuned if printer.on else None)
+    finally:
+        printer.close()
+    printer.end(result)
     return result
+
+
+class _ProgressLines:
+    """The facade's progress (``search(progress=...)``): compact lines on stderr, or to the user's function.
+
+    On a terminal the per-evaluation line is rewritten in place (``\\r``, clear to the end of the line);
+    anywhere else (a notebook, a pipe, a log file) each line is written whole with no control characters."""
+
+    def __init__(self, progress: bool | Callable[[str], None]) -> None:
+        import sys
+
+        if not (isinstance(progress, bool) or callable(progress)):
+            raise InvalidConfigError(f"progress must be True, False or a function of one string, got {progress!r}")
+        self.on = progress is not False
+        self._sink: Callable[[str], None] | None = None if isinstance(progress, bool) else progress
+        self._stream = sys.stderr  # resolved now: a notebook or pytest may have replaced it
+        isatty = getattr(self._stream, "isatty", None)
+        self._tty = self._sink is None and callable(isatty) and bool(isatty())
+        self._open = False  # a line rewritten in place is on the terminal, not yet ended
+
+    def _write(self, text: str, *, in_place: bool = False) -> None:
+        if not self.on:
+            return
+        text = "autoprune: " + text
+        if self._sink is not None:
+            self._sink(text)
+            return
+        if in_place and self._tty:
+            self._stream.write("\r" + text + "\x1b[K")
+            self._open = True
+        else:
+            self.close()
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        """End a line left open in place."""
+        if self._open:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._open = False
+
+    def start(self, objective: Objective, strategy: str, budget: Any) -> None:
+        b = objective.baseline
+        p = b.latency.protocol
+        limits = [f"{budget.evaluations} evaluations"] if budget.evaluations is not None else []
+        limits += [f"{budget.seconds:g} s"] if budget.seconds is not None else []
+        self._write(
+            f"unpruned {b.metric} {b.quality:.4f}, {b.latency_ms:.4g} ms ({p.runtime}, {p.threads} thread"
+            f"{'s' if p.threads != 1 else ''}, batch {p.batch_size}); {len(objective.group_names)} prunable groups; "
+            f"{strategy} search, {' / '.join(limits) or 'no limit'}"
+        )
+
+    def evaluation(self, p: Any) -> None:
+        self._write(p.line(), in_place=True)
+
+    def finetuned(self, done: int, total: int, e: Evaluation) -> None:
+        search_q = e.extra.get("search_quality")
+        was = "" if search_q is None else f" (search {search_q:.4f})"
+        self._write(f"fine-tuned {done}/{total}: #{e.index} {e.metric} {e.quality:.4f}{was}, {e.speedup:.2f}x")
+
+    def end(self, result: SearchResult) -> None:
+        best = result.best()
+        which = (
+            "the unpruned model"
+            if best.index == 0
+            else f"#{best.index}{' (fine-tuned)' if best.stage == 'finetuned' else ''}"
+        )
+        note = f"; {result.failures_note()}" if result.failures else ""
+        self._write(
+            f"done ({result.stop_reason}): {len(result.evaluations)} evaluations in {result.wall_s:.1f} s, front "
+            f"{len(result.front())}; best by {result.selection.key}: {which}, {best.metric} {best.quality:.4f}, "
+            f"{best.speedup:.2f}x{note}"
+        )
 
 
 def write_outputs(result: SearchResult, out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:

@@ -577,7 +577,7 @@ class Worker:
             final.finetune_front(
                 spec.finetune_top,
                 spec.finetune_recovery(),
-                key=spec.select,
+                key=spec.selection(),
                 callback=_JobHooks(self, job.id, lease, record, best_of, objective.baseline),
                 stored={e.index: e for e in history if e.stage == "finetuned"},
             )
@@ -642,9 +642,7 @@ class Worker:
 
     @staticmethod
     def _best_summary(result: SearchResult, spec: JobSpec) -> dict[str, Any]:
-        best = result.best(
-            spec.select, max_quality_drop=spec.max_quality_drop, max_latency_ratio=spec.max_latency_ratio
-        )
+        best = result.best(spec.selection())  # the rule the CLI and the facade apply
         return _finite({**evaluation_summary(best), "select": spec.select})
 
     def _store_weights(self, model: nn.Module) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from functools import cache
 from pathlib import Path
 
 import click
+import pytest
 import typer.main
 
 from service.cli import app
@@ -95,3 +97,45 @@ def test_the_checks_catch_a_wrong_readme() -> None:
     )
     assert _unknown_flags(wrong) == ["--colour in: use `--colour red`"]
     assert _misplaced_flags(wrong) == (2, ["--pt2 (autoprune search)", "autoprune shout (no such command)"])
+
+
+# -- the README's Python blocks run as written ------------------------------------------------------------------
+PYTHON_BLOCK = re.compile(r"(?:<!--\s*requires:\s*([\w.,\s-]+?)\s*-->\n)?```python\n(.*?)```", re.S)
+
+
+def _python_blocks(text: str) -> list[tuple[tuple[str, ...], str]]:
+    """((modules the block needs, from a ``<!-- requires: a, b -->`` line just above it), code) per block."""
+    return [
+        (tuple(m.strip() for m in (req or "").split(",") if m.strip()), code)
+        for req, code in PYTHON_BLOCK.findall(text)
+    ]
+
+
+BLOCKS = _python_blocks(README)
+
+
+def test_the_block_extraction_reads_requirements() -> None:
+    text = "```python\na = 1\n```\n<!-- requires: transformers -->\n```python\nb = 2\n```\n```bash\nls\n```\n"
+    assert _python_blocks(text) == [((), "a = 1\n"), (("transformers",), "b = 2\n")]
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("needs,code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_every_python_block_of_the_readme_runs(needs: tuple[str, ...], code: str, tmp_path: Path) -> None:
+    """Each block on its own, in a fresh interpreter in an empty folder, offline, one torch thread."""
+    for module in needs:
+        pytest.importorskip(module)
+    script = tmp_path / "block.py"
+    script.write_text(code, encoding="utf-8")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"README block failed:\n{code}\n--- stderr:\n{done.stderr[-3000:]}"

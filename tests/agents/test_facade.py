@@ -138,3 +138,75 @@ def test_after_prune_and_calibration_through_the_facade() -> None:
     with torch.no_grad():
         h = pruned.fc1(x)
     torch.testing.assert_close(pruned.bn.running_mean, h.mean(0))  # re-estimated on the calibration batches
+
+
+def test_progress_is_one_plain_line_per_evaluation_on_stderr_by_default(capfd: pytest.CaptureFixture[str]) -> None:
+    x, y = _xy()
+    seen: list[Any] = []
+    result = _search(_mlp(), (x, y), callbacks=[seen.append])
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert out == ""  # progress goes to stderr only
+    assert len(lines) == 2 + len(result.evaluations)  # the unpruned model, one per evaluation, the end
+    assert lines[0].startswith("autoprune: unpruned accuracy") and "uniform search, 2 evaluations" in lines[0]
+    assert lines[1] == "autoprune: " + seen[0].line() and lines[1].startswith("autoprune: 1/2: accuracy ")
+    assert lines[2].startswith("autoprune: 2/2: ") and "| front " in lines[2]
+    assert lines[-1].startswith("autoprune: done (budget): 2 evaluations") and "best by reward" in lines[-1]
+    assert "\r" not in err and "\x1b" not in err  # not a terminal: no control characters
+    assert len(seen) == 2  # the user's callback still gets every Progress
+
+
+def test_progress_false_is_quiet_and_a_function_gets_the_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    x, y = _xy()
+    _search(_mlp(), (x, y), progress=False)
+    assert capfd.readouterr() == ("", "")
+    got: list[str] = []
+    _search(_mlp(), (x, y), progress=got.append)
+    assert capfd.readouterr() == ("", "")
+    assert len(got) == 4 and all(line.startswith("autoprune: ") and "\n" not in line for line in got)
+    with pytest.raises(InvalidConfigError, match="progress must be"):
+        _search(_mlp(), (x, y), progress="yes")
+
+
+def test_progress_on_a_terminal_rewrites_the_evaluation_line_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    x, y = _xy()
+    _search(_mlp(), (x, y))
+    text = term.getvalue()
+    assert text.count("\r") == 2 and text.count("\x1b[K") == 2  # both evaluations on one rewritten line
+    assert "\x1b[K\nautoprune: done" in text  # the open line is ended before the last one
+    assert text.endswith("\n") and text.count("\n") == 3  # the unpruned model, the evaluations, the end
+
+
+def test_select_is_the_results_rule_and_orders_the_fine_tune() -> None:
+    x, y = _xy()
+    result = _search(_mlp(), (x, y), select="latency", max_quality_drop=1.0, progress=False)
+    assert result.selection.key == "latency" and result.selection.max_quality_drop == 1.0
+    fastest = min(result.all_evaluations, key=lambda e: (e.latency_ratio, -e.quality))
+    assert result.best() is fastest is result.best("latency", max_quality_drop=1.0)
+    assert result.best("reward") is max(result.all_evaluations, key=lambda e: e.reward)
+    assert result.summary()["best"]["select"] == "latency"
+    with pytest.raises(InvalidConfigError, match="unknown selection 'fast'"):
+        _search(_mlp(), (x, y), select="fast")
+    with pytest.raises(InvalidConfigError, match="max_quality_drop must be"):
+        _search(_mlp(), (x, y), select="latency", max_quality_drop=2.0)
+
+
+def test_keep_takes_modules_and_container_names_through_the_facade() -> None:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    model = nn.Sequential(body, nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x, y = _xy()
+    assert _search(model, (x, y), progress=False).objective.group_names == ("0.0", "0.2", "1")
+    assert _search(model, (x, y), keep=["0"], progress=False).objective.group_names == ("1",)  # a container
+    assert _search(model, (x, y), keep=[model[1]], progress=False).objective.group_names == ("0.0", "0.2")
+    with pytest.raises(InvalidConfigError, match="did you mean"):
+        _search(model, (x, y), keep=["0.9"], progress=False)
