@@ -393,7 +393,8 @@ ExportRequest = Annotated[_ExportRequest, Depends(_export_request)]
 )
 def download_model(req: ExportRequest) -> FileResponse:
     """The stored export of a front point (or ``best``) in ``format``; its metadata at ``.../meta``. 409 while the
-    job has not finished; 404 when that point or format was not exported."""
+    job has not finished; 404 when that point or format was not exported (``export-failed``, with the error, when
+    its export failed)."""
     row, stage = req.row, req.stage
     path, media_type = _artefact_file(req.repo, req.store, row)
     if path is None:
