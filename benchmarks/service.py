@@ -19,11 +19,19 @@ random-search job, evaluations/s over ``--window`` seconds once every job has it
 (``exclusive``, lock waits). ``--pg SERVER_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432``) runs
 it on a fresh PostgreSQL database, dropped afterwards; default SQLite.
 
+``--export-only`` measures the export of a front after a search (issue 13.7) on the embedded default: a
+ResNet-20 / digits random search of ``--export-budget`` evaluations (default 30: a front of about 10) exported as
+ONNX (``AUTOPRUNE_EXPORT_FRONT=eager``), then the time from its last search evaluation to the best point's file
+(the ``export`` event of phase ``job``), to ``succeeded``, and to the last front file (every background export
+made); then, while a second job runs on the only worker, how long a user's export request of the finished job
+(``POST /v1/jobs/{id}/exports``, a point in ``pt2``) takes to be made (``--request-timeout``, default 120 s).
+
 ``--source DIR`` runs the server from another checkout (e.g. ``git archive HEAD | tar -x -C /tmp/old``) with this
 virtual environment, to compare before and after on the same machine.
 
     .venv/bin/python benchmarks/service.py [--watchers 50] [--requests 300] [--source DIR] [--no-export]
     .venv/bin/python benchmarks/service.py --workers-only [--window 45] [--pg postgresql+psycopg://...]
+    .venv/bin/python benchmarks/service.py --export-only [--export-budget 30] [--source DIR]
 """
 
 from __future__ import annotations
@@ -308,6 +316,82 @@ def workers_main(args: argparse.Namespace) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
+def _at(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(event["created_at"])
+
+
+def export_main(args: argparse.Namespace) -> None:
+    """Search end -> best file -> succeeded -> whole front exported, and a user's request behind a running job."""
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as tmp, serve(Path(tmp) / "data", args.source) as url:
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        model = api.post("/v1/models", params={"architecture": "resnet20"}).json()["id"]
+        data = api.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+        base = {"model_id": model, "dataset_id": data, "strategy": "random", "val_samples": 100, "max_ratio": 0.5}
+        warm = api.post("/v1/jobs", json={**base, "budget": 1, "export_formats": ["onnx"]}).json()["id"]
+        wait_until(lambda: api.get(f"/v1/jobs/{warm}").json()["state"] in ("succeeded", "failed"), 300, 0.2)
+        wait_until(lambda: api.get(f"/v1/jobs/{warm}/exports").json()["pending"] == 0, 300, 0.2)
+
+        spec = {**base, "budget": args.export_budget, "export_formats": ["onnx"]}
+        exp = api.post("/v1/jobs", json=spec).json()["id"]
+        wait_until(lambda: api.get(f"/v1/jobs/{exp}").json()["state"] in ("succeeded", "failed"), 900, 0.2)
+        with api.stream("GET", f"/v1/jobs/{exp}/events", params={"follow_exports": "true"}) as r:
+            events = list(parse_sse(r.iter_lines()))
+        final = api.get(f"/v1/jobs/{exp}").json()
+        search_end = max(_at(e) for e in events if e.get("kind") == "evaluation")
+        exports = [e for e in events if e.get("kind") == "export"]
+        best = [_at(e) for e in exports if e["data"].get("phase") == "job" and e["data"].get("ok")]
+        done = [e for e in events if e.get("to_state") == final["state"]]
+        listed = api.get(f"/v1/jobs/{exp}/exports").json()
+
+        def since(t: datetime | None) -> str:
+            return "-" if t is None else f"{(t - search_end).total_seconds():.2f} s"
+
+        front = final["front_size"]
+        rows.append((f"search ({args.export_budget} evaluations, front of {front})", final["state"]))
+        rows.append(("search end -> best file ready (ONNX)", since(best[0] if best else None)))
+        rows.append(("search end -> job succeeded", since(_at(done[0]) if done else None)))
+        rows.append(
+            (
+                f"search end -> whole front exported ({listed['done']} files)",
+                since(max(_at(e) for e in exports) if exports else None),
+            )
+        )
+        failed = [i for i in listed["items"] if i["state"] == "failed"]
+        if failed:
+            rows.append(("failed exports", f"{len(failed)}: {failed[0]['error']}"))
+
+        # a user's export request of the finished job while another job keeps the only worker busy
+        busy = api.post("/v1/jobs", json={**base, "budget": 100000, "export_formats": ["onnx"]}).json()["id"]
+        wait_until(lambda: api.get(f"/v1/jobs/{busy}").json()["progress"]["done"] >= 1, 300, 0.1)
+        t0 = time.perf_counter()
+        req = api.post(f"/v1/jobs/{exp}/exports", json={"point": "best", "format": "pt2"}).json()
+        state = req["state"]
+        while state not in ("done", "failed") and time.perf_counter() - t0 < args.request_timeout:
+            time.sleep(0.1)
+            state = api.get(req["url"]).json()["state"]
+        waited = time.perf_counter() - t0
+        running = api.get(f"/v1/jobs/{busy}").json()["state"]
+        rows.append(
+            (
+                "user request (pt2 of the best) while another job runs",
+                f"{state} after {waited:.2f} s (other job {running})"
+                if state in ("done", "failed")
+                else f"not made within {args.request_timeout:.0f} s (other job {running})",
+            )
+        )
+        api.post(f"/v1/jobs/{busy}/cancel")
+        wait_until(lambda: api.get(f"/v1/jobs/{busy}").json()["state"] == "cancelled", 300, 0.1)
+        api.close()
+
+    width = max(len(k) for k, _ in rows)
+    print(f"\nexports (SQLite, embedded worker, {os.cpu_count()} CPUs)")
+    print(f"{'measure':<{width}} | result")
+    print(f"{'-' * width}-+-{'-' * 40}")
+    for k, v in rows:
+        print(f"{k:<{width}} | {v}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--watchers", type=int, default=50)
@@ -316,6 +400,10 @@ def main() -> None:
     parser.add_argument("--no-export", action="store_true", help="skip the export-stage job")
     parser.add_argument("--export-budget", type=int, default=30, help="evaluations of the export-stage job")
     parser.add_argument("--workers-only", action="store_true", help="only the 1 vs 2 workers comparison")
+    parser.add_argument("--export-only", action="store_true", help="only the export times of a finished search")
+    parser.add_argument(
+        "--request-timeout", type=float, default=120.0, help="--export-only: seconds to wait for a user's request"
+    )
     parser.add_argument("--window", type=float, default=45.0, help="seconds counted per --workers-only setup")
     parser.add_argument("--pg", default=None, help="PostgreSQL server URL for --workers-only (a fresh database)")
     parser.add_argument("--watch", nargs=3, metavar=("URL", "JOB", "N"), help=argparse.SUPPRESS)
@@ -325,6 +413,9 @@ def main() -> None:
         return
     if args.workers_only:
         workers_main(args)
+        return
+    if args.export_only:
+        export_main(args)
         return
 
     rows: list[tuple[str, str]] = []

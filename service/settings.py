@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     """``AUTOPRUNE_EXPORT_FRONT``: a job's worker exports its best point, then the job succeeds; ``eager`` then
     queues the rest of the front as background exports (any idle worker makes them), ``lazy`` exports other
     points only on request (``POST /v1/jobs/{id}/exports``)."""
+    export_request_retention_s: float = Field(default=86400.0, gt=0)
+    """``AUTOPRUNE_EXPORT_REQUEST_RETENTION_S``: done and failed export requests older than this are deleted by
+    the workers (the exported files and their ``exports`` rows stay; a later request of an exported point is
+    answered from the file at once)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod

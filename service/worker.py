@@ -20,16 +20,28 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   the front (the unpruned baseline too when on the front) goes through the ``export_requests`` queue:
   ``AUTOPRUNE_EXPORT_FRONT=eager`` (default) queues it in the background before the job succeeds, ``lazy``
   leaves it to requests (``POST /v1/jobs/{id}/exports``, which also serves cancelled and failed jobs' points).
-  :meth:`Worker.run_once` takes a user's export request first, then a job, then a background export: each
-  request is one point in one format, rebuilt from the job's inputs and the point's plan (a fine-tuned point
-  from its stored weights: it is trained once, see ``weights_sha256``), held under a lease, retried on
+  Each request is one point in one format, rebuilt from the job's objective and the point's plan (a fine-tuned
+  point from its stored weights: it is trained once, see ``weights_sha256``), held under a lease, retried on
   transient errors. Formats: ``onnx`` (verified in ONNX Runtime; the best one re-timed against the exported
   unpruned model), ``safetensors`` (a zip of ``model.safetensors``, ``model.plan.json`` and
   ``evaluation.json``) and ``pt2``. Files go to the artefact store, rows to ``exports`` (``meta``: the export
   report, the evaluation summary and plan, ``best``); ``jobs.best`` names the best point. Each export writes an
   ``export`` event (point, format, done/total of the job's exports, seconds, ok, phase). A point that fails to
-  export in one format leaves a failed request (or, for the best, a ``log`` event) and no row; the job still
-  succeeds.
+  export in one format leaves a failed request with the error's first line (the best point's: origin ``job``,
+  and a ``log`` event) and no row; the job still succeeds.
+
+  *What the worker takes next* (:meth:`Worker.run_once`): a user's export request, then the background exports
+  of the job it has just finished, then a new job, then any background export. *The model and data are built
+  once*: the job's own objective (its loaded model, data and traced pruning structure) is kept after the job and
+  exports the rest of its front; a request for another finished job builds that job's objective once and keeps
+  it for the requests of the same job that follow (:meth:`Worker._objective_for`; one job's at a time).
+  *Requests never wait behind a running job*: after each recorded evaluation (and fine-tuned point) of the job
+  it runs, the worker makes at most one waiting user's request of a finished job, then goes on with the next
+  evaluation. The export runs on the job's own thread, between two evaluations, so it never overlaps the timing
+  of this worker's candidates; other workers of the host are kept out of the timed runs by the measurement lock
+  (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. The running job's lease is kept
+  by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
+  ``AUTOPRUNE_EXPORT_REQUEST_RETENTION_S`` are deleted (at most once a minute, :meth:`Worker.purge_requests`).
 * **Fine-tuned weights** are stored once, as a ``.safetensors`` artefact named on the evaluation row
   (``weights_sha256``), when the point is fine-tuned.
 * **Failure.** Any exception: the job goes to ``failed`` with ``"<Type>: <first line>"`` (traceback in the
@@ -226,7 +238,11 @@ class Worker:
         self.stop_event = threading.Event()
         """Set to stop after the current evaluation and release the job (SIGTERM, the embedding app's shutdown)."""
         self._export_objective: tuple[str, JobSpec, Objective] | None = None
-        """The last job whose points were exported on request: its spec and objective (built once per job)."""
+        """The last job whose points were exported: its spec and objective (the job's own after a search, else
+        built once for the requests of that job)."""
+        self.export_objective_builds = 0
+        """How many objectives this worker built to export points (not counting the jobs' own searches)."""
+        self._purged_at: float | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -261,8 +277,11 @@ class Worker:
         """:meth:`run_once`; what it did: ``job``, ``export`` or None."""
         from service.db.models import EXPORT_PRIORITY
 
+        self.purge_requests()
         lease = self.settings.lease_seconds
         request = self.repo.claim_export(self.worker_id, lease, max_priority=EXPORT_PRIORITY["user"])
+        if request is None and self._export_objective is not None:  # the front of the job this worker just ran
+            request = self.repo.claim_export(self.worker_id, lease, job_id=self._export_objective[0])
         if request is not None:
             self.process_export(request)
             return "export"
@@ -276,6 +295,40 @@ class Worker:
             self.process_export(request)
             return "export"
         return None
+
+    def purge_requests(self, *, every_s: float = 60.0) -> int:
+        """Delete the finished export requests older than the retention (at most once per ``every_s``); how
+        many."""
+        now = time.monotonic()
+        if self._purged_at is not None and now - self._purged_at < every_s:
+            return 0
+        self._purged_at = now
+        try:
+            purged = self.repo.purge_export_requests(self.settings.export_request_retention_s)
+        except Exception:  # a database hiccup: the next purge gets them
+            log.exception("worker %s: purging old export requests failed", self.worker_id)
+            return 0
+        if purged:
+            log.info("worker %s: deleted %d finished export request(s) past the retention", self.worker_id, purged)
+        return purged
+
+    def _serve_between(self, lease: _Lease) -> None:
+        """Between two evaluations of the running job: make at most one waiting user's export request of a
+        finished job (see the module docstring)."""
+        from service.db.models import EXPORT_PRIORITY
+
+        if lease.lost or lease.cancel_requested or self.stop_event.is_set():
+            return
+        try:
+            request = self.repo.claim_export(
+                self.worker_id, self.settings.lease_seconds, max_priority=EXPORT_PRIORITY["user"]
+            )
+            if request is not None:
+                log.info("worker %s: making export request %s between evaluations of job %s",
+                         self.worker_id, request.id, lease.job_id)  # fmt: skip
+                self.process_export(request)
+        except Exception:  # the running job goes on; the request's lease expires and it is claimed again
+            log.exception("worker %s: an export request between evaluations failed", self.worker_id)
 
     # -- one job ------------------------------------------------------------------------------------------
     def process(self, job: JobRow) -> str:
@@ -496,6 +549,7 @@ class Worker:
                 job.id, self.worker_id, _finite(e.to_json()), done=0, best=None, front=(), derive=derive
             )
             lease.renew()
+            self._serve_between(lease)
 
         def new_strategy() -> Any:
             strategy = make_strategy(
@@ -637,6 +691,7 @@ class Worker:
                 weights_sha256=weights,
             )
             lease.renew()  # after every evaluation: keeps the lease fresh and reads a cancel request back
+            self._serve_between(lease)
 
         return record
 
@@ -688,12 +743,12 @@ class Worker:
                         model = self._rebuild(objective, best, weights, result)
                     sha, meta = self._export_point(job.id, model, best, fmt, Path(tmp), objective, spec, True)
                 except ExportError as exc:
-                    self._log(job.id, f"export of {best.stage} point {best.index} as {fmt} failed: {exc}")
-                    with contextlib.suppress(RepositoryError):
-                        self.repo.add_event(
-                            job.id, "export", point={"stage": best.stage, "index": best.index}, format=fmt,
-                            ok=False, phase="job", seconds=time.monotonic() - started, error=str(exc)[:500],
-                        )  # fmt: skip
+                    error = _first_line(exc)
+                    self._log(job.id, f"export of {best.stage} point {best.index} as {fmt} failed: {error}")
+                    self.repo.fail_export(
+                        job_id=job.id, index=best.index, stage=best.stage, format=fmt, error=error,
+                        worker_id=self.worker_id, phase="job", seconds=time.monotonic() - started,
+                    )  # fmt: skip
                     continue
                 self.repo.add_export(
                     job_id=job.id,
@@ -711,6 +766,7 @@ class Worker:
             queued = self.repo.enqueue_exports(job.id, rest, spec.export_formats, origin="background")
             if queued:
                 self._log(job.id, f"queued {queued} background export(s) of the other front points")
+        self._export_objective = (job.id, spec, objective)  # the rest of the front: no second build of the job
 
     def _weights_of(self, job_id: str, point: Evaluation) -> str | None:
         """The stored weights of a fine-tuned point (None for search points)."""
@@ -825,6 +881,7 @@ class Worker:
         self._export_objective = None  # the previous job's model and data can go
         spec = self.build_spec(job)
         objective = spec.build_objective(latency=spec.latency_config(**self.settings.latency_host))
+        self.export_objective_builds += 1
         self._export_objective = (job.id, spec, objective)
         return spec, objective
 

@@ -288,6 +288,8 @@ def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stag
         else:
             found = None  # type: ignore[assignment]
         if found is None:
+            if best is not None:
+                _raise_if_failed(repo, job, best[0], best[1], format, "its best point")
             why = "" if job.state == JobState.succeeded.value else f" (the job {job.state})"
             raise Problem(
                 404,
@@ -304,6 +306,8 @@ def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stag
         raise Problem(422, f"point must be 'best' or an evaluation index, got {point!r}") from None
     matches = [e for e in exports if e.index == index and (stage is None or e.stage == stage)]
     if not matches:
+        for st in [stage] if stage is not None else ["finetuned", "search"]:
+            _raise_if_failed(repo, job, index, st, format, f"point {index} ({st})")
         have = sorted({f"{e.index} ({e.stage})" for e in exports})
         raise Problem(
             404,
@@ -314,6 +318,18 @@ def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stag
         )
     # the same plan after fine-tuning is the better model of that point
     return sorted(matches, key=lambda e: e.stage != "finetuned")[0]
+
+
+def _raise_if_failed(repo: Repository, job: JobRow, index: int, stage: str, format: str, what: str) -> None:
+    """A 404 ``export-failed`` problem saying why, when the last export of that point in ``format`` failed."""
+    failed = repo.failed_export(job.id, index=index, stage=stage, format=format)
+    if failed is not None:
+        raise Problem(
+            404,
+            f"the {format} export of {what} of job {job.id} failed: {failed.error or 'no reason recorded'}; "
+            f"request it again with POST /v1/jobs/{job.id}/exports",
+            slug="export-failed",
+        )
 
 
 def _find_evaluation(repo: Repository, job_id: str, index: int, stage: str) -> EvaluationRow | None:
@@ -377,7 +393,8 @@ ExportRequest = Annotated[_ExportRequest, Depends(_export_request)]
 )
 def download_model(req: ExportRequest) -> FileResponse:
     """The stored export of a front point (or ``best``) in ``format``; its metadata at ``.../meta``. 409 while the
-    job has not finished; 404 when that point or format was not exported."""
+    job has not finished; 404 when that point or format was not exported (``export-failed``, with the error, when
+    its export failed)."""
     row, stage = req.row, req.stage
     path, media_type = _artefact_file(req.repo, req.store, row)
     if path is None:

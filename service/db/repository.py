@@ -37,7 +37,9 @@ How it works:
   ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL and inside ``BEGIN IMMEDIATE`` on SQLite; a lease
   (:meth:`~Repository.renew_export_lease`) and :data:`MAX_EXPORT_ATTEMPTS` claims; :meth:`~Repository.finish_export`
   stores the export (or the error: retried, or failed) and writes an ``export`` event with the job's export
-  progress (``done`` of ``total`` requests).
+  progress (``done`` of ``total`` requests). A best-point export that fails in the job's worker is a ``failed``
+  request of origin ``job`` (:meth:`~Repository.fail_export`). Finished requests older than the retention are
+  deleted (:meth:`~Repository.purge_export_requests`); the exports they made stay.
 * **Shared jobs** (``jobs.workers`` = N > 1, from ``spec["workers"]``): up to N workers hold the job at once,
   one :class:`JobSlot` row each. The claim that starts the job takes slot 0 (queued -> running, as above); a
   worker with nothing queued to start *joins* a running shared job with a free or expired slot (no state change,
@@ -864,6 +866,57 @@ class Repository:
                 self._export_event(s, req, ok=True, phase=phase)
         return row
 
+    def fail_export(
+        self,
+        *,
+        job_id: str,
+        index: int,
+        stage: str,
+        format: str,
+        error: str,
+        worker_id: str,
+        phase: str,
+        seconds: float | None = None,
+    ) -> ExportRequest:
+        """Record that the job's worker could not export one point in one format (the best, before the job
+        succeeds): its request is ``failed`` with ``error`` (one is written if there was none), with an
+        ``export`` event. LeaseLost unless ``worker_id`` holds the job."""
+        with self._write() as s:
+            job = self._lock_job(s, job_id)
+            self._check_holder(s, job, worker_id)
+            now = utcnow()
+            req = s.scalars(self._request_of(job_id, index, stage, format)).first()
+            if req is None:
+                req = ExportRequest(
+                    id=new_id(), job_id=job_id, index=index, stage=stage, format=format, origin="job",
+                    priority=EXPORT_PRIORITY["user"], attempts=1, created_at=now, started_at=now,
+                )  # fmt: skip
+                s.add(req)
+            req.state, req.worker_id, req.lease_expires_at = ExportRequestState.failed.value, None, None
+            req.error, req.seconds, req.finished_at, req.updated_at = error, seconds, now, now
+            s.flush()
+            self._export_event(s, req, ok=False, phase=phase)
+            return req
+
+    def failed_export(self, job_id: str, *, index: int, stage: str, format: str) -> ExportRequest | None:
+        """The failed request of one point in one format, if its last export failed."""
+        with self._read() as s:
+            req = s.scalars(self._request_of(job_id, index, stage, format)).first()
+        return req if req is not None and req.state == ExportRequestState.failed.value else None
+
+    def purge_export_requests(self, older_than_s: float) -> int:
+        """Delete the done and failed export requests that finished more than ``older_than_s`` seconds ago (their
+        exports stay); returns how many."""
+        cutoff = utcnow() - timedelta(seconds=float(older_than_s))
+        with self._write() as s:
+            result = s.execute(
+                delete(ExportRequest).where(
+                    ExportRequest.state.in_(_FINISHED_EXPORT),
+                    func.coalesce(ExportRequest.finished_at, ExportRequest.updated_at) < cutoff,
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
     @staticmethod
     def _request_of(job_id: str, index: int, stage: str, format: str) -> Any:
         return select(ExportRequest).where(
@@ -988,10 +1041,11 @@ class Repository:
             return added
 
     def claim_export(
-        self, worker_id: str, lease_seconds: float, *, max_priority: int | None = None
+        self, worker_id: str, lease_seconds: float, *, max_priority: int | None = None, job_id: str | None = None
     ) -> ExportRequest | None:
         """Claim the next export request of a finished job: queued, or running with an expired lease (its worker
-        died), lowest priority first, then oldest; at most ``max_priority`` when given. PostgreSQL: ``FOR UPDATE
+        died), lowest priority first, then oldest; at most ``max_priority`` and of job ``job_id`` when given.
+        PostgreSQL: ``FOR UPDATE
         SKIP LOCKED``; SQLite: inside ``BEGIN IMMEDIATE``. A request whose worker died on it
         :data:`MAX_EXPORT_ATTEMPTS` times is failed instead (with an ``export`` event)."""
 
@@ -1006,6 +1060,8 @@ class Repository:
                 ),
                 ExportRequest.job_id.in_(select(JobRow.id).where(JobRow.state.in_([t.value for t in TERMINAL]))),
             )
+            if job_id is not None:
+                cond = and_(cond, ExportRequest.job_id == job_id)
             return cond if max_priority is None else and_(cond, ExportRequest.priority <= max_priority)
 
         with self._read() as s:  # idle workers poll: look before taking SQLite's database-wide lock

@@ -21,6 +21,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ from service.api.app import create_app
 from service.artefacts import ArtefactStore
 from service.client import Client, parse_sse
 from service.db.engine import make_engine, upgrade
-from service.db.models import EvaluationRow, JobState
+from service.db.models import EvaluationRow, ExportRequest, JobState
 from service.db.repository import MAX_EXPORT_ATTEMPTS, LeaseLost, Repository
-from service.settings import Settings
+from service.settings import InvalidSettings, Settings, load_settings
 from service.worker import Worker
 from tests.service.conftest import serve_in_thread, submit_job
 from tests.service.test_repository import new_job
@@ -206,11 +207,15 @@ def test_the_best_file_is_ready_when_the_job_succeeds_and_the_front_follows(db_u
         assert first.id < succeeded_at and first.data["phase"] == "job" and first.data["ok"] is True
         assert first.data["point"] == {"stage": best[0], "index": best[1]}
 
-        # the worker then makes the rest, one request at a time, with progress events
-        made = 0
-        while worker._run_one() == "export":
-            made += 1
-        assert made == len(rest)
+        # the worker then makes the rest, one request at a time, with progress events, before a job queued
+        # meanwhile, and with the job's own objective (its model and data are not built again)
+        queued_next = _submit(repo, export_formats=["onnx"])
+        for _ in rest:
+            assert worker._run_one() == "export"
+        assert repo.get_job(queued_next).state == "queued"
+        assert worker.export_objective_builds == 0
+        repo.request_cancel(queued_next)
+        assert worker._run_one() is None
         assert {(x.stage, x.index) for x in repo.exports(job_id)} == front | {best}
         assert repo.pending_exports(job_id) == 0
         later = [e for e in export_events(repo, job_id) if e["phase"] == "background"]
@@ -252,6 +257,9 @@ def test_finetuned_weights_are_stored_once_and_exports_reuse_them(tmp_path: Path
     fresh = Worker(settings, "w2")
     try:
         assert fresh._run_one() == "export"
+        repo2.request_export(job_id, stage="search", index=1, format="onnx")
+        assert fresh._run_one() == "export"
+        assert fresh.export_objective_builds == 1  # built once for both requests of the job
     finally:
         fresh.close()
     assert repo2.get_export_request(job_id, req.id).state == "done"
@@ -412,3 +420,150 @@ def test_a_cancelled_jobs_best_point_is_exported_on_request(tmp_path: Path, wait
         assert export.meta["best"] is True
     finally:
         worker.close()
+
+
+@pytest.mark.slow
+def test_a_request_is_made_between_evaluations_of_another_running_job(
+    tmp_path: Path, wait_for: Callable[..., None]
+) -> None:
+    """The only worker runs job B; a user's request of finished job A is made before B ends, between two of B's
+    evaluations (none of B's is recorded while the export runs: it never overlaps a candidate's timing)."""
+    settings = Settings(
+        data_dir=tmp_path / "data", api_keys=[KEY], export_front="lazy", lease_seconds=10, poll_seconds=0.1
+    )
+    upgrade(settings.db_url)
+    app = create_app(settings, sse_poll_seconds=0.05)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    try:
+        done_job = _submit(repo, export_formats=["onnx"])
+        assert worker._run_one() == "job"
+        busy = _submit(repo, budget=500, export_formats=["onnx"])
+        runner.start()
+        wait_for(lambda: repo.get_job(busy).progress_done >= 1, 180, "the running job's first evaluation")
+        with serve_in_thread(app) as url, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as api:  # fmt: skip
+            best = repo.get_job(done_job).best
+            assert best is not None
+            other = next(i for i in range(1, 4) if i != best["index"])
+            r = api.post(f"/v1/jobs/{done_job}/exports", json={"point": other, "format": "pt2"})
+            assert r.status_code == 202, r.text
+            location = r.headers["location"]
+            wait_for(lambda: api.get(location).json()["state"] in ("done", "failed"), 150, "the request")
+            status = api.get(location).json()
+            assert status["state"] == "done", status
+            job = api.get(f"/v1/jobs/{busy}").json()
+            assert job["state"] == "running" and job["progress"]["done"] < 500
+        made = repo.get_export_request(done_job, status["id"])
+        assert made.started_at is not None and made.finished_at is not None
+        recorded = [e.created_at for e in repo.evaluations(busy, limit=1000).items]
+        assert not [t for t in recorded if made.started_at < t < made.finished_at]
+        assert any(t < made.started_at for t in recorded)
+        repo.request_cancel(busy)
+        wait_for(lambda: repo.get_job(busy).state == "cancelled", 120, "the cancel")
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(60)
+        worker.close()
+
+
+class _DataDependentMLP:
+    """An MLP whose forward branches on a value: eager runs it (search, ONNX), ``torch.export`` refuses it."""
+
+    @staticmethod
+    def build(**kwargs: Any) -> Any:
+        from autoprune.models import zoo
+
+        class DataDependent(zoo.MLP):
+            def forward(self, x: Any) -> Any:
+                out = super().forward(x)
+                if float(out.detach().sum()) == float("inf"):  # data-dependent control flow
+                    out = out * 0
+                return out
+
+        model = zoo.mlp(**kwargs)
+        model.__class__ = DataDependent
+        return model
+
+
+@pytest.mark.slow
+def test_a_failed_export_of_the_best_point_is_a_visible_failed_request(tmp_path: Path) -> None:
+    from autoprune.models.registry import register_architecture, unregister_architecture
+
+    register_architecture("data-dependent-mlp", _DataDependentMLP.build)
+    settings = Settings(data_dir=tmp_path / "data", api_keys=[KEY], export_front="lazy", lease_seconds=10)
+    upgrade(settings.db_url)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    try:
+        model = repo.create_model(
+            name="dd", kind="architecture", architecture="data-dependent-mlp", kwargs={}, artefact_sha256=None
+        )
+        data = repo.create_dataset(name="digits", kind="builtin", builtin="digits", artefact_sha256=None, info={})
+        spec = {**SPEC, "budget": 2, "export_formats": ["pt2"]}
+        job, _ = repo.create_job(model_id=model.id, dataset_id=data.id, spec=spec, progress_total=2)
+        assert worker._run_one() == "job"
+        assert repo.get_job(job.id).state == "succeeded"  # the job still succeeds
+        with serve_in_thread(create_app(settings)) as url, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as api:  # fmt: skip
+            listed = api.get(f"/v1/jobs/{job.id}/exports").json()
+            assert (listed["total"], listed["done"], listed["pending"]) == (1, 1, 0)
+            item = listed["items"][0]
+            assert (item["state"], item["origin"], item["format"]) == ("failed", "job", "pt2")
+            assert item["error"].startswith("ExportError: .pt2 export failed")
+            assert "\n" not in item["error"] and str(ROOT) not in item["error"] and str(tmp_path) not in item["error"]
+            problem = _problem(
+                api.get(f"/v1/jobs/{job.id}/models/best", params={"format": "pt2"}), 404, "export-failed"
+            )
+            assert item["error"] in problem["detail"]
+            index = repo.get_job(job.id).best["index"]  # type: ignore[index]
+            _problem(api.get(f"/v1/jobs/{job.id}/models/{index}", params={"format": "pt2"}), 404, "export-failed")
+        event = [e for e in export_events(repo, job.id) if e["phase"] == "job"]
+        assert len(event) == 1 and event[0]["ok"] is False and event[0]["error"] == item["error"]
+    finally:
+        worker.close()
+        unregister_architecture("data-dependent-mlp")
+
+
+def test_finished_requests_past_the_retention_are_deleted(db_url: str, tmp_path: Path) -> None:
+    upgrade(db_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, export_request_retention_s=3600)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    try:
+        job_id = finished_job(repo)
+        repo.enqueue_exports(job_id, [("search", i) for i in range(1, 5)], ["onnx"])
+        sha = "cd" * 32
+        repo.add_artefact(sha, 5, "application/onnx", ".onnx")
+        made = {}
+        for _ in range(3):
+            req = repo.claim_export("x", 60)
+            assert req is not None
+            failed = req.index == 2
+            repo.finish_export(req.id, "x", seconds=0.1, **({"error": "ExportError: no"} if failed else {
+                "artefact_sha256": sha, "meta": {}}))  # fmt: skip
+            made[req.index] = req.id
+        old = datetime.now(UTC) - timedelta(hours=2)
+        with worker.engine.begin() as conn:  # 1 (done) and 2 (failed) finished two hours ago, 3 just now
+            conn.execute(
+                update(ExportRequest)
+                .where(ExportRequest.id.in_([made[1], made[2]]))
+                .values(finished_at=old, created_at=old)
+            )
+        assert worker.purge_requests() == 2
+        assert sorted((r.index, r.state) for r in repo.export_requests(job_id)) == [(3, "done"), (4, "queued")]
+        assert repo.get_export(job_id, index=1, stage="search", format="onnx").artefact_sha256 == sha  # stays
+        assert repo.request_export(job_id, stage="search", index=1, format="onnx")[1] is True  # from the file
+        with worker.engine.begin() as conn:
+            conn.execute(update(ExportRequest).where(ExportRequest.id == made[3]).values(finished_at=old))
+        assert worker.purge_requests() == 0  # at most once a minute
+        assert worker.purge_requests(every_s=0) == 1
+    finally:
+        worker.close()
+    with pytest.raises(InvalidSettings, match="AUTOPRUNE_EXPORT_REQUEST_RETENTION_S"):
+        load_settings(export_request_retention_s=0)
