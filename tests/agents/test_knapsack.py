@@ -82,7 +82,7 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
         assert e.stage == "search" and 0 < extra["predicted_latency_ratio"] < 1.0
         assert extra["predicted_quality_drop"] >= 0
     info = result.info
-    assert len(info["sensitivity"]["probes"]) == 3 * len(objective.group_names)
+    assert len(info["sensitivity"]["probes"]) == 4 * len(objective.group_names)  # 0.125, 0.25, 0.5, 0.75
     assert set(info["calibration"]) == {"latency_scale", "quality_scale"}
     # the sweep covers the trade-off: from light cuts to the fastest plans the table allows
     ratios = sorted(e.latency_ratio for e in result.evaluations)
