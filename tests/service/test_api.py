@@ -175,6 +175,7 @@ def test_catalog_lists_names_the_api_accepts(api: httpx.Client) -> None:
     cat = api.get("/v1/catalog").json()
     assert "resnet20" in cat["architectures"] and cat["datasets"] == ["digits", "mnist1d"]
     assert {"random", "optuna-tpe", "sb3-ddpg"} <= {s["name"] for s in cat["strategies"]}
+    assert cat["default_strategy"] == "knapsack"
     assert "accuracy" in cat["metrics"] and "mnasnet" in cat["objectives"]
     tpe = next(s for s in cat["strategies"] if s["name"] == "optuna-tpe")
     assert "n_startup_trials" in tpe["options"] and not {"storage", "study_name"} & set(tpe["options"])
