@@ -421,7 +421,10 @@ class RecordingObjective:
 class Strategy(Protocol):
     """What :func:`run_search` needs: a name and ``run(session)``.
 
-    Black-box strategies subclass :class:`AskTellStrategy` and get ``run`` from the shared loop.
+    Black-box strategies subclass :class:`AskTellStrategy` and get ``run`` from the shared loop. Optional hooks
+    (looked up with ``getattr``): ``info() -> dict`` (what the search learnt, ``SearchResult.info``), and for a
+    strategy that probes the groups first, ``probe_record()`` / ``restore_probes(table)``
+    (:class:`agents.knapsack.StoredProbes`: a resumed job hands its stored probe table back instead of probing).
     """
 
     name: str

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agents.base import AskTellStrategy, Budget, Ratios, SearchSpace
+from agents.base import AskTellStrategy, Budget, Ratios, SearchSession, SearchSpace
 from autoprune.errors import InvalidConfigError
 from autoprune.names import MAX_RATIO
 
@@ -18,7 +19,9 @@ class UniformSweep(AskTellStrategy):
     """The same ratio for every group, swept from low to high across the budget.
 
     With ``ratios`` given, those are tried in order; otherwise ``n`` evenly spaced ratios in
-    ``(0, max_ratio]`` where ``n`` is the evaluation budget (steps of ``step`` for a time-only budget).
+    ``(0, max_ratio]`` where ``n`` is the evaluation budget (steps of ``step`` for a time-only budget). A ratio
+    whose rounded widths (every group's, with the plan's ``round_to``) are those of a ratio already asked is
+    skipped: it would prune the same model again (as is one that rounds to the unpruned model, the baseline).
     """
 
     name = "uniform"
@@ -32,9 +35,13 @@ class UniformSweep(AskTellStrategy):
         self.step = step
         self._queue: list[float] = []
         self._groups: tuple[str, ...] = ()
+        self._widths: Callable[[float], tuple[int, ...]] | None = None
+        self._asked: set[tuple[int, ...]] = set()
+        self._unpruned: tuple[int, ...] | None = None
 
     def setup(self, space: SearchSpace, budget: Budget, seed: int) -> None:
         self._groups = space.groups
+        self._asked = set()
         if self.ratios is not None:
             self._queue = [min(r, space.max_ratio) for r in self.ratios]
         elif budget.evaluations is not None:
@@ -43,11 +50,25 @@ class UniformSweep(AskTellStrategy):
             n = int(space.max_ratio / self.step + 1e-9)
             self._queue = [self.step * (i + 1) for i in range(n)]
 
+    def run(self, session: SearchSession) -> None:
+        objective = session.objective
+        if objective.method == "structured":  # ratios that round to the same widths prune the same model
+            from autoprune.sensitivity import kept_width
+
+            self._widths = lambda r: tuple(kept_width(objective, g, r) for g in session.space.groups)
+            self._unpruned = self._widths(0.0)  # the baseline, evaluated already
+        super().run(session)
+
     def ask(self) -> Ratios | None:
-        if not self._queue:
-            return None
-        ratio = self._queue.pop(0)
-        return dict.fromkeys(self._groups, ratio)
+        while self._queue:
+            ratio = self._queue.pop(0)
+            if self._widths is not None:
+                widths = self._widths(ratio)
+                if widths in self._asked or widths == self._unpruned:  # the same model again: not evaluated twice
+                    continue
+                self._asked.add(widths)
+            return dict.fromkeys(self._groups, ratio)
+        return None
 
     def tell(self, ratios: Ratios, evaluation: Evaluation) -> None:
         pass

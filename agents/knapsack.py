@@ -17,10 +17,12 @@ trade-off; a target whose plan was already evaluated is skipped.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agents.base import SearchSession, SearchStopped
 from autoprune.errors import InvalidConfigError, PruningError
+from autoprune.sensitivity import PROBE_RATIOS
 
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 MAX_TARGETS = 512
 """Targets tried before the strategy says it has nothing new to propose."""
+MIN_TARGET = 0.05
+"""The lowest latency ratio the sweep aims at (default ``min_target``)."""
 
 
 def _van_der_corput(n: int) -> float:
@@ -40,15 +44,51 @@ def _van_der_corput(n: int) -> float:
     return q
 
 
+def probe_table(
+    session: SearchSession, probe_ratios: Sequence[float] = PROBE_RATIOS, *, table: SensitivityTable | None = None
+) -> SensitivityTable:
+    """The measured latency / sensitivity table of the session's groups: ``table`` when it is one of this session
+    (same groups and widths, probed at these ratios: a resumed job's stored probes), else each group probed alone at
+    ``probe_ratios`` (capped at the space's ``max_ratio``). Probes are not candidates: they do not count against
+    the evaluation budget, but a time budget or a stop request also stops them (:class:`SearchStopped`)."""
+    from autoprune.sensitivity import profile_groups
+
+    levels = sorted({round(min(float(r), session.space.max_ratio), 6) for r in probe_ratios})
+    if table is not None and _fits(table, session, levels):
+        return table
+    objective = session.objective
+
+    def evaluate(plan: Plan) -> Evaluation:
+        if session.should_stop():
+            raise SearchStopped(session.stop_reason)
+        return objective.evaluate(plan, stage="probe", test=False)
+
+    return profile_groups(objective, levels, groups=session.space.groups, evaluate=evaluate)
+
+
+def _fits(table: SensitivityTable, session: SearchSession, levels: list[float]) -> bool:
+    """Whether ``table`` is the one :func:`probe_table` would measure for ``session`` at ``levels``."""
+    structure = session.objective.structure
+    return (
+        table.groups == session.space.groups
+        and table.widths == tuple(structure.group(g).units for g in table.groups)
+        and all(sorted(p.ratio for p in table.probes if p.group == g) == levels for g in table.groups)
+    )
+
+
 def knapsack_plans(
-    session: SearchSession, count: int, probe_ratios: list[float] | tuple[float, ...] = (0.25, 0.5, 0.75)
+    session: SearchSession,
+    count: int,
+    probe_ratios: Sequence[float] = PROBE_RATIOS,
+    *,
+    table: SensitivityTable | None = None,
 ) -> tuple[SensitivityTable, list[dict[str, float]]]:
-    """Probe the session's groups and return the table with up to ``count`` distinct knapsack plans over a sweep of
-    latency targets (uncalibrated: nothing is evaluated here). The warm start of the Optuna strategies."""
-    probe = KnapsackSearch(probe_ratios)
-    table = probe.table = probe._probe(session)
+    """The session's table (``table`` if it fits, else probed: :func:`probe_table`) with up to ``count`` distinct
+    knapsack plans over a sweep of latency targets (uncalibrated: nothing is evaluated here). The warm start of
+    the Optuna strategies and the RL agents."""
+    table = probe_table(session, probe_ratios, table=table)
     plans: list[dict[str, float]] = []
-    hi, lo = 0.97, max(probe.min_target, table.fastest())
+    hi, lo = 0.97, max(MIN_TARGET, table.fastest())
     for n in range(1, MAX_TARGETS + 1):
         if len(plans) >= count or lo >= hi:
             break
@@ -61,12 +101,34 @@ def knapsack_plans(
     return table, plans
 
 
-class KnapsackSearch:
+class StoredProbes:
+    """The optional probe hooks of a strategy that probes (``knapsack``, the ``warm_start`` of Optuna and the RL
+    agents): a service stores :meth:`probe_record` with the job once probing has ended, and hands it back to a
+    resumed run through :meth:`restore_probes`, so the resumed run does not probe (nor time) again."""
+
+    table: SensitivityTable | None = None
+    """The table this run probed or restored (None before probing)."""
+    _restored: SensitivityTable | None = None
+
+    def probe_record(self) -> dict[str, Any] | None:
+        """The probe table as JSON (:meth:`SensitivityTable.to_json`) once probing has ended, else None."""
+        return None if self.table is None else self.table.to_json()
+
+    def restore_probes(self, table: Mapping[str, Any]) -> None:
+        """Use a table :meth:`probe_record` gave in an earlier run of the same job instead of probing again (it is
+        probed anyway if it does not fit the session: other groups, widths or probe ratios). With the replayed
+        evaluations, every plan is then the same as in the first run."""
+        from autoprune.sensitivity import SensitivityTable
+
+        self._restored = SensitivityTable.from_json(table)
+
+
+class KnapsackSearch(StoredProbes):
     """Latency table + knapsack, calibrated by each real evaluation (see the module docstring)."""
 
     name = "knapsack"
 
-    def __init__(self, probe_ratios: list[float] | tuple[float, ...] = (0.25, 0.5, 0.75), min_target: float = 0.05):
+    def __init__(self, probe_ratios: Sequence[float] = PROBE_RATIOS, min_target: float = MIN_TARGET):
         ratios = [float(r) for r in probe_ratios]
         if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
             raise InvalidConfigError(f"probe_ratios must be numbers in (0, 1), got {list(probe_ratios)}")
@@ -75,6 +137,7 @@ class KnapsackSearch:
         self.probe_ratios = ratios
         self.min_target = min_target
         self.table: SensitivityTable | None = None
+        self._restored: SensitivityTable | None = None
         self.latency_scale = 1.0
         self.quality_scale = 1.0
 
@@ -87,23 +150,10 @@ class KnapsackSearch:
             "calibration": {"latency_scale": self.latency_scale, "quality_scale": self.quality_scale},
         }
 
-    def _probe(self, session: SearchSession) -> SensitivityTable:
-        from autoprune.sensitivity import profile_groups
-
-        objective = session.objective
-
-        def evaluate(plan: Plan) -> Evaluation:
-            if session.should_stop():  # a time budget or a stop request also covers the probes
-                raise SearchStopped(session.stop_reason)
-            return objective.evaluate(plan, stage="probe", test=False)
-
-        levels = sorted({min(r, session.space.max_ratio) for r in self.probe_ratios})
-        return profile_groups(objective, levels, groups=session.space.groups, evaluate=evaluate)
-
     def run(self, session: SearchSession) -> None:
         from autoprune.sensitivity import SensitivityTable
 
-        table = self.table = self._probe(session)
+        table = self.table = probe_table(session, self.probe_ratios, table=self._restored)
         base_quality = session.objective.baseline.quality
         savings: list[tuple[float, float]] = []
         drops: list[tuple[float, float]] = []

@@ -32,6 +32,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from agents.base import AskTellStrategy, Budget, Ratios, SearchSession, SearchSpace
+from agents.knapsack import StoredProbes
 from autoprune.errors import InvalidConfigError
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def _check_positive_int(name: str, value: int | None, minimum: int) -> None:
         raise InvalidConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-class _OptunaStrategy(AskTellStrategy):
+class _OptunaStrategy(StoredProbes, AskTellStrategy):
     """One Optuna study driven through ask/tell; subclasses choose the sampler, directions and told values."""
 
     directions: tuple[str, ...] = ("maximize",)
@@ -165,7 +166,8 @@ class _OptunaStrategy(AskTellStrategy):
         if self.warm_start:
             from agents.knapsack import knapsack_plans
 
-            table, self._warm = knapsack_plans(session, self.warm_start)
+            table, self._warm = knapsack_plans(session, self.warm_start, table=self._restored)
+            self.table = table
             self._info = {"sensitivity": table.to_json(), "warm_start": [dict(p) for p in self._warm]}
         try:
             super().run(session)

@@ -589,8 +589,8 @@ def _sensitivity_lines(result: SearchResult) -> list[str]:
         f"Each group pruned alone at each probe ratio, recovered, scored on validation and timed interleaved with "
         f"the unpruned model ({table['runtime']}, {table['threads']} thread(s), batch {table['batch_size']}): "
         f"{len(table['probes'])} probes in {table['seconds']:.1f} s, not counted as evaluations. Cells: kept "
-        "width, measured latency ratio, relative quality drop. `sensitivity.png` plots it; `sensitivity.json` "
-        "has every probe.",
+        "width, measured latency ratio, relative quality drop (`uncut`: the ratio rounds to the full width, not "
+        "measured). `sensitivity.png` plots it; `sensitivity.json` has every probe.",
         "",
         "| group | units | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
         "|---|---|" + "---|" * len(ratios),
@@ -603,6 +603,8 @@ def _sensitivity_lines(result: SearchResult) -> list[str]:
                 cells.append("-")
             elif probe["failed"]:
                 cells.append("failed")
+            elif probe.get("skipped"):
+                cells.append(f"{probe['width']}: uncut")
             else:
                 cells.append(f"{probe['width']}: {probe['latency_ratio']:.3f}, {100 * probe['quality_drop']:.1f}%")
         lines.append(f"| `{group}` | {units} | " + " | ".join(cells) + " |")
@@ -633,7 +635,8 @@ def _plot_sensitivity(table: dict[str, Any]) -> bytes:
     try:
         for group, units in zip(table["groups"], table["widths"], strict=True):
             probes = sorted(
-                (p for p in table["probes"] if p["group"] == group and not p["failed"]), key=lambda p: -p["width"]
+                (p for p in table["probes"] if p["group"] == group and not p["failed"] and not p.get("skipped")),
+                key=lambda p: -p["width"],
             )
             widths = [units] + [p["width"] for p in probes]
             ax_lat.plot(widths, [1.0] + [p["latency_ratio"] for p in probes], marker="o", ms=3, label=group)

@@ -46,6 +46,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
 
 from agents.base import Budget, SearchSession
+from agents.knapsack import StoredProbes
 from autoprune.env import LayerPruneEnv
 from autoprune.errors import InvalidConfigError
 
@@ -160,7 +161,7 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-class SB3Strategy:
+class SB3Strategy(StoredProbes):
     """An SB3 agent choosing one ratio per group, episode by episode; ``algorithm`` is ddpg, td3, sac or ppo.
 
     Options (all keyword):
@@ -335,7 +336,8 @@ class SB3Strategy:
         from agents.knapsack import knapsack_plans
 
         assert self.model is not None
-        table, plans = knapsack_plans(session, self.warm_start)
+        table, plans = knapsack_plans(session, self.warm_start, table=self._restored)
+        self.table = table
         self._info = {"sensitivity": table.to_json(), "warm_start": [dict(p) for p in plans]}
         env, buffer = self.model.get_env(), getattr(self.model, "replay_buffer", None)
         assert env is not None and buffer is not None

@@ -169,7 +169,11 @@ class JobSpec:
     """Weights for the architecture (``.safetensors``); without them the shipped reference weights are used
     when there are some for (model, data), else the model is trained for ``train_epochs``."""
     train_epochs: int = _knob(0, "Train the model first when it has no weights (0: off).", lo=0, hi=10_000)
-    strategy: str = _knob("random", "Search strategy (see `autoprune strategies`).", short="-s")
+    strategy: str = _knob(
+        "knapsack",
+        "Search strategy (see `autoprune strategies`); knapsack probes each group first (not counted in the budget).",
+        short="-s",
+    )
     strategy_options: Mapping[str, Any] = _knob(
         {},
         "Options of the strategy (`autoprune strategies`); `storage` and `study_name` are the operator's.",
@@ -535,7 +539,7 @@ def search(
     *,
     evaluate: Callable[[nn.Module], Any] | None = None,
     example_inputs: Inputs | None = None,
-    strategy: str = "random",
+    strategy: str = "knapsack",
     budget: int | None = 20,
     seconds: float | None = None,
     seed: int = 0,

@@ -5,7 +5,8 @@ as every candidate is recovered (BatchNorm re-estimation), scores it on the vali
 latency interleaved with the unpruned model, in the objective's runtime, threads and batch size (the
 objective's latency cache times each pruned shape once). That is a :class:`SensitivityTable`: for each group
 and kept width, what the cut saves in measured time and what it costs in quality. The widths are the plan's
-rounded widths, so the table shows the staircase: two ratios that round to the same width cost the same, and a
+rounded widths, so the table shows the staircase: two ratios that round to the same width cost the same (measured
+once), a ratio that rounds to the group's full width cuts nothing (recorded as ``skipped``, not measured), and a
 width that runs slower than a wider one (odd widths in some kernels) is visible as a negative saving.
 
 :meth:`SensitivityTable.solve` is the multiple-choice knapsack of latency-aware pruning (HALP, NeurIPS'22: a
@@ -30,7 +31,10 @@ from autoprune.errors import InvalidConfigError, PruningError
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation, Objective
 
-__all__ = ["Probe", "SensitivityTable", "profile_groups"]
+__all__ = ["PROBE_RATIOS", "Probe", "SensitivityTable", "kept_width", "profile_groups"]
+
+PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)
+"""The default probe levels (a level that rounds to the full width or to an already probed width costs nothing)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Probe:
     macs: int
     failed: str | None = None
     """Why the cut could not be pruned, if it could not."""
+    skipped: bool = False
+    """The ratio rounds to the group's full width: nothing is cut, so nothing was evaluated (the uncut level)."""
 
     @property
     def saving(self) -> float:
@@ -64,7 +70,24 @@ class Probe:
             "quality_drop": self.quality_drop,
             "macs": self.macs,
             "failed": self.failed,
+            "skipped": self.skipped,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Probe:
+        try:
+            return cls(
+                group=str(data["group"]),
+                ratio=float(data["ratio"]),
+                width=None if data["width"] is None else int(data["width"]),
+                latency_ratio=float(data["latency_ratio"]),
+                quality_drop=float(data["quality_drop"]),
+                macs=int(data["macs"]),
+                failed=None if data.get("failed") is None else str(data["failed"]),
+                skipped=bool(data.get("skipped", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"not a probe record: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -82,14 +105,17 @@ class SensitivityTable:
     threads: int
 
     def levels(self, group: str) -> list[Probe]:
-        """The usable probes of ``group`` by ratio, with the uncut level (ratio 0) first."""
+        """The usable probes of ``group`` by ratio, with the uncut level (ratio 0) first: one level per kept width
+        (the lowest ratio that gives it), so a skipped probe (full width) or a repeat of a width is not a choice."""
         if group not in self.groups:
             raise InvalidConfigError(f"no group {group!r} in the table")
         uncut = Probe(group, 0.0, self.widths[self.groups.index(group)], 1.0, 0.0, 0)
-        return [
-            uncut,
-            *sorted((p for p in self.probes if p.group == group and p.failed is None), key=lambda p: p.ratio),
-        ]
+        levels, widths = [uncut], {uncut.width}
+        for p in sorted((p for p in self.probes if p.group == group and p.failed is None), key=lambda p: p.ratio):
+            if p.width not in widths and not p.skipped:
+                levels.append(p)
+                widths.add(p.width)
+        return levels
 
     def predict(
         self, ratios: Mapping[str, float], *, latency_scale: float = 1.0, quality_scale: float = 1.0
@@ -168,10 +194,32 @@ class SensitivityTable:
             "threads": self.threads,
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SensitivityTable:
+        """The table :meth:`to_json` wrote (a stored job's ``probes`` event): an :class:`InvalidConfigError` for
+        anything else."""
+        try:
+            groups = tuple(str(g) for g in data["groups"])
+            widths = tuple(int(w) for w in data["widths"])
+            table = cls(
+                groups=groups,
+                widths=widths,
+                probes=tuple(Probe.from_json(p) for p in data["probes"]),
+                seconds=float(data["seconds"]),
+                runtime=str(data["runtime"]),
+                batch_size=int(data["batch_size"]),
+                threads=int(data["threads"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"not a sensitivity table: {exc!r}") from exc
+        if len(groups) != len(widths) or any(p.group not in groups for p in table.probes):
+            raise InvalidConfigError("not a sensitivity table: its groups, widths and probes do not match")
+        return table
+
 
 def profile_groups(
     objective: Objective,
-    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    ratios: Sequence[float] = PROBE_RATIOS,
     *,
     groups: Sequence[str] | None = None,
     on_probe: Callable[[Probe], None] | None = None,
@@ -180,8 +228,9 @@ def profile_groups(
     """Probe every group (or ``groups``) alone at each of ``ratios``: prune, recover, score on validation, measure.
 
     ``evaluate(plan) -> Evaluation`` replaces ``objective.evaluate`` (a caller that wants the probes counted or
-    stopped); a probe the model's forward rejects is recorded as failed and left out of the plans. Probes are
-    never scored on the test split.
+    stopped); a probe the model's forward rejects is recorded as failed and left out of the plans. A ratio whose
+    rounded width is the group's full width is recorded as ``skipped`` (the uncut level) and one that rounds to
+    an already probed width copies that probe: neither is evaluated. Probes are never scored on the test split.
     """
     if not ratios or any(not 0.0 < float(r) < 1.0 for r in ratios):
         raise InvalidConfigError(f"probe ratios must be in (0, 1), got {list(ratios)}")
@@ -194,11 +243,15 @@ def profile_groups(
     started = time.perf_counter()
     probes: list[Probe] = []
     seen: dict[tuple[str, int], Probe] = {}
+    structured = objective.method == "structured"  # unstructured ratios are not rounded to widths
     for group in names:
         for ratio in sorted({round(float(r), 6) for r in ratios}):
             plan = objective.plan({group: ratio})
-            width = _kept_width(objective, group, ratio, plan.round_to)
-            if (group, width) in seen:  # rounds to a width already probed: the same cut, not measured twice
+            width = kept_width(objective, group, ratio, plan.round_to)
+            units = objective.structure.group(group).units
+            if structured and width >= units:  # the plan rounds the cut away: the unpruned model, not measured
+                probe = Probe(group, ratio, units, 1.0, 0.0, objective.baseline.macs, skipped=True)
+            elif structured and (group, width) in seen:  # a width already probed: the same cut, not measured twice
                 probe = dataclasses.replace(seen[(group, width)], ratio=ratio)
             else:
                 try:
@@ -224,8 +277,12 @@ def profile_groups(
     )
 
 
-def _kept_width(objective: Objective, group: str, ratio: float, round_to: int) -> int:
-    """The width the plan keeps for ``group`` at ``ratio`` (the pruner's own rounding)."""
+def kept_width(objective: Objective, group: str, ratio: float, round_to: int | None = None) -> int:
+    """The units a plan of ``objective`` (rounding to ``round_to``, default the objective's) keeps for ``group`` at
+    ``ratio``: the pruner's own rounding (:func:`~autoprune.pruning.structured.kept_units`; attention groups count
+    heads, which are not rounded)."""
     from autoprune.pruning.structured import kept_units
 
-    return kept_units(objective.structure.group(group).units, ratio, round_to)
+    info = objective.structure.group(group)
+    step = objective.round_to if round_to is None else round_to
+    return kept_units(info.units, ratio, 1 if info.kind == "attention" else step)

@@ -8,6 +8,8 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
 * **Resume.** The job's stored evaluations are the search's ``history``: a seeded strategy asks the same plans
   again and they are answered from the records (``replayed``), so a job reclaimed after a crash (kill -9) or a
   release (SIGTERM) redoes no completed evaluation; stored rows are never rewritten (recording is idempotent).
+  A strategy that probes the groups first (``knapsack``, warm starts) has its probe table stored as a ``probes``
+  event once probing ends and handed back on resume (``restore_probes``): a resumed job does not probe again.
 * **Stop.** The stop signal between evaluations is: a cancel was requested (-> ``cancelled``), the worker is
   shutting down (first SIGTERM/SIGINT, or the ``stop_event`` of :meth:`Worker.run_forever`; the current
   evaluation finishes, then the job is released -> ``queued``), or the lease was lost (another worker owns the
@@ -92,7 +94,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.base import SearchCallback
+from agents.base import EachEvaluation, SearchCallback
 from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.artefacts import ArtefactStore
 from service.db.engine import (
@@ -440,6 +442,7 @@ class Worker:
         return path
 
     def _run(self, job: JobRow, lease: _Lease) -> str:
+        from agents import make_strategy
         from agents.result import SearchResult
         from autoprune.job import run_job
         from autoprune.objective import Evaluation
@@ -475,12 +478,18 @@ class Worker:
         record(baseline, 0, best_of([]), [baseline])
         self._check(lease)
 
+        strategy = make_strategy(spec.strategy, **dict(spec.strategy_options))
+        store_probes = self._probe_store(job.id, strategy)
+        # probing (if any) ended before the first evaluation: its table is stored before that is recorded
+        first = EachEvaluation(lambda _p: store_probes())
         result = run_job(
             spec,
             objective=objective,
-            callback=_JobHooks(self, job.id, lease, record, best_of, baseline),
+            callback=[first, _JobHooks(self, job.id, lease, record, best_of, baseline)],
             history=history,
+            strategy=strategy,
         )
+        store_probes()
         self._check(lease)
         self._log_failures(job.id, result)
         if result.info.get("sensitivity"):  # the knapsack's measured latency table, kept with the job
@@ -663,6 +672,35 @@ class Worker:
                 return
             self._check(lease)
             self.stop_event.wait(min(self.settings.poll_seconds, self.settings.heartbeat_seconds))
+
+    def _probe_store(self, job_id: str, strategy: Any) -> Callable[[], None]:
+        """Resume without probing again: hand a strategy that probes (``restore_probes``, see
+        :class:`agents.knapsack.StoredProbes`) the table of the job's ``probes`` event, if an earlier attempt
+        stored one, and return ``store()``, which stores the strategy's table as that event once it has one (a
+        no-op for other strategies and after the first store)."""
+        from autoprune.errors import InvalidConfigError
+
+        record, restore = getattr(strategy, "probe_record", None), getattr(strategy, "restore_probes", None)
+        if not (callable(record) and callable(restore)):
+            return lambda: None
+        stored = self.repo.last_event(job_id, "probes")
+        previous = None if stored is None else stored.data
+        if previous is not None:
+            try:
+                restore(previous)
+            except InvalidConfigError as exc:  # probe again rather than fail the job
+                self._log(job_id, f"the stored probes are not usable, probing again: {_first_line(exc)}")
+        done = False
+
+        def store() -> None:
+            nonlocal done
+            table = None if done else record()
+            if table is not None:
+                done = True
+                if _finite(table) != previous:  # not the restored table (the strategy probed: it did not fit)
+                    self.repo.add_event(job_id, "probes", **_finite(table))
+
+        return store
 
     def _log_failures(self, job_id: str, result: SearchResult) -> None:
         note = result.failures_note()

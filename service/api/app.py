@@ -163,6 +163,7 @@ def create_app(
     def get_catalog() -> Catalog:
         """Names the API accepts: architectures, built-in datasets, strategies (with their options), metrics."""
         from agents import STORAGE_OPTIONS, list_strategies
+        from autoprune.job import JobSpec
         from autoprune.names import METRICS
         from autoprune.reward import FORMS
 
@@ -173,6 +174,7 @@ def create_app(
                 StrategyOut(name=s.name, summary=s.summary, options=[o for o in s.options if o not in STORAGE_OPTIONS])
                 for s in list_strategies()
             ],
+            default_strategy=next(k.default for k in JobSpec.knobs() if k.name == "strategy"),
             metrics=list(METRICS),
             objectives=list(FORMS),
             export_formats=list(catalog.EXPORT_FORMATS),

@@ -365,6 +365,7 @@ class Catalog(BaseModel):
     architectures: list[str]
     datasets: list[str]
     strategies: list[StrategyOut]
+    default_strategy: str = Field(description="The strategy of a job that names none (the dashboard's choice).")
     metrics: list[str]
     objectives: list[str]
     export_formats: list[str]

@@ -829,6 +829,17 @@ class Repository:
                 ).all()
             )
 
+    def last_event(self, job_id: str, kind: str) -> JobEvent | None:
+        """The job's latest event of ``kind`` (e.g. the ``probes`` a resumed knapsack job starts from), or None."""
+        with self._read() as s:
+            self._require_job(s, job_id)
+            return s.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
+                .order_by(JobEvent.id.desc())
+                .limit(1)
+            ).first()
+
     # -- exports ------------------------------------------------------------------------------------------
     def add_export(
         self,

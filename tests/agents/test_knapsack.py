@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -11,6 +12,9 @@ from agents import Budget, make_strategy, run_search
 from autoprune.errors import InvalidConfigError
 from autoprune.objective import Objective
 from autoprune.sensitivity import Probe, SensitivityTable, profile_groups
+
+if TYPE_CHECKING:
+    from autoprune.objective import Evaluation
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
         assert e.stage == "search" and 0 < extra["predicted_latency_ratio"] < 1.0
         assert extra["predicted_quality_drop"] >= 0
     info = result.info
-    assert len(info["sensitivity"]["probes"]) == 3 * len(objective.group_names)
+    assert len(info["sensitivity"]["probes"]) == 4 * len(objective.group_names)  # 0.125, 0.25, 0.5, 0.75
     assert set(info["calibration"]) == {"latency_scale", "quality_scale"}
     # the sweep covers the trade-off: from light cuts to the fastest plans the table allows
     ratios = sorted(e.latency_ratio for e in result.evaluations)
@@ -127,3 +131,81 @@ def test_optuna_starts_from_the_knapsack_plans(objective: Objective, name: str) 
     assert cold.info == {} and [e.plan.as_dict() for e in cold.evaluations][:3] != warm
     with pytest.raises(InvalidConfigError, match="warm_start"):
         make_strategy(name, warm_start=-1)
+
+
+def test_a_probe_that_rounds_to_the_full_width_or_a_probed_width_is_not_evaluated(objective: Objective) -> None:
+    from autoprune.sensitivity import kept_width
+
+    asked: list[object] = []
+
+    def evaluate(plan: object) -> Evaluation:
+        asked.append(plan)
+        return objective.evaluate(plan, stage="probe", test=False)  # type: ignore[arg-type]
+
+    ratios = (0.125, 0.5, 0.55)
+    table = profile_groups(objective, ratios, evaluate=evaluate)
+    assert len(table.probes) == len(ratios) * len(table.groups)
+    measured: set[tuple[str, int]] = set()
+    for p, units in ((p, table.widths[table.groups.index(p.group)]) for p in table.probes):
+        width = kept_width(objective, p.group, p.ratio)
+        assert p.width == width
+        if width == units:
+            assert p.skipped and (p.latency_ratio, p.quality_drop) == (1.0, 0.0)
+        else:
+            assert not p.skipped
+            measured.add((p.group, width))
+    assert any(p.skipped for p in table.probes)  # the 32-wide group keeps 28 -> rounds to 32 at 0.125
+    assert len(asked) == len(measured) < len(table.probes)  # one evaluation per cut width, none for the uncut
+    for group in table.groups:  # a choice per width: the skipped level and repeated widths are not choices
+        widths = [p.width for p in table.levels(group)]
+        assert len(widths) == len(set(widths)) and not any(p.skipped for p in table.levels(group))
+
+
+def test_a_table_round_trips_through_json_and_bad_records_are_refused() -> None:
+    table = _table(
+        Probe("a", 0.125, 16, 1.0, 0.0, 10, skipped=True),
+        Probe("a", 0.5, 8, 0.7, 0.1, 5),
+        Probe("b", 0.5, None, 1.0, 1.0, 0, failed="forward failed"),
+    )
+    data = json.loads(json.dumps(table.to_json()))
+    assert SensitivityTable.from_json(data) == table
+    assert table.levels("a") == [table.levels("a")[0], table.probes[1]]  # skipped: the uncut level already
+    old = {**data, "probes": [{k: v for k, v in p.items() if k != "skipped"} for p in data["probes"]]}
+    assert not any(p.skipped for p in SensitivityTable.from_json(old).probes)  # written before the field existed
+    with pytest.raises(InvalidConfigError, match="not a sensitivity table"):
+        SensitivityTable.from_json({"groups": ["a"]})
+    with pytest.raises(InvalidConfigError, match="not a sensitivity table"):
+        SensitivityTable.from_json({**data, "probes": [{**data["probes"][0], "group": "zzz"}]})
+    with pytest.raises(InvalidConfigError, match="not a probe"):
+        SensitivityTable.from_json({**data, "probes": [{"group": "a"}]})
+
+
+def test_restored_probes_resume_the_search_exactly_without_probing(objective: Objective) -> None:
+    from agents.base import SearchSession, SearchSpace
+    from agents.knapsack import KnapsackSearch, knapsack_plans, probe_table
+
+    first_strategy = make_strategy("knapsack", probe_ratios=[0.25, 0.5])
+    assert isinstance(first_strategy, KnapsackSearch) and first_strategy.probe_record() is None
+    first = run_search(objective, first_strategy, 4, max_ratio=0.75)
+    record = first_strategy.probe_record()
+    assert record is not None and record == first.info["sensitivity"]
+
+    resumed = make_strategy("knapsack", probe_ratios=[0.25, 0.5])
+    resumed.restore_probes(json.loads(json.dumps(record)))  # type: ignore[attr-defined]
+    again = run_search(objective, resumed, 4, max_ratio=0.75, history=first.evaluations[:2])
+    assert again.replayed == 2
+    assert again.info["sensitivity"] == record  # the stored table (its probes' wall time too): nothing re-probed
+    assert [e.plan for e in again.evaluations] == [e.plan for e in first.evaluations]
+
+    # a stored table that does not fit the run (other probe ratios) is measured again
+    other = make_strategy("knapsack", probe_ratios=[0.5])
+    other.restore_probes(record)  # type: ignore[attr-defined]
+    reprobed = run_search(objective, other, 1, max_ratio=0.75)
+    assert {p["ratio"] for p in reprobed.info["sensitivity"]["probes"]} == {0.5}
+
+    # the warm-start helper and the public probe function take a table too, and use it as it is
+    session = SearchSession(objective, SearchSpace.from_objective(objective, 0.75), Budget(evaluations=3))
+    table = SensitivityTable.from_json(record)
+    assert probe_table(session, (0.25, 0.5), table=table) is table
+    given, plans = knapsack_plans(session, 3, (0.25, 0.5), table=table)
+    assert given is table and 1 <= len(plans) <= 3 and session.evaluations == []

@@ -97,6 +97,17 @@ def test_uniform_sweeps_one_ratio_per_candidate(objective: Objective) -> None:
     assert all(set(e.plan.as_dict()) == set(objective.group_names) for e in result.evaluations)
 
 
+def test_uniform_skips_ratios_that_round_to_widths_already_asked(objective: Objective) -> None:
+    from autoprune.sensitivity import kept_width
+
+    # ResNet-20 (16/32/64 wide, round_to 8): 0.05 rounds every group to its full width (the baseline), 0.3 to
+    # the widths of 0.25 and 0.55 to those of 0.5
+    result = run_search(objective, "uniform", 10, options={"ratios": [0.05, 0.25, 0.3, 0.5, 0.55, 0.75]})
+    assert [next(iter(set(e.plan.as_dict().values()))) for e in result.evaluations] == [0.25, 0.5, 0.75]
+    widths = [tuple(kept_width(objective, g, r) for g, r in e.plan.ratios) for e in result.evaluations]
+    assert len(set(widths)) == 3 and result.stop_reason == "exhausted"
+
+
 def test_uniform_with_explicit_ratios_stops_when_exhausted(objective: Objective) -> None:
     result = run_search(objective, "uniform", 10, options={"ratios": [0.25, 0.5]})
     assert len(result.evaluations) == 2

@@ -77,7 +77,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_evaluations(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoprune.cli", "search", "--model", "resnet20", "--data", "digits",
-         "--budget", "200", "--val-samples", "100", "--out", str(out)],
+         "--strategy", "random", "--budget", "200", "--val-samples", "100", "--out", str(out)],  # no probes
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     log = out / "evaluations.jsonl"

@@ -175,6 +175,7 @@ def test_catalog_lists_names_the_api_accepts(api: httpx.Client) -> None:
     cat = api.get("/v1/catalog").json()
     assert "resnet20" in cat["architectures"] and cat["datasets"] == ["digits", "mnist1d"]
     assert {"random", "optuna-tpe", "sb3-ddpg"} <= {s["name"] for s in cat["strategies"]}
+    assert cat["default_strategy"] == "knapsack"
     assert "accuracy" in cat["metrics"] and "mnasnet" in cat["objectives"]
     tpe = next(s for s in cat["strategies"] if s["name"] == "optuna-tpe")
     assert "n_startup_trials" in tpe["options"] and not {"storage", "study_name"} & set(tpe["options"])
@@ -470,7 +471,7 @@ def test_create_job(api: httpx.Client, inputs: tuple[str, str]) -> None:
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["state"] == "queued" and job["progress"] == {"done": 0, "total": 4}
-    assert job["spec"]["seed"] == 3 and job["spec"]["strategy"] == "random" and job["attempts"] == 0
+    assert job["spec"]["seed"] == 3 and job["spec"]["strategy"] == "knapsack" and job["attempts"] == 0
     assert "model_id" not in job["spec"]
     assert api.get(f"/v1/jobs/{job['id']}").json() == job
 
@@ -543,7 +544,7 @@ def test_idempotency_key(api: httpx.Client, inputs: tuple[str, str]) -> None:
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
     assert again.headers["location"] == first.headers["location"]
     # the same settings written out in full are the same request
-    same = api.post("/v1/jobs", json={**body, "strategy": "random", "seed": 0}, headers={"Idempotency-Key": "k-1"})
+    same = api.post("/v1/jobs", json={**body, "strategy": "knapsack", "seed": 0}, headers={"Idempotency-Key": "k-1"})
     assert same.status_code == 200 and same.json()["id"] == first.json()["id"]
     assert_problem(api.post("/v1/jobs", json={**body, "budget": 6}, headers={"Idempotency-Key": "k-1"}), 409)
     other = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-2"})

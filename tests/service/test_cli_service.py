@@ -105,8 +105,8 @@ def test_serve_submit_watch_download(
         assert len(worker_pids) == 1, s.output()
 
         sub = cli(
-            "submit", "--model", "resnet20", "--weights", str(ASSET), "--data", "digits", "--strategy", "random",
-            "--budget", "3", "--max-ratio", "0.5", "--export", "onnx", "--export", "safetensors", "--export", "pt2",
+            "submit", "--model", "resnet20", "--weights", str(ASSET), "--data", "digits",  # the default knapsack
+            "--option", "probe_ratios=[0.5]", "--budget", "3", "--max-ratio", "0.5", "--export", "onnx", "--export", "safetensors", "--export", "pt2",
             *s.args(),
         )  # fmt: skip
         assert sub.returncode == 0, sub.stderr + s.output()
@@ -147,6 +147,7 @@ def test_serve_submit_watch_download(
         assert evals["total"] == 4  # the unpruned baseline + 3 candidates
         assert len(pareto["points"]) == job["front_size"] >= 1
         assert events.count("event: evaluation") == 4 and events.count("event: snapshot") == 1
+        assert events.count("event: probes") == 1  # the default knapsack's table, stored when probing ended
 
         # every front point was exported; any of them downloads, in either format
         point = pareto["points"][-1]["index"]
@@ -186,7 +187,7 @@ def test_client_commands_and_their_errors(
 ) -> None:
     s = api_only
     sub = cli("submit", "-m", "resnet20", "-d", "digits", "-n", "2", "--option", "ratios=[0.1]", *s.args())
-    assert sub.returncode == 2 and "error:" in sub.stderr and "no option" in sub.stderr  # random has no options
+    assert sub.returncode == 2 and "error:" in sub.stderr and "no option" in sub.stderr  # not an option of knapsack
 
     sub = cli("submit", "-m", "resnet20", "-d", "digits", "-n", "2", "--idempotency-key", "abc", *s.args())
     assert sub.returncode == 0, sub.stderr
@@ -195,7 +196,7 @@ def test_client_commands_and_their_errors(
     assert again.stdout.strip() == job_id
 
     listed = cli("jobs", "--state", "queued", *s.args())
-    assert listed.returncode == 0 and job_id in listed.stdout and "random" in listed.stdout
+    assert listed.returncode == 0 and job_id in listed.stdout and "knapsack" in listed.stdout
 
     early = cli("download", job_id, "-o", str(tmp_path / "x.onnx"), *s.args())
     assert early.returncode == 2 and "queued" in early.stderr and not (tmp_path / "x.onnx").exists()

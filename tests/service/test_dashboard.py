@@ -224,7 +224,8 @@ def test_dashboard_in_a_real_browser(
         _until(lambda: all_css("#f-architecture option"), 15, "the catalog in the form", server)
         Select(css("#f-architecture")).select_by_visible_text("resnet20")
         Select(css("#f-dataset")).select_by_visible_text("digits")
-        Select(css("#f-strategy")).select_by_visible_text("random")
+        assert Select(css("#f-strategy")).first_selected_option.text == "knapsack"  # the catalog's default_strategy
+        Select(css("#f-strategy")).select_by_visible_text("random")  # a quick job: no probes
         # timed at batch 4: each evaluation takes long enough for the stream to deliver them one by one
         for field, value in (("#f-budget", "4"), ("#f-max-ratio", "0.5"), ("#f-batch-size", "4")):
             css(field).clear()

@@ -390,6 +390,21 @@ def test_events_after_ordering(repo: Repository) -> None:
     assert [e.to_state for e in repo.events_after(other.id)] == ["queued"]
 
 
+def test_last_event_of_a_kind(repo: Repository) -> None:
+    job, other = new_job(repo), new_job(repo)
+    assert repo.last_event(job.id, "probes") is None
+    repo.add_event(job.id, "probes", groups=["a"], seconds=1.0)
+    repo.add_event(job.id, "log", message="between")
+    repo.add_event(job.id, "probes", groups=["a", "b"], seconds=2.0)
+    latest = repo.last_event(job.id, "probes")
+    assert latest is not None and latest.data == {"groups": ["a", "b"], "seconds": 2.0} and latest.kind == "probes"
+    assert repo.last_event(other.id, "probes") is None  # another job's events are not this job's
+    state = repo.last_event(job.id, "state")
+    assert state is not None and state.to_state == "queued"
+    with pytest.raises(NotFound):
+        repo.last_event("no-such-job", "probes")
+
+
 def test_exports(repo: Repository) -> None:
     job = new_job(repo)
     assert repo.claim_job("w", 60) is not None

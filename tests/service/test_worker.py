@@ -235,6 +235,46 @@ def test_a_knapsack_job_keeps_its_latency_table(settings: Settings, repo: Reposi
     assert all("predicted_latency_ratio" in e.record["plan"]["extra"] for e in search_rows(repo, job_id).values())
 
 
+@pytest.mark.slow
+def test_a_resumed_knapsack_job_does_not_probe_again(
+    settings: Settings, repo: Repository, tmp_path: Path, worker_mid_job: MidJob
+) -> None:
+    budget = 6
+    job_id = submit(  # the default strategy; 0.25 rounds the 16-wide groups to their full width (skipped)
+        repo, strategy="knapsack", strategy_options={"probe_ratios": [0.25, 0.5]}, budget=budget,
+        export_formats=["safetensors"],
+    )  # fmt: skip
+    log = tmp_path / "worker1.log"
+    with worker_mid_job(job_id, log) as proc:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    assert repo.get_job(job_id).state == "queued"
+    before = search_rows(repo, job_id)
+    assert 2 <= len(before) < budget
+    stored = repo.last_event(job_id, "probes")
+    assert stored is not None  # stored when probing ended, before the first candidate
+    first_search = min(
+        e.id for e in repo.events_after(job_id) if e.kind == "evaluation" and e.data["evaluation"]["index"]
+    )
+    assert stored.id < first_search
+    assert any(p["skipped"] for p in stored.data["probes"]) and not any(p["failed"] for p in stored.data["probes"])
+
+    run_one(settings, "w2")
+    job = repo.get_job(job_id)
+    assert job.state == "succeeded", job.error
+    assert job.attempts == 2
+    events = repo.events_after(job_id)
+    assert [e.kind for e in events].count("probes") == 1  # the second attempt probed nothing
+    # the table the search ended with is the stored one, not a new measurement (the probes' wall time included)
+    table = next(e for e in events if e.kind == "sensitivity").data["sensitivity"]
+    assert table == stored.data
+    after = search_rows(repo, job_id)
+    for index, row in before.items():
+        assert (after[index].id, after[index].record) == (row.id, row.record)
+    done = next(e for e in events if e.to_state == "succeeded")
+    assert done.data["replayed"] == len(before)  # the same table and calibration: the same plans, replayed exactly
+
+
 def test_a_bad_job_fails_with_its_error(settings: Settings, repo: Repository) -> None:
     model = repo.create_model(
         name="x", kind="architecture", architecture="no-such-net", kwargs={}, artefact_sha256=None

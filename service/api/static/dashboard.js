@@ -247,7 +247,7 @@
     fill("#f-architecture", cat.architectures, cat.architectures.includes("resnet20") ? "resnet20" : cat.architectures[0]);
     fill("#f-dataset", cat.datasets, cat.datasets.includes("digits") ? "digits" : cat.datasets[0]);
     const strategies = cat.strategies.map((s) => s.name);
-    fill("#f-strategy", strategies, strategies.includes("random") ? "random" : strategies[0]);
+    fill("#f-strategy", strategies, strategies.includes(cat.default_strategy) ? cat.default_strategy : strategies[0]);
     $("#f-strategy").title = "";
     $("#f-metric").innerHTML = `<option value="">(default)</option>` + cat.metrics.map((m) => `<option>${esc(m)}</option>`).join("");
     $("#f-formats").innerHTML = "<legend>Export formats</legend>" + cat.export_formats
@@ -826,6 +826,8 @@
           ` — ${data.done}/${data.total}`, ev.created_at);
         if (jv.job && !TERMINAL.has(jv.job.state)) renderProgress("export", data.done || 0, data.total || 0);
         scheduleReload(300);
+      } else if (kind === "probes") {
+        addLog(`groups probed: ${(data.probes || []).length} probes in ${num(data.seconds, 1)} s`, ev.created_at);
       } else if (kind === "sensitivity") {
         const groups = Object.keys((data.sensitivity && data.sensitivity.groups) || data.sensitivity || {}).length;
         addLog(`latency table measured${groups ? ` (${groups} entries)` : ""}`, ev.created_at);
