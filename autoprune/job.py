@@ -562,6 +562,7 @@ def search(
     max_quality_drop: float = 0.01,
     max_latency_ratio: float = 0.5,
     progress: bool | Callable[[str], None] = True,
+    callback: SearchCallback | Sequence[SearchCallback] | None = None,
     callbacks: Sequence[ProgressCallback] = (),
     stop: StopSignal = None,
     history: Iterable[Evaluation] = (),
@@ -590,9 +591,12 @@ def search(
     stderr for the unpruned model, each evaluation (:meth:`agents.base.Progress.line`), each fine-tuned point
     and the end (rewritten in place on a terminal; plain lines, no control characters, in a notebook, a pipe
     or a log); ``False`` is quiet; a function of one string (``print``, ``logging.info``) gets the lines
-    instead. ``callbacks`` get every :class:`~agents.base.Progress` either way.
+    instead. ``callbacks`` get every :class:`~agents.base.Progress` either way; ``callback`` (an
+    :class:`agents.SearchCallback` or several) watches and steers the search and the fine-tuning stage
+    (``on_step`` / ``on_evaluation`` returning False stops it); ``stop`` (an Event or ``() -> bool``) stops it.
     """
     from agents import Budget, check_strategy, run_search
+    from agents.base import as_callback
     from agents.result import Selection
     from autoprune.data import as_dataset
     from autoprune.errors import DataRequiredError, InvalidModelError
@@ -603,6 +607,9 @@ def search(
     check_strategy(strategy)
     selection = Selection(select, max_quality_drop, max_latency_ratio)
     printer = _ProgressLines(progress)
+    hooks = as_callback(
+        callback, stop=stop, callbacks=[*callbacks, printer.evaluation] if printer.on else list(callbacks)
+    )
     budget_ = Budget(evaluations=budget, seconds=seconds)
     if data is None and evaluate is None:
         raise DataRequiredError("give data (to score candidates with a metric) or evaluate=<fn(model) -> float>")
@@ -652,15 +659,16 @@ def search(
             budget_,
             seed=seed,
             max_ratio=max_ratio,
-            stop=stop,
-            callbacks=[*callbacks, printer.evaluation] if printer.on else callbacks,
+            callback=hooks,
             history=history,
             options=dict(strategy_options or {}),
         )
         result.selection = selection
         if finetune_top > 0 and result.stop_reason != "interrupted":
             tuned = finetune or RecoveryConfig(finetune_steps=200, distill=True, finetune_lr=2e-3, seed=seed)
-            result.finetune_front(finetune_top, tuned, progress=printer.finetuned if printer.on else None)
+            result.finetune_front(
+                finetune_top, tuned, progress=printer.finetuned if printer.on else None, callback=hooks
+            )
     finally:
         printer.close()
     printer.end(result)

@@ -210,3 +210,46 @@ def test_keep_takes_modules_and_container_names_through_the_facade() -> None:
     assert _search(model, (x, y), keep=[model[1]], progress=False).objective.group_names == ("0.0", "0.2")
     with pytest.raises(InvalidConfigError, match="did you mean"):
         _search(model, (x, y), keep=["0.9"], progress=False)
+
+
+def test_a_callback_object_sees_the_search_and_the_fine_tune_and_can_stop_the_fine_tune() -> None:
+    from agents import SearchCallback
+    from autoprune.recovery import RecoveryConfig
+
+    class Watch(SearchCallback):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+            self.steps = 0
+
+        def on_step(self) -> bool:
+            self.steps += 1
+            return self.steps <= 4  # 3 search candidates, then the first fine-tuned point; not the second
+
+        def on_evaluation(self, progress: Any) -> bool:
+            self.seen.append(f"eval {progress.done}")
+            return True
+
+        def on_finetune_start(self, point: Any, recovery: Any) -> None:
+            self.seen.append(f"start {point.index}")
+
+        def on_finetuned(self, tuned: Any, result: Any, *, trained: bool) -> None:
+            self.seen.append(f"tuned {tuned.index} {tuned.stage} {trained}")
+
+    x, y = _xy()
+    watch = Watch()
+    result = autoprune.search(
+        _mlp(),
+        (x, y),
+        strategy="uniform",
+        budget=3,
+        latency=DeterministicMeter(),
+        round_to=1,
+        finetune_top=2,
+        finetune=RecoveryConfig(finetune_steps=2),
+        progress=False,
+        callback=watch,
+    )
+    assert watch.seen[:3] == ["eval 1", "eval 2", "eval 3"]
+    assert watch.steps == 5 and len(result.finetuned) == 1  # on_step said no before the second point
+    tuned = result.finetuned[0]
+    assert watch.seen[3:] == [f"start {tuned.index}", f"tuned {tuned.index} finetuned True"]
