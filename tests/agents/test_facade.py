@@ -217,13 +217,12 @@ def test_a_callback_object_sees_the_search_and_the_fine_tune_and_can_stop_the_fi
     from autoprune.recovery import RecoveryConfig
 
     class Watch(SearchCallback):
-        def __init__(self) -> None:
+        def __init__(self, stop_finetune: bool) -> None:
             self.seen: list[str] = []
-            self.steps = 0
+            self.stop_finetune = stop_finetune
 
-        def on_step(self) -> bool:
-            self.steps += 1
-            return self.steps <= 4  # 3 search candidates, then the first fine-tuned point; not the second
+        def on_step(self) -> bool:  # asked before each candidate and before each point to fine-tune
+            return not (self.stop_finetune and len(self.seen) >= 3)
 
         def on_evaluation(self, progress: Any) -> bool:
             self.seen.append(f"eval {progress.done}")
@@ -236,20 +235,27 @@ def test_a_callback_object_sees_the_search_and_the_fine_tune_and_can_stop_the_fi
             self.seen.append(f"tuned {tuned.index} {tuned.stage} {trained}")
 
     x, y = _xy()
-    watch = Watch()
-    result = autoprune.search(
-        _mlp(),
-        (x, y),
-        strategy="uniform",
-        budget=3,
-        latency=DeterministicMeter(),
-        round_to=1,
-        finetune_top=2,
-        finetune=RecoveryConfig(finetune_steps=2),
-        progress=False,
-        callback=watch,
-    )
-    assert watch.seen[:3] == ["eval 1", "eval 2", "eval 3"]
-    assert watch.steps == 5 and len(result.finetuned) == 1  # on_step said no before the second point
+
+    def run(watch: Watch) -> Any:
+        return autoprune.search(
+            _mlp(),
+            (x, y),
+            strategy="uniform",
+            budget=3,
+            latency=DeterministicMeter(),
+            round_to=1,
+            finetune_top=1,
+            finetune=RecoveryConfig(finetune_steps=2),
+            progress=False,
+            callback=watch,
+        )
+
+    watch = Watch(stop_finetune=False)
+    result = run(watch)
+    assert len(result.finetuned) == 1
     tuned = result.finetuned[0]
-    assert watch.seen[3:] == [f"start {tuned.index}", f"tuned {tuned.index} finetuned True"]
+    assert watch.seen == ["eval 1", "eval 2", "eval 3", f"start {tuned.index}", f"tuned {tuned.index} finetuned True"]
+    stopping = Watch(stop_finetune=True)
+    stopped = run(stopping)
+    assert stopping.seen == ["eval 1", "eval 2", "eval 3"] and stopped.finetuned == []  # the search is kept
+    assert len(stopped.evaluations) == 3
