@@ -49,7 +49,8 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
 * **Failure.** Any exception: the job goes to ``failed`` with ``"<Type>: <first line>"`` (traceback in the
   event). A job is never left running without a live lease: if even that write fails, the lease expires.
 
-* **Shared jobs** (``workers`` = N > 1; ``optuna-tpe`` / ``optuna-nsga2``): up to N workers hold the job at
+* **Shared jobs** (``workers`` = N > 1; ``optuna-tpe`` / ``optuna-nsga2``; :mod:`service.shared`, the lease and the
+  recording callback they share with single jobs in :mod:`service.holding`): up to N workers hold the job at
   once (one ``job_slots`` row each, see the repository) and share one Optuna study in RDB storage
   (:func:`shared_study_storage`: the operator's ``AUTOPRUNE_STUDY_STORAGE``, else the service's PostgreSQL
   database in schema ``optuna``; the study is ``autoprune-<job id>``; a job may name neither). Each worker builds its own objective,
@@ -73,13 +74,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -90,113 +89,41 @@ import traceback
 import uuid
 import zipfile
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.base import EachEvaluation, SearchCallback
+from agents.base import EachEvaluation
 from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.artefacts import ArtefactStore
 from service.db.engine import (
-    check_job_workers,
     check_no_storage_options,
     ensure_schema,
     is_sqlite,
     make_engine,
-    shared_study_storage,
 )
 from service.db.models import ExportRequest, JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
+from service.holding import JobHooks as _JobHooks
+from service.holding import JobStop as _Stop
+from service.holding import Lease as _Lease
+from service.holding import evaluation_key as _key
+from service.holding import finite as _finite
+from service.holding import first_line as _first_line
 from service.settings import InvalidSettings, Settings, load_settings
 
 if TYPE_CHECKING:
-    from optuna.trial import FrozenTrial
     from torch import nn
 
-    from agents.base import Progress
     from agents.result import SearchResult
     from autoprune.job import JobSpec
     from autoprune.objective import Evaluation, Objective
-    from autoprune.recovery import FinetuneReport, RecoveryConfig
+    from autoprune.recovery import FinetuneReport
 
 log = logging.getLogger("autoprune.worker")
 
 MAX_ATTEMPTS = 10
 """A job claimed this many times without finishing (its worker keeps dying) is failed instead of retried."""
 _SPEC_INPUT_KEYS = ("model", "data", "weights", "kwargs")
-
-
-class _Stop(Exception):  # control flow inside the worker
-    """Leave the job now: ``outcome`` is ``cancelled``, ``released`` or ``lost``."""
-
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
-
-
-class _Lease:
-    """Holds a job's lease: renewed by a heartbeat thread and after every evaluation; reads cancel back."""
-
-    def __init__(self, repo: Repository, job_id: str, worker_id: str, lease_s: float, every_s: float) -> None:
-        self.repo, self.job_id, self.worker_id = repo, job_id, worker_id
-        self.lease_s, self.every_s = lease_s, every_s
-        self.cancel_requested = False
-        self.lost = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=max(self.every_s, 1.0) + 30)
-
-    def renew(self) -> None:
-        if self.lost:
-            return
-        try:
-            row = self.repo.renew_lease(self.job_id, self.worker_id, self.lease_s)
-        except (LeaseLost, NotFound):
-            self.lost = True
-            log.warning("job %s: lease lost", self.job_id)
-            return
-        self.cancel_requested = self.cancel_requested or bool(row.cancel_requested)
-
-    def _loop(self) -> None:
-        while not self._done.wait(self.every_s):
-            try:
-                self.renew()
-            except Exception:  # a database hiccup: try again at the next beat (the lease outlives a few)
-                log.exception("job %s: heartbeat failed", self.job_id)
-            if self.lost:
-                return
-
-
-_ABSOLUTE_PATH = re.compile(r"""(?:/[^/\s'"():,]+)+/([^/\s'"():,]+)""")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The error a job shows its caller: one line, server paths reduced to file names (the server's layout is
-    the operator's business; the full traceback stays in the worker's log and the database)."""
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return _ABSOLUTE_PATH.sub(r"\1", line)[:2000]
-
-
-def _finite(value: Any) -> Any:
-    """JSON for every database: non-finite floats become None (PostgreSQL's json rejects NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _key(e: Evaluation) -> tuple[str, int]:
-    return (e.stage, e.index)
 
 
 class NotRebuildable(Exception):
@@ -453,7 +380,9 @@ class Worker:
             raise RuntimeError(f"gave up after {job.attempts - 1} attempts: the job's worker kept stopping")
         spec = self.build_spec(job)
         if (job.workers or 1) > 1:
-            return self._run_shared(job, spec, lease)
+            from service.shared import run_shared
+
+            return run_shared(self, job, spec, lease)
         history = [Evaluation.from_json(r) for r in self.repo.all_records(job.id)]
         self._check(lease)
         objective = spec.build_objective(
@@ -510,168 +439,6 @@ class Worker:
             replayed=result.replayed,
         )
         return "succeeded"
-
-    def _run_shared(self, job: JobRow, spec: JobSpec, lease: _Lease) -> str:
-        """A job several workers hold at once (see the module docstring); returns ``succeeded`` (this worker
-        finished it) or ``left`` (the search budget is spent and slot 0's holder finishes)."""
-        from agents import make_strategy
-        from agents.optuna_search import fail_running_trials
-        from agents.result import SearchResult
-        from autoprune.errors import InvalidConfigError
-        from autoprune.job import run_job
-        from autoprune.objective import Evaluation
-
-        storage = shared_study_storage(self.settings.db_url, self.settings.study_storage)
-        if storage is None:
-            check_job_workers(job.workers, self.settings.db_url, self.settings.study_storage)
-            raise InvalidConfigError("no storage for the shared study")  # unreachable: the check raised
-        study_name = f"autoprune-{job.id}"
-        objective = spec.build_objective(
-            log=lambda note: self._log(job.id, note), latency=spec.latency_config(**self.settings.latency_host)
-        )
-        baseline = objective.baseline
-        self._check(lease)
-
-        def snapshot(records: list[dict[str, Any]]) -> SearchResult:
-            evaluations = [Evaluation.from_json(r) for r in records]
-            base = next((e for e in evaluations if e.stage == "search" and e.index == 0), baseline)
-            return SearchResult(
-                strategy=spec.strategy,
-                seed=spec.seed,
-                baseline=base,
-                evaluations=sorted(
-                    (e for e in evaluations if e.stage == "search" and e.index > 0), key=lambda e: e.index
-                ),
-                stop_reason="running",
-                wall_s=0.0,
-                finetuned=[e for e in evaluations if e.stage == "finetuned"],
-                objective=objective,
-            )
-
-        def derive(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-            """Best and front over every holder's evaluations (run by the repository under the job's lock)."""
-            result = snapshot(records)
-            return self._best_summary(result, spec), [_key(p) for p in result.front()]
-
-        def record_shared(e: Evaluation) -> None:
-            self.repo.record_evaluation(
-                job.id, self.worker_id, _finite(e.to_json()), done=0, best=None, front=(), derive=derive
-            )
-            lease.renew()
-            self._serve_between(lease)
-
-        def new_strategy() -> Any:
-            strategy = make_strategy(
-                spec.strategy, **{**spec.strategy_options, "storage": storage, "study_name": study_name}
-            )
-            strategy.trial_user_attrs = {"worker_id": self.worker_id}  # type: ignore[attr-defined]
-            return strategy
-
-        def settle_stale(keep: Callable[[FrozenTrial], bool] | None) -> None:
-            """Close the trials dead holders left RUNNING: completed with the stored evaluation when it was
-            recorded (the holder died between recording and telling), failed otherwise."""
-            stored = {r.index: r for r in self.repo.evaluations(job.id, stage="search", limit=10**6).items}
-            told = new_strategy().told_values
-
-            def recorded(trial: FrozenTrial) -> list[float] | None:
-                row = stored.get(trial.user_attrs.get("evaluation_index", -1))
-                if row is None or row.worker_id != trial.user_attrs.get("worker_id"):
-                    return None  # never recorded, or its index went to another worker after this one died
-                return told(Evaluation.from_json(row.record))
-
-            closed = fail_running_trials(storage, study_name, keep=keep, recorded=recorded)
-            if closed:
-                self._log(job.id, f"closed trial(s) {closed} that a stopped worker left running")
-
-        record_shared(baseline)  # idempotent: the first holder's baseline is the job's
-        live = set(self.repo.live_workers(job.id))
-        settle_stale(lambda t: _trial_alive(t, live, self.settings.lease_seconds))
-
-        started = time.monotonic()
-        stop_reason = "budget"
-        while True:
-            slot = self.repo.slot_of(job.id, self.worker_id)
-            if slot is None:
-                raise _Stop("lost")
-            left_s = None if spec.seconds is None else spec.seconds - (time.monotonic() - started)
-            if left_s is not None and left_s <= 0:
-                stop_reason = "time"
-                break
-            strategy = new_strategy()
-            gate = _SharedBudget(self, job.id, lease, spec.budget, strategy.trial_user_attrs, record_shared)
-            # each holder its own sampler seed: identical seeds would ask identical random start-up plans
-            seed = (spec.seed + 1_000_003 * (slot + 1) + 7919 * self.repo.search_count(job.id)) % 2**31
-            result = run_job(
-                dataclasses.replace(spec, finetune_top=0, prune_steps=1, seed=seed, seconds=left_s),
-                objective=objective,
-                callback=gate,
-                strategy=strategy,
-            )
-            self._check(lease)
-            self._log_failures(job.id, result)
-            if result.stop_reason == "interrupted":
-                raise _Stop("released")
-            stop_reason = "budget" if gate.exhausted else result.stop_reason
-            if slot != 0:
-                self._await_slot_0(job.id, lease)
-            if not self.repo.leave_slot(job.id, self.worker_id):
-                log.info("worker %s: job %s's search budget is spent; slot 0 finishes it", self.worker_id, job.id)
-                return "left"
-            # this worker finishes the job: wait until the others have recorded their last evaluations and left
-            # (or died: their leases expire), then search again if a dead worker's evaluation is missing
-            while len(self.repo.live_workers(job.id)) > 1:
-                self._check(lease)
-                self.stop_event.wait(self.settings.poll_seconds)
-            self._check(lease)
-            if not gate.exhausted or spec.budget is None or self.repo.search_count(job.id) >= spec.budget:
-                break
-
-        settle_stale(None)  # every other holder has gone: nothing of theirs still runs
-        history = [Evaluation.from_json(r) for r in self.repo.all_records(job.id)]
-        final = snapshot(self.repo.all_records(job.id))
-        final = dataclasses.replace(final, finetuned=[], stop_reason=stop_reason, wall_s=time.monotonic() - started)
-
-        record = self._recorder(job.id, lease)
-
-        def best_of(search: list[Evaluation], finetuned: Sequence[Evaluation] = ()) -> dict[str, Any]:
-            return self._best_summary(dataclasses.replace(final, evaluations=search, finetuned=list(finetuned)), spec)
-
-        if spec.finetune_top > 0:
-            final.finetune_front(
-                spec.finetune_top,
-                spec.finetune_recovery(),
-                key=spec.selection(),
-                callback=_JobHooks(self, job.id, lease, record, best_of, objective.baseline),
-                stored={e.index: e for e in history if e.stage == "finetuned"},
-            )
-            self._check(lease)
-        self._export(job, spec, final, objective, lease)
-        if lease.cancel_requested:
-            raise _Stop("cancelled")
-        workers = sorted({str(r.worker_id) for r in self.repo.evaluations(job.id, limit=10**6).items if r.worker_id})
-        self.repo.transition(
-            job.id,
-            JobState.succeeded,
-            worker_id=self.worker_id,
-            best=self._best_summary(final, spec),
-            stop_reason=stop_reason,
-            evaluations=len(final.evaluations),
-            replayed=0,
-            workers=workers,
-            study=study_name,
-        )
-        return "succeeded"
-
-    def _await_slot_0(self, job_id: str, lease: _Lease) -> None:
-        """Before a holder leaves a shared job to slot 0's holder: wait until that one proves alive (its lease is
-        renewed) or dead (its lease runs out: :meth:`Repository.leave_slot` then moves this worker to slot 0)."""
-        seen = self.repo.slot_lease(job_id, 0)
-        while True:
-            current = self.repo.slot_lease(job_id, 0)
-            if current is None or current < datetime.now(UTC) or current != seen:
-                return
-            self._check(lease)
-            self.stop_event.wait(min(self.settings.poll_seconds, self.settings.heartbeat_seconds))
 
     def _probe_store(self, job_id: str, strategy: Any) -> Callable[[], None]:
         """Resume without probing again: hand a strategy that probes (``restore_probes``, see
@@ -964,105 +731,6 @@ class Worker:
         return archive, data
 
 
-class _JobHooks(SearchCallback):
-    """The search callback of a job's holder: records every evaluation and fine-tuned point (with the trained
-    weights, which exports load instead of training again), writes fine-tune progress events, and stops the
-    search or the fine-tuning stage on a cancel, a lost lease or a shutdown."""
-
-    def __init__(
-        self,
-        worker: Worker,
-        job_id: str,
-        lease: _Lease,
-        record: Callable[..., None],
-        best_of: Callable[..., dict[str, Any]],
-        baseline: Evaluation,
-    ) -> None:
-        self.worker, self.job_id, self.lease, self.record, self.best_of = worker, job_id, lease, record, best_of
-        self.baseline = baseline
-        self.evaluations: list[Evaluation] = []
-
-    def on_step(self) -> bool:
-        return not (self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set())
-
-    def on_evaluation(self, progress: Progress) -> bool:
-        from autoprune.pareto import pareto_front
-
-        self.evaluations.append(progress.evaluation)
-        front = pareto_front([self.baseline, *self.evaluations])
-        self.record(progress.evaluation, progress.done, self.best_of(list(self.evaluations)), front)
-        return True
-
-    def on_finetune_start(self, point: Evaluation, recovery: RecoveryConfig) -> None:
-        message = f"fine-tuning point {point.index} ({recovery.describe()})"
-        self.worker.repo.add_event(self.job_id, "log", message=message)
-
-    def on_finetune(self, point: Evaluation, report: FinetuneReport) -> None:
-        self.worker._finetune_event(self.job_id, point, report)
-
-    def on_finetuned(self, tuned: Evaluation, result: SearchResult, *, trained: bool) -> None:
-        weights = self.worker._store_weights(result.materialize(tuned)) if trained else None
-        best = self.best_of(result.evaluations, result.finetuned)
-        self.record(tuned, len(result.evaluations), best, result.front(), weights)
-
-
-class _SharedBudget(SearchCallback):
-    """The search callback of one holder of a shared job: besides stop/cancel/lost, it reserves the next
-    evaluation index before every ask (``exhausted`` once the job's budget is taken), numbers the evaluation with
-    it, and records each evaluation (``record``) before freeing the reservation."""
-
-    def __init__(
-        self,
-        worker: Worker,
-        job_id: str,
-        lease: _Lease,
-        budget: int | None,
-        trial_attrs: dict[str, Any],
-        record: Callable[[Evaluation], None],
-    ) -> None:
-        self.worker, self.job_id, self.lease, self.budget = worker, job_id, lease, budget
-        self.record = record
-        self.trial_attrs = trial_attrs
-        """The strategy's ``trial_user_attrs``: the next trial carries its reserved index from the ask on."""
-        self.reserved: int | None = None
-        self.exhausted = False
-
-    def on_step(self) -> bool:
-        if self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set():
-            return False
-        if self.reserved is None:
-            try:
-                self.reserved = self.worker.repo.reserve_index(self.job_id, self.worker.worker_id, self.budget)
-            except LeaseLost:
-                self.lease.lost = True
-                return False
-            if self.reserved is None:
-                self.exhausted = True
-                return False
-            self.trial_attrs["evaluation_index"] = self.reserved
-        return True
-
-    def number(self, local: int) -> int:
-        if self.reserved is None:
-            raise RuntimeError("an evaluation without a reserved index")
-        return self.reserved
-
-    def on_evaluation(self, progress: Progress) -> bool:
-        self.record(progress.evaluation)
-        self.reserved = None
-        return True
-
-
-def _trial_alive(trial: FrozenTrial, live: set[str], grace_s: float) -> bool:
-    """A RUNNING trial of a live holder, or one just asked (its owner not written yet)."""
-    owner = trial.user_attrs.get("worker_id")
-    if owner is not None:
-        return owner in live
-    start = trial.datetime_start
-    return start is not None and (datetime.now() - start).total_seconds() < grace_s
-
-
-# -- process main -------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m service.worker``: run a worker until SIGTERM/SIGINT (the first finishes the current
     evaluation and releases the job; a second one stops at once)."""

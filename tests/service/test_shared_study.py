@@ -18,11 +18,11 @@ import pytest
 
 from autoprune.errors import InvalidConfigError
 from autoprune.job import JobSpec
-from service.db.engine import make_engine, upgrade
+from service.db.engine import check_job_workers, make_engine, shared_study_storage, upgrade
 from service.db.models import JobRow
 from service.db.repository import LeaseLost, Repository
 from service.settings import Settings
-from service.worker import Worker, check_job_workers, shared_study_storage
+from service.worker import Worker
 from tests.service.test_repository import record
 
 ROOT = Path(__file__).resolve().parents[2]
