@@ -863,13 +863,7 @@ class Repository:
                 self._check_holder(s, job, worker_id)
             row = self._store_export(s, job_id, index, stage, format, artefact_sha256, meta)
             now = utcnow()
-            req = s.scalars(self._request_of(job_id, index, stage, format)).first()
-            if req is None:
-                req = ExportRequest(
-                    id=new_id(), job_id=job_id, index=index, stage=stage, format=format, origin="job",
-                    priority=EXPORT_PRIORITY["user"], attempts=1, created_at=now, started_at=now,
-                )  # fmt: skip
-                s.add(req)
+            req = self._job_request(s, job_id, index, stage, format, now)
             req.state, req.worker_id, req.lease_expires_at, req.error = ExportRequestState.done.value, None, None, None
             req.seconds, req.finished_at, req.updated_at = seconds, now, now
             if phase is not None:
@@ -896,13 +890,7 @@ class Repository:
             job = self._lock_job(s, job_id)
             self._check_holder(s, job, worker_id)
             now = utcnow()
-            req = s.scalars(self._request_of(job_id, index, stage, format)).first()
-            if req is None:
-                req = ExportRequest(
-                    id=new_id(), job_id=job_id, index=index, stage=stage, format=format, origin="job",
-                    priority=EXPORT_PRIORITY["user"], attempts=1, created_at=now, started_at=now,
-                )  # fmt: skip
-                s.add(req)
+            req = self._job_request(s, job_id, index, stage, format, now)
             req.state, req.worker_id, req.lease_expires_at = ExportRequestState.failed.value, None, None
             req.error, req.seconds, req.finished_at, req.updated_at = error, seconds, now, now
             s.flush()
@@ -927,6 +915,19 @@ class Repository:
                 )
             )
             return int(getattr(result, "rowcount", 0) or 0)
+
+    def _job_request(
+        self, s: Session, job_id: str, index: int, stage: str, format: str, now: datetime
+    ) -> ExportRequest:
+        """The request of one point in one format, written (origin ``job``, as taken now) if there was none."""
+        req = s.scalars(self._request_of(job_id, index, stage, format)).first()
+        if req is None:
+            req = ExportRequest(
+                id=new_id(), job_id=job_id, index=index, stage=stage, format=format, origin="job",
+                priority=EXPORT_PRIORITY["user"], attempts=1, created_at=now, started_at=now,
+            )  # fmt: skip
+            s.add(req)
+        return req
 
     @staticmethod
     def _request_of(job_id: str, index: int, stage: str, format: str) -> Any:
