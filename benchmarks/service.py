@@ -316,6 +316,19 @@ def workers_main(args: argparse.Namespace) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
+def _client_and_warm_up(url: str) -> tuple[httpx.Client, dict[str, Any], str]:
+    """A client of the server at ``url``, the job fields of a ResNet-20/digits random search, and the id of a
+    finished warm-up job (the worker imports torch and builds its first objective once: not what a submit
+    costs)."""
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    model = api.post("/v1/models", params={"architecture": "resnet20"}).json()["id"]
+    data = api.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+    base = {"model_id": model, "dataset_id": data, "strategy": "random", "val_samples": 100, "max_ratio": 0.5}
+    warm = api.post("/v1/jobs", json={**base, "budget": 1, "export_formats": ["onnx"]}).json()["id"]
+    wait_until(lambda: api.get(f"/v1/jobs/{warm}").json()["state"] in ("succeeded", "failed"), 300, 0.2)
+    return api, base, warm
+
+
 def _at(event: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(event["created_at"])
 
@@ -324,12 +337,7 @@ def export_main(args: argparse.Namespace) -> None:
     """Search end -> best file -> succeeded -> whole front exported, and a user's request behind a running job."""
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as tmp, serve(Path(tmp) / "data", args.source) as url:
-        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-        model = api.post("/v1/models", params={"architecture": "resnet20"}).json()["id"]
-        data = api.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
-        base = {"model_id": model, "dataset_id": data, "strategy": "random", "val_samples": 100, "max_ratio": 0.5}
-        warm = api.post("/v1/jobs", json={**base, "budget": 1, "export_formats": ["onnx"]}).json()["id"]
-        wait_until(lambda: api.get(f"/v1/jobs/{warm}").json()["state"] in ("succeeded", "failed"), 300, 0.2)
+        api, base, warm = _client_and_warm_up(url)
         wait_until(lambda: api.get(f"/v1/jobs/{warm}/exports").json()["pending"] == 0, 300, 0.2)
 
         spec = {**base, "budget": args.export_budget, "export_formats": ["onnx"]}
@@ -420,14 +428,7 @@ def main() -> None:
 
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as tmp, serve(Path(tmp) / "data", args.source) as url:
-        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-        model = api.post("/v1/models", params={"architecture": "resnet20"}).json()["id"]
-        data = api.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
-        base = {"model_id": model, "dataset_id": data, "strategy": "random", "val_samples": 100, "max_ratio": 0.5}
-
-        # a warm-up job: the worker imports torch and builds its first objective once (not what a submit costs)
-        warm = api.post("/v1/jobs", json={**base, "budget": 1, "export_formats": ["onnx"]}).json()["id"]
-        wait_until(lambda: api.get(f"/v1/jobs/{warm}").json()["state"] in ("succeeded", "failed"), 300, 0.2)
+        api, base, _warm = _client_and_warm_up(url)
 
         t0 = time.perf_counter()
         job = api.post("/v1/jobs", json={**base, "budget": 1000, "export_formats": ["onnx"]}).json()["id"]
