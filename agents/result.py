@@ -29,9 +29,6 @@ class Failure:
     reason: str
 
 
-SELECT_KEYS = SELECTIONS
-
-
 @dataclass(frozen=True)
 class Selection:
     """Which point of a search is "best": the one rule the CLI (``--select``), a job spec and the service
