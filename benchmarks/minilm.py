@@ -12,13 +12,13 @@
   words), deduplicated, shuffled with a seed and tokenised to a fixed length (32 by default). No labels.
 * **Quality**: label-free fidelity to the unpruned model: the built-in ``cosine`` metric, mean of
   ``(1 + cos) / 2`` between the pruned and unpruned embeddings of the validation sentences (1 = identical).
-* **Pruning**: the FFN of each layer (``intermediate.dense`` outputs = ``output.dense`` inputs, 1536 units):
-  six groups. Attention and the 384-wide residual stream are kept (``keep``): HF BERT splits q/k/v into
-  heads with ``view(..., -1, head_dim)``, which Torch-Pruning sees as plain linear channels; the core's head
-  handling only recognises ``nn.MultiheadAttention``, so pruning those groups channel by channel would mix
-  dimensions across heads (or crash on a non-multiple of 32). See :data:`KEEP_SUFFIXES`.
+* **Pruning** (twelve groups by default): per layer, the attention by whole 32-wide heads (q/k/v outputs with
+  the matching ``attention.output.dense`` inputs, 12 heads: autoprune's HuggingFace head handling sets
+  ``num_heads`` and the config) and the FFN (``intermediate.dense`` outputs = ``output.dense`` inputs, 1536
+  units). The 384-wide residual stream is kept. ``heads=False`` (``--ffn-only``) keeps attention intact too
+  and prunes the six FFN groups only (see :data:`KEEP_SUFFIXES`).
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/minilm.py [--onnx]
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/minilm.py [--onnx] [--ffn-only]
 
 prints the groups and a ratio -> fidelity -> measured latency table for uniform plans.
 """
@@ -56,8 +56,8 @@ KEEP_SUFFIXES = (
     "attention.output.dense",
     "output.dense",
 )
-"""Layers of each encoder layer kept intact: attention (q/k/v and its output projection: heads) and the
-layers writing the residual stream (hidden size). ``output.dense`` (the FFN's second linear) keeps its
+"""Layers of each encoder layer kept intact with ``heads=False``: attention (q/k/v and its output projection)
+and the layers writing the residual stream (hidden size). ``output.dense`` (the FFN's second linear) keeps its
 outputs but still loses the inputs of its pruned FFN units."""
 
 # Standard-library modules whose docstrings supply the sentences (no GUI, no side effects on import).
@@ -153,7 +153,7 @@ def load_model(attn_implementation: str = "eager") -> SentenceEmbedder:
 
 
 def keep_layers(model: nn.Module) -> list[str]:
-    """Names of the layers kept intact (attention and the residual stream); see :data:`KEEP_SUFFIXES`."""
+    """Names of the layers kept intact by an FFN-only plan (attention, residual stream): :data:`KEEP_SUFFIXES`."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(KEEP_SUFFIXES)]
 
 
@@ -226,9 +226,18 @@ class MiniLMWorkload:
 
 
 def load_minilm_workload(
-    *, n_train: int = 128, n_val: int = 128, seq_len: int = 32, seed: int = 0, attn_implementation: str = "eager"
+    *,
+    n_train: int = 128,
+    n_val: int = 128,
+    seq_len: int = 32,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+    heads: bool = True,
 ) -> MiniLMWorkload:
     """Model, example inputs (one full-length validation sentence), label-free data and the kept layers.
+
+    ``heads`` (default): attention heads and FFN units are pruned, nothing is kept by name (the residual
+    stream is kept by autoprune itself); ``heads=False``: only the FFN units (:func:`keep_layers`).
 
     The training split is only used by recovery recipes that fine-tune (distillation from the unpruned
     model); the default recipe does nothing for this model (it has no BatchNorm).
@@ -255,7 +264,7 @@ def load_minilm_workload(
         model=model,
         example_inputs=example,
         dataset=dataset,
-        keep=keep_layers(model),
+        keep=keep_layers(model) if not heads else [],
         sentences={"train": train, "val": val},
     )
 
@@ -289,11 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
     parser.add_argument("--onnx", action="store_true", help="also export the 0.5 model to ONNX and verify it")
+    parser.add_argument("--ffn-only", action="store_true", help="keep attention intact: prune FFN units only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     t = time.perf_counter()
-    wl = load_minilm_workload(n_val=args.n_val, seq_len=args.seq_len)
+    wl = load_minilm_workload(n_val=args.n_val, seq_len=args.seq_len, heads=not args.ffn_only)
     sentences = docstring_sentences()
     print(f"loaded {model_dir()} and {len(sentences)} docstring sentences in {time.perf_counter() - t:.1f}s")
     print("examples:", *(f"  {s}" for s in wl.sentences["val"][:3]), sep="\n")

@@ -108,7 +108,7 @@ def build_objective(
         )
         desc = (
             f"all-MiniLM-L6-v2, {sizes.n_val} docstring sentences x {mw.example_inputs.shape[1]} tokens, "
-            f"metric {mw.metric} (label-free fidelity), FFN units pruned, attention and hidden size kept"
+            f"metric {mw.metric} (label-free fidelity), attention heads and FFN units pruned, hidden size kept"
         )
         return objective, desc
     from autoprune.workloads import load_workload

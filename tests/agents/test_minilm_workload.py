@@ -42,7 +42,7 @@ def test_docstring_sentences_are_prose_and_deterministic(minilm: ModuleType) -> 
 
 
 @pytest.mark.slow  # 5-15 s on 2 shared cores: loads and traces a 22M-parameter pretrained transformer
-def test_minilm_prunes_ffn_units_and_fidelity_drops(minilm: ModuleType) -> None:
+def test_minilm_prunes_heads_and_ffn_units_and_fidelity_drops(minilm: ModuleType) -> None:
     torch.manual_seed(0)
     wl = minilm.load_minilm_workload(n_train=4, n_val=8, seq_len=12)
     assert wl.dataset.x_val.shape == (8, 12) and not wl.dataset.has_labels
@@ -61,14 +61,20 @@ def test_minilm_prunes_ffn_units_and_fidelity_drops(minilm: ModuleType) -> None:
         keep=wl.keep,
     )
     groups = objective.structure.groups
-    assert [g.name for g in groups] == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(6)]
-    assert all(g.units == 1536 for g in groups)
+    layers = [f"bert.encoder.layer.{i}" for i in range(6)]
+    assert [g.name for g in groups] == [
+        name for layer in layers for name in (f"{layer}.attention.self.query", f"{layer}.intermediate.dense")
+    ]
+    assert [(g.kind, g.units, g.unit_width) for g in groups[:2]] == [("attention", 12, 32), ("linear", 1536, 1)]
     assert objective.base_quality == pytest.approx(1.0, abs=1e-6)
 
     half = objective(dict.fromkeys(objective.group_names, 0.5))
     model = objective.materialize(half.plan)
-    assert model.bert.encoder.layer[0].intermediate.dense.out_features == 768
-    assert model.bert.encoder.layer[0].attention.self.query.out_features == 384  # attention kept
+    layer0 = model.bert.encoder.layer[0]
+    assert layer0.intermediate.dense.out_features == 768
+    assert layer0.attention.self.query.out_features == 192  # six whole 32-wide heads removed
+    assert layer0.attention.self.num_attention_heads == 6
+    assert layer0.attention.output.dense.out_features == 384  # the residual stream is kept
     light = objective(dict.fromkeys(objective.group_names, 0.1))
     assert 0.5 < half.quality < light.quality < 1.0
     assert half.macs < light.macs < objective.baseline.macs
