@@ -203,10 +203,10 @@ def groups(
         print(json.dumps({"groups": groups_json, "kept": list(structure.kept), "locked": locked}, indent=2))
         return
     table = Table(title=f"{len(structure.groups)} prunable groups (kept intact: {', '.join(structure.kept)})")
-    for col in ("#", "group", "kind", "units", "MACs", "layers"):
+    for col in ("#", "group", "kind", "units", "step", "MACs", "layers"):
         table.add_column(col)
     for g in structure.groups:
-        table.add_row(str(g.index), g.name, g.kind, str(g.units), f"{g.macs:,}", str(len(g.members)))
+        table.add_row(str(g.index), g.name, g.kind, str(g.units), str(g.step), f"{g.macs:,}", str(len(g.members)))
     console.print(table)
     for item in locked:
         console.print(f"not prunable (kept intact): {item['group']}: {item['reason']}", markup=False)

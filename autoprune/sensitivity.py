@@ -284,5 +284,5 @@ def kept_width(objective: Objective, group: str, ratio: float, round_to: int | N
     from autoprune.pruning.structured import kept_units
 
     info = objective.structure.group(group)
-    step = objective.round_to if round_to is None else round_to
+    step = math.lcm(objective.round_to if round_to is None else round_to, info.step)  # info.step: a shape constraint
     return kept_units(info.units, ratio, 1 if info.kind == "attention" else step)

@@ -24,7 +24,10 @@ Groups that plans cannot prune reliably are found once, when the context is buil
 trial copy and run, three times with different channels removed; if a forward fails, each group is tried alone
 the same way, and a group that breaks the forward is *locked*: listed in :attr:`Structure.locked` with the
 reason, left out of the groups a plan or a search can name, and kept intact. A search then does not spend its
-budget on plans that cannot run.
+budget on plans that cannot run. Halving alone would miss a width constraint that the half width happens to
+satisfy (``view(..., -1, 32)`` after 384 channels), so every group is also tried one unit short of full width;
+a group that breaks there but not halved gets the smallest *step* (a divisor of its width) whose multiples run,
+recorded as :attr:`PrunableGroup.step`, and every plan's kept widths are rounded to a multiple of it.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ class PrunableGroup:
     """MACs of all layers in the group for one example batch."""
     members: tuple[str, ...]
     """Every layer whose parameters change when the group is pruned."""
+    step: int = 1
+    """Kept widths are multiples of this (1: any width). Above 1 where the lock probe found a shape the model
+    bakes in (a ``view(..., -1, 16)`` after the group's layer, say): only the widths that run are applied."""
 
 
 @dataclass(frozen=True)
@@ -461,8 +467,11 @@ class PruningContext:
         self._plain: bool | None = None
         self._unscorable: dict[tuple[tuple[str, int], str], str] = {}
         self._group_ops: dict[tuple[str, tuple[int, ...]], list[tuple[tuple[str, Any, int], list[int]]]] = {}
+        self.steps: dict[str, int] = {}
+        """Groups whose kept width must be a multiple of a step above 1 (found by the lock probe)."""
         self.locked = self._probe()
         self.groups = [(name, group) for name, group in self.groups if name not in self.locked]
+        self.steps = self._probe_steps()
         self.structure = self._describe()
 
     def _carries_hidden(self, group: Any) -> bool:
@@ -499,6 +508,7 @@ class PruningContext:
                     stride=stride,
                     macs=sum(per_module.get(m, 0) for m in members),
                     members=members,
+                    step=self.steps.get(name, 1),
                 )
             )
         return Structure(groups=tuple(out), kept=tuple(self.kept), total_macs=total, locked=tuple(self.locked.items()))
@@ -516,14 +526,45 @@ class PruningContext:
                 locked[name] = reason
         return locked
 
-    def _trial(self, names: list[str]) -> str | None:
-        """Why halving these groups breaks the model, or None if it runs. Which channels go must not matter, so
-        three index patterns are tried (lowest first, highest first, every other one): a coupling Torch-Pruning
-        mis-traced (a zero-padded shortcut) may survive one choice of channels and break with the next."""
+    def _probe_steps(self) -> dict[str, int]:
+        """The smallest admissible step (in channels) of every group that runs halved but not one unit short of
+        full width. Attention groups already lose whole heads and are not stepped."""
+        names = [name for name, _ in self.groups]
+        if not names or self._trial(names, cut=1) is None:
+            return {}
+        steps: dict[str, int] = {}
+        for name in names:
+            units, per_unit = self._units(name)
+            if per_unit == 0 or self._trial([name], cut=1) is None:
+                continue
+            divisors = [d for d in range(2, units // 2 + 1) if units % d == 0]
+            step = next((d for d in divisors if self._trial([name], cut=d) is None), units // 2)
+            steps[name] = step * per_unit
+        return steps
+
+    def _units(self, name: str) -> tuple[int, int]:
+        """``(units, channels per unit)`` as :func:`_select` counts them: positions per channel group, else
+        channels (``(heads, 0)`` for attention, whose units are whole heads)."""
+        group = dict(self.groups)[name]
+        layout = _head_layout(self.graph, group, name, self.num_heads)
+        if layout is not None:
+            return layout[0], 0
+        channels = int(self.graph.get_out_channels(group[0].dep.target.module))
+        ch_groups = _channel_groups(self.graph, group)
+        if ch_groups > 1 and channels % ch_groups == 0:
+            return channels // ch_groups, ch_groups
+        return channels, 1
+
+    def _trial(self, names: list[str], cut: int | None = None) -> str | None:
+        """Why pruning these groups breaks the model, or None if it runs: halved, or with ``cut`` units removed.
+        Which channels go must not matter, so halving tries three index patterns (lowest first, highest first,
+        every other one): a coupling Torch-Pruning mis-traced (a zero-padded shortcut) may survive one choice of
+        channels and break with the next. A width trial (``cut``) runs on groups that passed those, so one
+        pattern is enough there."""
         by_name = dict(self.groups)
-        for pattern in ("low", "high", "strided"):
+        for pattern in ("low", "high", "strided") if cut is None else ("low",):
             try:
-                selected = {}
+                selected, ratios = {}, {}
                 for name in names:
                     group = by_name[name]
                     channels = int(self.graph.get_out_channels(group[0].dep.target.module))
@@ -532,9 +573,15 @@ class PruningContext:
                         order = -order
                     elif pattern == "strided":
                         order = order + channels * (order % 2)
-                    selected[name] = _select(self.graph, group, name, order, 0.5, 1, self.num_heads)
+                    units = self._units(name)[0] if cut is not None else 0
+                    if cut is not None and cut >= units:
+                        continue
+                    ratios[name] = 0.5 if cut is None else cut / units
+                    selected[name] = _select(self.graph, group, name, order, ratios[name], 1, self.num_heads)
+                if not selected:
+                    return None
                 ops, heads = self._operations_for(selected)
-                self._pruned_copy(ops, heads, Plan(tuple((n, 0.5) for n in names), round_to=1))
+                self._pruned_copy(ops, heads, Plan(tuple(ratios.items()), round_to=1))
             except PruningError as exc:
                 return str(exc)
         return None
@@ -615,7 +662,8 @@ class PruningContext:
             if name not in scores:
                 score_key = (plan.criterion, plan.seed if plan.criterion == "random" else 0)
                 raise PruningError(self._unscorable[(score_key, name)])
-            selected[name] = _select(self.graph, group, name, scores[name], ratio, plan.round_to, self.num_heads)
+            round_to = math.lcm(plan.round_to, self.steps.get(name, 1))
+            selected[name] = _select(self.graph, group, name, scores[name], ratio, round_to, self.num_heads)
         return self._operations_for(selected)
 
     def _operations_for(

@@ -69,7 +69,8 @@ def test_after_prune_runs_in_the_probe_on_candidates_and_in_materialize() -> Non
 
     obj = Objective(StoredWidth().eval(), _x(), None, metric=_score, latency=DeterministicMeter(), after_prune=fix)
     assert obj.group_names == ("fc1",) and obj.structure.locked == ()
-    assert seen and all(ratios == {"fc1": 0.5} and width == 16 for width, ratios in seen)  # the lock probe's trials
+    # the lock probe's trials: halved, then one unit short of full width
+    assert seen == [(16, {"fc1": 0.5})] * 3 + [(31, {"fc1": 1 / 32})]
     probed = len(seen)
     ev = obj({"fc1": 0.75})
     assert seen[probed] == (8, {"fc1": 0.75}) and ev.macs < obj.baseline.macs

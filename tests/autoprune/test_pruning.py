@@ -532,6 +532,35 @@ def test_a_group_whose_pruning_breaks_the_forward_is_locked_with_its_reason() ->
     assert apply_plan(model, Plan({"conv": 0.0}), x)(x).shape == (2, 5)
 
 
+class LiteralHeadSize(nn.Module):
+    """Attention written by hand with a literal head size: q/k/v widths that are multiples of 16 run, others do
+    not, and halving 64 -> 32 (the lock probe's first trial) happens to be one of the widths that run."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        q, k, v = (m(x).view(b, length, -1, 16).transpose(1, 2) for m in (self.q, self.k, self.v))
+        out = (torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v).transpose(1, 2).reshape(b, length, -1)
+        return self.head(self.o(out).mean(1))
+
+
+def test_the_probe_learns_a_width_step_and_plans_only_apply_widths_that_run() -> None:
+    torch.manual_seed(0)
+    model, x = LiteralHeadSize().eval(), torch.randn(2, 5, 64)
+    structure = analyze(model, x)
+    steps = {g.name: g.step for g in structure.groups}
+    assert steps == {"q": 16, "o": 1} and structure.locked == ()
+    for ratio, width in ((0.1, 64), (0.2, 48), (0.3, 48), (0.5, 32), (0.8, 16), (0.95, 16)):
+        pruned = apply_plan(model, Plan({"q": ratio, "o": 0.3}), x)
+        assert (pruned.q.out_features, pruned.v.out_features) == (width, width)
+        assert pruned.o.out_features == 45  # the unconstrained group keeps any width
+        assert pruned(x).shape == (2, 3)
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "random"])
 def test_zero_pad_shortcut_group_is_locked(criterion: str) -> None:
     # Torch-Pruning mis-traces the zero-padded shortcut: which channels go decides whether the forward survives,
