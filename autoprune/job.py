@@ -505,29 +505,63 @@ def run_job(
     (a service worker sharing a study configures its own); ``callback``, ``callbacks`` and ``stop`` watch and
     steer the search and the fine-tuning stage (:func:`agents.base.run_search`,
     :meth:`agents.result.SearchResult.finetune_front`); fine-tuned points recorded in ``history`` are reused."""
-    from agents import Budget, run_search
+    from agents import Budget
     from agents.base import as_callback
 
     spec.validate()
-    objective = objective or spec.build_objective(log=log)
-    hooks = as_callback(callback, stop=stop, callbacks=callbacks)
-    history = list(history)
-    result = run_search(
-        objective,
+    return run_objective(
+        objective or spec.build_objective(log=log),
         spec.strategy if strategy is None else strategy,
         Budget(evaluations=spec.budget, seconds=spec.seconds),
         seed=spec.seed,
         max_ratio=spec.max_ratio,
-        callback=hooks,
-        history=history,
         options=dict(spec.strategy_options) if strategy is None else None,
+        selection=spec.selection(),
+        finetune_top=spec.finetune_top,
+        finetune=spec.finetune_recovery(),
+        callback=as_callback(callback, stop=stop, callbacks=callbacks),
+        history=history,
     )
-    result.selection = spec.selection()
-    if spec.finetune_top > 0 and result.stop_reason != "interrupted":
+
+
+def run_objective(
+    objective: Objective,
+    strategy: str | Strategy,
+    budget: Any,
+    *,
+    seed: int,
+    max_ratio: float,
+    options: dict[str, Any] | None,
+    selection: Selection,
+    finetune_top: int,
+    finetune: RecoveryConfig,
+    callback: SearchCallback,
+    history: Iterable[Evaluation] = (),
+    progress: Callable[[int, int, Evaluation], None] | None = None,
+) -> SearchResult:
+    """The one path of a job once its objective is built, for the CLI, the facade and the worker alike: search
+    (:func:`agents.base.run_search`), the selection rule, then the final fine-tuning stage
+    (:meth:`agents.result.SearchResult.finetune_front`; fine-tuned points recorded in ``history`` are reused)."""
+    from agents import run_search
+
+    history = list(history)
+    result = run_search(
+        objective,
+        strategy,
+        budget,
+        seed=seed,
+        max_ratio=max_ratio,
+        callback=callback,
+        history=history,
+        options=options,
+    )
+    result.selection = selection
+    if finetune_top > 0 and result.stop_reason != "interrupted":
         result.finetune_front(
-            spec.finetune_top,
-            spec.finetune_recovery(),
-            callback=hooks,
+            finetune_top,
+            finetune,
+            progress=progress,
+            callback=callback,
             stored={e.index: e for e in history if e.stage == "finetuned"},
         )
     return result
@@ -595,7 +629,7 @@ def search(
     :class:`agents.SearchCallback` or several) watches and steers the search and the fine-tuning stage
     (``on_step`` / ``on_evaluation`` returning False stops it); ``stop`` (an Event or ``() -> bool``) stops it.
     """
-    from agents import Budget, check_strategy, run_search
+    from agents import Budget, check_strategy
     from agents.base import as_callback
     from agents.result import Selection
     from autoprune.data import as_dataset
@@ -653,22 +687,20 @@ def search(
     )
     printer.start(objective, strategy, budget_)
     try:
-        result = run_search(
+        result = run_objective(
             objective,
             strategy,
             budget_,
             seed=seed,
             max_ratio=max_ratio,
+            options=dict(strategy_options or {}),
+            selection=selection,
+            finetune_top=finetune_top,
+            finetune=finetune or RecoveryConfig(finetune_steps=200, distill=True, finetune_lr=2e-3, seed=seed),
             callback=hooks,
             history=history,
-            options=dict(strategy_options or {}),
+            progress=printer.finetuned if printer.on else None,
         )
-        result.selection = selection
-        if finetune_top > 0 and result.stop_reason != "interrupted":
-            tuned = finetune or RecoveryConfig(finetune_steps=200, distill=True, finetune_lr=2e-3, seed=seed)
-            result.finetune_front(
-                finetune_top, tuned, progress=printer.finetuned if printer.on else None, callback=hooks
-            )
     finally:
         printer.close()
     printer.end(result)
