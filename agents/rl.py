@@ -332,14 +332,16 @@ class SB3Strategy(StoredProbes):
 
     def _play_warm_start(self, session: SearchSession, n_groups: int) -> None:
         """Play the knapsack plans as episodes through the model's own (vectorised) env, store their
-        transitions as SB3's ``collect_rollouts`` does, and shorten the random warm-up by as many episodes."""
+        transitions with SB3's own ``_store_transition`` (what ``collect_rollouts`` calls: terminal observations,
+        VecNormalize), and shorten the random warm-up by as many episodes."""
         from agents.knapsack import knapsack_plans
 
-        assert self.model is not None
+        model = self.model
+        assert model is not None
         table, plans = knapsack_plans(session, self.warm_start, table=self._restored)
         self.table = table
         self._info = {"sensitivity": table.to_json(), "warm_start": [dict(p) for p in plans]}
-        env, buffer = self.model.get_env(), getattr(self.model, "replay_buffer", None)
+        env, buffer = model.get_env(), getattr(model, "replay_buffer", None)
         assert env is not None and buffer is not None
         inner: LayerPruneEnv = env.envs[0].unwrapped  # type: ignore[attr-defined]  # a DummyVecEnv of one
         order = [g.name for g in inner.structure.groups]
@@ -347,21 +349,17 @@ class SB3Strategy(StoredProbes):
         for plan in plans:
             if session.should_stop():
                 break
-            obs = env.reset()
+            model._last_obs = env.reset()  # type: ignore[assignment]  # what _store_transition reads
             for name in order:
                 ratio = float(plan.get(name, 0.0))
+                # the action space is Box(-1, 1): the env's action is already SB3's normalised buffer action
                 action = np.array([[2.0 * ratio / inner.max_ratio - 1.0]], dtype=np.float32).clip(-1.0, 1.0)
                 new_obs, rewards, dones, infos = env.step(action)
-                assert isinstance(new_obs, np.ndarray)  # a Box observation space
-                next_obs = new_obs.copy()
-                if dones[0] and infos[0].get("terminal_observation") is not None:
-                    next_obs[0] = infos[0]["terminal_observation"]
-                buffer.add(obs, next_obs, action, rewards, dones, infos)
-                obs = new_obs
+                model._store_transition(buffer, action, new_obs, rewards, dones, infos)  # type: ignore[attr-defined]
                 if dones[0]:
                     break
             played += 1
         left = max(0, self.warmup(session.budget) - played)
-        self.model.learning_starts = left * n_groups  # type: ignore[attr-defined]
+        model.learning_starts = left * n_groups  # type: ignore[attr-defined]
         if self.noise is not None:
             self.noise.warmup_episodes = left
