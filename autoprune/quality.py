@@ -180,10 +180,10 @@ class Accuracy:
         return "Accuracy()"
 
 
-class Agreement:
-    """Fraction of validation samples whose top-1 class matches the reference model's, in ``[0, 1]``."""
+class _Fidelity:
+    """A label-free metric: the model's validation outputs scored against the reference model's (cached)."""
 
-    name = "agreement"
+    name = ""
 
     def __init__(self, *, cache: ReferenceOutputs | None = None) -> None:
         self.cache = cache or _DEFAULT_CACHE
@@ -198,15 +198,28 @@ class Agreement:
     ) -> float:
         ref_model = _need_reference(self.name, reference)
         out, ref = _paired(self.name, model, dataset, ref_model, batch_size, self.cache)
+        return self.score(out, ref)
+
+    def score(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+        """The metric of outputs ``out`` against the reference outputs ``ref`` (one row per sample)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Agreement(_Fidelity):
+    """Fraction of validation samples whose top-1 class matches the reference model's, in ``[0, 1]``."""
+
+    name = "agreement"
+
+    def score(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         _check_logits(self.name, out)
         same = (out.argmax(dim=1) == ref.argmax(dim=1)) & _finite_rows(out)
         return float(same.float().mean())
 
-    def __repr__(self) -> str:
-        return "Agreement()"
 
-
-class KLFidelity:
+class KLFidelity(_Fidelity):
     """``exp(-mean_i KL(softmax(ref_i / T) ‖ softmax(model_i / T)))``, in ``(0, 1]``; 1 means identical
     output distributions."""
 
@@ -215,19 +228,10 @@ class KLFidelity:
     def __init__(self, *, temperature: float = 1.0, cache: ReferenceOutputs | None = None) -> None:
         if not (math.isfinite(temperature) and temperature > 0):
             raise InvalidConfigError(f"temperature must be a positive number, got {temperature}")
+        super().__init__(cache=cache)
         self.temperature = float(temperature)
-        self.cache = cache or _DEFAULT_CACHE
 
-    def __call__(
-        self,
-        model: nn.Module,
-        dataset: Dataset,
-        *,
-        reference: nn.Module | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> float:
-        ref_model = _need_reference(self.name, reference)
-        out, ref = _paired(self.name, model, dataset, ref_model, batch_size, self.cache)
+    def score(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         _check_logits(self.name, out)
         if not bool(_finite_rows(out).all()):
             return 0.0
@@ -240,33 +244,18 @@ class KLFidelity:
         return f"KLFidelity(temperature={self.temperature})"
 
 
-class CosineFidelity:
+class CosineFidelity(_Fidelity):
     """Mean cosine similarity between flattened model and reference outputs, mapped to ``[0, 1]`` as
     ``(1 + cos) / 2``. Works for any output shape (logits, embeddings, feature maps)."""
 
     name = "cosine"
 
-    def __init__(self, *, cache: ReferenceOutputs | None = None) -> None:
-        self.cache = cache or _DEFAULT_CACHE
-
-    def __call__(
-        self,
-        model: nn.Module,
-        dataset: Dataset,
-        *,
-        reference: nn.Module | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> float:
-        ref_model = _need_reference(self.name, reference)
-        out, ref = _paired(self.name, model, dataset, ref_model, batch_size, self.cache)
+    def score(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         a = out.reshape(out.shape[0], -1).double()
         b = ref.reshape(ref.shape[0], -1).double()
         cos = F.cosine_similarity(a, b, dim=1, eps=1e-12)
         cos = torch.where(_finite_rows(out) & torch.isfinite(cos), cos, torch.full_like(cos, -1.0))
         return float(((1.0 + cos.clamp(-1.0, 1.0)) / 2.0).mean())
-
-    def __repr__(self) -> str:
-        return "CosineFidelity()"
 
 
 class CallableMetric:
