@@ -17,10 +17,10 @@ trade-off; a target whose plan was already evaluated is skipped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agents.base import SearchSession, SearchStopped
+from agents.base import Progress, SearchCallback, SearchSession, SearchStopped
 from autoprune.errors import InvalidConfigError, PruningError
 from autoprune.sensitivity import PROBE_RATIOS
 
@@ -121,6 +121,47 @@ class StoredProbes:
         from autoprune.sensitivity import SensitivityTable
 
         self._restored = SensitivityTable.from_json(table)
+
+
+class KeepProbes(SearchCallback):
+    """Resume a probing strategy without probing again, wherever the job runs: hands ``previous`` (a table an
+    earlier run stored, or None) to ``strategy.restore_probes`` and calls ``save(table)`` once probing has ended
+    (before the first evaluation goes on, and at the end of the search) unless the run used the restored table.
+    A no-op for strategies without probe hooks. ``unusable(message)`` hears a stored table that cannot be used
+    (the strategy then probes again rather than fail)."""
+
+    def __init__(
+        self,
+        strategy: Any,
+        previous: Mapping[str, Any] | None,
+        save: Callable[[dict[str, Any]], object],
+        unusable: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        self.strategy = strategy if isinstance(strategy, StoredProbes) else None
+        self.save = save
+        self.saved = False
+        if self.strategy is not None and previous is not None:
+            try:
+                self.strategy.restore_probes(previous)
+            except InvalidConfigError as exc:
+                unusable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def store(self) -> None:
+        """Save the strategy's table once it has one (and it is not the restored one)."""
+        if self.saved or self.strategy is None:
+            return
+        record = self.strategy.probe_record()
+        if record is not None:
+            self.saved = True
+            if self.strategy.table is not self.strategy._restored:
+                self.save(record)
+
+    def on_evaluation(self, progress: Progress) -> bool:
+        self.store()
+        return True
+
+    def on_end(self, result: Any) -> None:
+        self.store()
 
 
 class KnapsackSearch(StoredProbes):

@@ -561,7 +561,7 @@ def search(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from autoprune.job import JobSpec, run_job
+    from autoprune.job import JobSpec, probes_in_file, run_job
 
     base: dict[str, Any] = {}
     if spec is not None:
@@ -628,11 +628,23 @@ def search(
             best=f"best: reward {best.reward:.3f} ({best.metric} {best.quality:.3f}, {best.speedup:.2f}x) | front {p.front_size}",
         )
 
+    # a probing strategy (knapsack, warm starts) keeps its probe table in probes.json: --resume does not probe again
+    strategy, probes = probes_in_file(
+        job, out / "probes.json", resume=resume, note=lambda m: err_console.print(f"note: {m}", highlight=False)
+    )
     ctrl_c = CtrlC()
     with ctrl_c.installed():
         try:
             with progress:
-                result = run_job(job, objective=obj, callbacks=[on_progress], history=history, stop=ctrl_c)
+                result = run_job(
+                    job,
+                    objective=obj,
+                    callback=probes,
+                    callbacks=[on_progress],
+                    history=history,
+                    stop=ctrl_c,
+                    strategy=strategy,
+                )
         finally:
             log.close()
         _finish_search(job, result, obj, out)

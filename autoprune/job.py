@@ -524,6 +524,35 @@ def run_job(
     )
 
 
+def probes_in_file(
+    spec: JobSpec, path: Path, *, resume: bool, note: Callable[[str], None] = lambda _m: None
+) -> tuple[Strategy, SearchCallback]:
+    """The strategy of ``spec`` and a callback keeping its probe table (knapsack, warm starts) in ``path``: saved
+    once probing has ended; with ``resume`` a table saved there by an earlier run is used instead of probing again
+    (:class:`agents.knapsack.KeepProbes`; the service keeps it as a job event instead)."""
+    from agents import make_strategy
+    from agents.knapsack import KeepProbes
+
+    strategy = make_strategy(spec.strategy, **dict(spec.strategy_options))
+    previous = None
+    if resume and path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            note(f"{path} is not a probe table ({exc}); probing again")
+
+    def save(table: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table), encoding="utf-8")
+        if previous is not None:
+            note(f"the probe table in {path} did not fit this search; probed again")
+
+    keeper = KeepProbes(strategy, previous, save, lambda why: note(f"{path}: {why}; probing again"))
+    if previous is not None and keeper.strategy is not None:
+        note(f"resuming: the probe table in {path} is used, not measured again")
+    return strategy, keeper
+
+
 def run_objective(
     objective: Objective,
     strategy: str | Strategy,

@@ -92,7 +92,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.base import EachEvaluation
 from autoprune.names import MEDIA_TYPES, SUFFIXES
 from service.artefacts import ArtefactStore
 from service.db.engine import (
@@ -114,6 +113,7 @@ from service.settings import InvalidSettings, Settings, load_settings
 if TYPE_CHECKING:
     from torch import nn
 
+    from agents.knapsack import KeepProbes
     from agents.result import SearchResult
     from autoprune.job import JobSpec
     from autoprune.objective import Evaluation, Objective
@@ -408,17 +408,15 @@ class Worker:
         self._check(lease)
 
         strategy = make_strategy(spec.strategy, **dict(spec.strategy_options))
-        store_probes = self._probe_store(job.id, strategy)
         # probing (if any) ended before the first evaluation: its table is stored before that is recorded
-        first = EachEvaluation(lambda _p: store_probes())
+        probes = self._probe_keeper(job.id, strategy)
         result = run_job(
             spec,
             objective=objective,
-            callback=[first, _JobHooks(self, job.id, lease, record, best_of, baseline)],
+            callback=[probes, _JobHooks(self, job.id, lease, record, best_of, baseline)],
             history=history,
             strategy=strategy,
         )
-        store_probes()
         self._check(lease)
         self._log_failures(job.id, result)
         if result.info.get("sensitivity"):  # the knapsack's measured latency table, kept with the job
@@ -440,34 +438,19 @@ class Worker:
         )
         return "succeeded"
 
-    def _probe_store(self, job_id: str, strategy: Any) -> Callable[[], None]:
-        """Resume without probing again: hand a strategy that probes (``restore_probes``, see
-        :class:`agents.knapsack.StoredProbes`) the table of the job's ``probes`` event, if an earlier attempt
-        stored one, and return ``store()``, which stores the strategy's table as that event once it has one (a
-        no-op for other strategies and after the first store)."""
-        from autoprune.errors import InvalidConfigError
+    def _probe_keeper(self, job_id: str, strategy: Any) -> KeepProbes:
+        """Resume without probing again (:class:`agents.knapsack.KeepProbes`): the table of the job's ``probes``
+        event, if an earlier attempt stored one, goes back to the strategy; a newly probed table is stored as
+        that event once probing has ended."""
+        from agents.knapsack import KeepProbes  # with autoprune.sensitivity: only when a job runs
 
-        record, restore = getattr(strategy, "probe_record", None), getattr(strategy, "restore_probes", None)
-        if not (callable(record) and callable(restore)):
-            return lambda: None
         stored = self.repo.last_event(job_id, "probes")
-        previous = None if stored is None else stored.data
-        if previous is not None:
-            try:
-                restore(previous)
-            except InvalidConfigError as exc:  # probe again rather than fail the job
-                self._log(job_id, f"the stored probes are not usable, probing again: {_first_line(exc)}")
-        done = False
-
-        def store() -> None:
-            nonlocal done
-            table = None if done else record()
-            if table is not None:
-                done = True
-                if _finite(table) != previous:  # not the restored table (the strategy probed: it did not fit)
-                    self.repo.add_event(job_id, "probes", **_finite(table))
-
-        return store
+        return KeepProbes(
+            strategy,
+            None if stored is None else stored.data,
+            lambda table: self.repo.add_event(job_id, "probes", **_finite(table)),
+            lambda why: self._log(job_id, f"the stored probes are not usable, probing again: {why}"),
+        )
 
     def _log_failures(self, job_id: str, result: SearchResult) -> None:
         note = result.failures_note()

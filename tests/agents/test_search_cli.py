@@ -31,10 +31,9 @@ def read_jsonl(path: Path) -> list[Evaluation]:
 @pytest.mark.slow
 def test_search_writes_front_plot_report_and_a_verified_best_model(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = cli(
-        "search", "--model", "resnet20", "--data", "digits", "--strategy", "random", "--budget", "4",
-        "--val-samples", "200", "--out", str(out),
-    )  # fmt: skip
+    knapsack = ("--strategy", "knapsack", "--option", "probe_ratios=[0.5]")  # the default strategy, one probe level
+    proc = cli("search", "--model", "resnet20", "--data", "digits", *knapsack, "--budget", "4", "--val-samples", "200",
+               "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Pareto front" in proc.stdout and "unpruned" in proc.stdout
     evaluations = read_jsonl(out / "evaluations.jsonl")
@@ -46,9 +45,11 @@ def test_search_writes_front_plot_report_and_a_verified_best_model(tmp_path: Pat
     assert ("no candidate beat the unpruned model" in proc.stderr) == pareto["best"]["is_baseline"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "random" in report
+    assert "knapsack" in report
     job = json.loads((out / "job.json").read_text())
-    assert job["strategy"] == "random" and job["budget"] == 4
+    assert job["strategy"] == "knapsack" and job["budget"] == 4
+    probes = (out / "probes.json").read_text()  # the probe table, saved once probing ended
+    assert json.loads(probes)["probes"] and all(p["ratio"] == 0.5 for p in json.loads(probes)["probes"])
     onnx_file = out / "best" / "model.onnx"
     assert (out / "best" / "model.plan.json").exists() and (out / "best" / "model.safetensors").exists()
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
@@ -58,13 +59,13 @@ def test_search_writes_front_plot_report_and_a_verified_best_model(tmp_path: Pat
     # the same --out again is refused (nothing is overwritten) ...
     again = cli("search", "--model", "resnet20", "--data", "digits", "--budget", "2", "--out", str(out))
     assert again.returncode == 2 and "--resume" in again.stderr
-    # ... and --resume replays the recorded evaluations and adds the new ones
-    resumed = cli(
-        "search", "--model", "resnet20", "--data", "digits", "--strategy", "random", "--budget", "5",
-        "--val-samples", "200", "--out", str(out), "--resume",
-    )  # fmt: skip
+    # ... and --resume replays the recorded evaluations and adds the new ones, without probing again
+    resumed = cli("search", "--model", "resnet20", "--data", "digits", *knapsack, "--budget", "5", "--val-samples",
+                  "200", "--out", str(out), "--resume")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert "4 recorded evaluations will be replayed" in resumed.stdout
+    assert "probe table in" in resumed.stderr and "is used, not measured again" in resumed.stderr
+    assert (out / "probes.json").read_text() == probes
     after = [e for e in read_jsonl(out / "evaluations.jsonl") if e.stage == "search" and e.index > 0]
     assert [e.plan for e in after[:4]] == [e.plan for e in evaluations if e.index > 0]
     assert [e.quality for e in after[:4]] == [e.quality for e in evaluations if e.index > 0]
