@@ -118,7 +118,7 @@ def run_shared(worker: Worker, job: JobRow, spec: JobSpec, lease: Lease) -> str:
         result = run_job(
             dataclasses.replace(spec, finetune_top=0, prune_steps=1, seed=seed, seconds=left_s),
             objective=objective,
-            callback=gate,
+            callback=[worker._probe_keeper(job.id, strategy), gate],  # a warm start's probes: stored, reused
             strategy=strategy,
         )
         worker._check(lease)

@@ -230,9 +230,9 @@ def test_two_workers_share_one_job_and_one_study(
     pg_url: str, pg_repo: Repository, two_workers: tuple[list[subprocess.Popen[bytes]], list[Path]]
 ) -> None:
     procs, logs = two_workers
-    job = shared_job(pg_repo)
+    job = shared_job(pg_repo, strategy_options={"warm_start": 1})  # each holder probes (or reuses the probes)
     for proc, log in zip(procs, logs, strict=True):
-        assert proc.wait(timeout=180) == 0, log.read_text()
+        assert proc.wait(timeout=300) == 0, log.read_text()
     row = pg_repo.get_job(job.id)
     assert row.state == "succeeded", row.error
     assert row.attempts == 1 and row.progress_done == 6 and pg_repo.live_workers(job.id) == []
@@ -248,6 +248,8 @@ def test_two_workers_share_one_job_and_one_study(
     assert any("joined (slot 1)" in m for m in messages) and any("left (slot 1)" in m for m in messages)
     done = next(e for e in events if e.to_state == "succeeded")
     assert done.data["workers"] == ["w1", "w2"] and done.data["evaluations"] == 6
+    probes = [e for e in events if e.kind == "probes"]  # kept with the job for a holder that joins or resumes
+    assert 1 <= len(probes) <= 2 and all(e.data["probes"] for e in probes)
 
     # the study: one trial per evaluation, each told with its evaluation's index and reward
     trials = study_trials(pg_url, job.id)
