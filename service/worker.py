@@ -45,7 +45,7 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   candidates; other workers of the host are kept out of the timed runs by the measurement lock
   (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
   streams as they were (a seeded job does the same with or without requests). The running job's lease is kept
-  by its heartbeat meanwhile; its time budgets (the job's, a fine-tune's) include the export. Done and failed requests older than
+  by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
   ``AUTOPRUNE_EXPORT_REQUEST_RETENTION_S`` are deleted (at most once a minute, :meth:`Worker.purge_requests`).
 * **Fine-tuned weights** are stored once, as a ``.safetensors`` artefact named on the evaluation row
   (``weights_sha256``), when the point is fine-tuned.
