@@ -100,7 +100,13 @@ def evaluation_key(e: Evaluation) -> tuple[str, int]:
 class JobHooks(SearchCallback):
     """The search callback of a job's holder: records every evaluation and fine-tuned point (with the trained
     weights, which exports load instead of training again), writes fine-tune progress events, and stops the
-    search or the fine-tuning stage on a cancel, a lost lease or a shutdown."""
+    search or the fine-tuning stage on a cancel, a lost lease or a shutdown.
+
+    It is also where the holder makes waiting users' export requests of other jobs
+    (:meth:`Worker._serve_between`), on the job's own thread and so never while a candidate is timed: at
+    ``on_step`` (before each candidate, each probe of a strategy that probes and each point of the fine-tuning
+    stage) and at each ``on_finetune`` report (a fine-tune's validation checks, about once an epoch), so a request
+    waits for neither a probe phase nor a long fine-tune."""
 
     def __init__(
         self,
@@ -116,6 +122,7 @@ class JobHooks(SearchCallback):
         self.evaluations: list[Evaluation] = []
 
     def on_step(self) -> bool:
+        self.worker._serve_between(self.lease)
         return not (self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set())
 
     def on_evaluation(self, progress: Progress) -> bool:
@@ -132,6 +139,7 @@ class JobHooks(SearchCallback):
 
     def on_finetune(self, point: Evaluation, report: FinetuneReport) -> None:
         self.worker._finetune_event(self.job_id, point, report)
+        self.worker._serve_between(self.lease)
 
     def on_finetuned(self, tuned: Evaluation, result: SearchResult, *, trained: bool) -> None:
         weights = self.worker._store_weights(result.materialize(tuned)) if trained else None

@@ -72,7 +72,6 @@ def run_shared(worker: Worker, job: JobRow, spec: JobSpec, lease: Lease) -> str:
             job.id, worker.worker_id, finite(e.to_json()), done=0, best=None, front=(), derive=derive
         )
         lease.renew()
-        worker._serve_between(lease)
 
     def new_strategy() -> Any:
         strategy = make_strategy(
@@ -211,6 +210,8 @@ class _SharedBudget(SearchCallback):
         self.exhausted = False
 
     def on_step(self) -> bool:
+        if self.reserved is None:  # before the next ask (not holding an index others wait for)
+            self.worker._serve_between(self.lease)
         if self.lease.lost or self.lease.cancel_requested or self.worker.stop_event.is_set():
             return False
         if self.reserved is None:

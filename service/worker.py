@@ -37,11 +37,14 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   once*: the job's own objective (its loaded model, data and traced pruning structure) is kept after the job and
   exports the rest of its front; a request for another finished job builds that job's objective once and keeps
   it for the requests of the same job that follow (:meth:`Worker._objective_for`; one job's at a time).
-  *Requests never wait behind a running job*: after each recorded evaluation (and fine-tuned point) of the job
-  it runs, the worker makes at most one waiting user's request of a finished job, then goes on with the next
-  evaluation. The export runs on the job's own thread, between two evaluations, so it never overlaps the timing
-  of this worker's candidates; other workers of the host are kept out of the timed runs by the measurement lock
-  (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. The running job's lease is kept
+  *Requests never wait behind a running job*: between two steps of the job it runs (before each candidate, each
+  probe of a strategy that probes, each point to fine-tune, and at each progress report of a fine-tune, about
+  once an epoch: :class:`service.holding.JobHooks`), the worker makes at most one waiting user's request of a
+  finished job, then goes on with the job; while none waits it looks at most once per ``poll_seconds``. The
+  export runs on the job's own thread, between two steps, so it never overlaps the timing of this worker's
+  candidates; other workers of the host are kept out of the timed runs by the measurement lock
+  (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
+  streams as they were (a seeded job does the same with or without requests). The running job's lease is kept
   by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
   ``AUTOPRUNE_EXPORT_REQUEST_RETENTION_S`` are deleted (at most once a minute, :meth:`Worker.purge_requests`).
 * **Fine-tuned weights** are stored once, as a ``.safetensors`` artefact named on the evaluation row
@@ -88,7 +91,7 @@ import time
 import traceback
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +131,26 @@ _SPEC_INPUT_KEYS = ("model", "data", "weights", "kwargs")
 
 class NotRebuildable(Exception):
     """A point whose model cannot be rebuilt without training again (a fine-tuned point with no stored weights)."""
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Run the block without changing the caller's random streams: torch's (CPU and CUDA), NumPy's and
+    ``random``'s (building another job's objective seeds torch; an export must not reseed a running search or
+    fine-tune)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class _RequestLease:
@@ -172,6 +195,8 @@ class Worker:
         self.export_objective_builds = 0
         """How many objectives this worker built to export points (not counting the jobs' own searches)."""
         self._purged_at: float | None = None
+        self._looked_at: float | None = None
+        """When :meth:`_serve_between` last found no waiting request (None: look at the next step)."""
 
     def close(self) -> None:
         self.engine.dispose()
@@ -242,22 +267,32 @@ class Worker:
         return purged
 
     def _serve_between(self, lease: _Lease) -> None:
-        """Between two evaluations of the running job: make at most one waiting user's export request of a
-        finished job (see the module docstring)."""
+        """Between two units of the running job's work (candidates, probes, fine-tuned points, a fine-tune's
+        progress reports: see :class:`service.holding.JobHooks`): make at most one waiting user's export request
+        of a finished job (see the module docstring). The queue is looked at again at once after a request was
+        made, else at most once per ``poll_seconds``, as an idle worker polls. The export does not touch the
+        job's random streams (torch, NumPy, ``random``): a seeded job asks the same plans and trains the same
+        weights whether or not requests came in (a resumed job replays its evaluations)."""
         from service.db.models import EXPORT_PRIORITY
 
         if lease.lost or lease.cancel_requested or self.stop_event.is_set():
             return
+        now = time.monotonic()
+        if self._looked_at is not None and now - self._looked_at < self.settings.poll_seconds:
+            return
+        self._looked_at = now
         try:
             request = self.repo.claim_export(
                 self.worker_id, self.settings.lease_seconds, max_priority=EXPORT_PRIORITY["user"]
             )
             if request is not None:
-                log.info("worker %s: making export request %s between evaluations of job %s",
+                log.info("worker %s: making export request %s between the steps of job %s",
                          self.worker_id, request.id, lease.job_id)  # fmt: skip
-                self.process_export(request)
+                with _random_state_kept():
+                    self.process_export(request)
+                self._looked_at = None  # another may be waiting: look again at the next step
         except Exception:  # the running job goes on; the request's lease expires and it is claimed again
-            log.exception("worker %s: an export request between evaluations failed", self.worker_id)
+            log.exception("worker %s: an export request between the steps of a job failed", self.worker_id)
 
     # -- one job ------------------------------------------------------------------------------------------
     def process(self, job: JobRow) -> str:
@@ -479,7 +514,6 @@ class Worker:
                 weights_sha256=weights,
             )
             lease.renew()  # after every evaluation: keeps the lease fresh and reads a cancel request back
-            self._serve_between(lease)
 
         return record
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import InvalidModelError
+from autoprune.names import MAX_CLASSES
 
 __all__ = [
     "MLP",
@@ -74,6 +75,15 @@ def _int(arch: str, name: str, value: object, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidModelError(f"{arch}: {name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _classes(arch: str, value: object) -> int:
+    """``num_classes``: at most :data:`~autoprune.names.MAX_CLASSES`, the bound a dataset's labels have too (a
+    caller's ``{"num_classes": 10**9}`` would otherwise make the builder allocate a classifier of that width)."""
+    n = _int(arch, "num_classes", value)
+    if n > MAX_CLASSES:
+        raise InvalidModelError(f"{arch}: num_classes must be at most {MAX_CLASSES}, got {n}")
+    return n
 
 
 def _float(arch: str, name: str, value: object, *, low: float, high: float, high_open: bool = False) -> float:
@@ -205,7 +215,7 @@ def resnet(
     return ResNet(
         blocks_per_stage=(depth - 2) // 6,
         in_channels=_int(arch, "in_channels", in_channels),
-        num_classes=_int(arch, "num_classes", num_classes),
+        num_classes=_classes(arch, num_classes),
         image_size=_int(arch, "image_size", image_size),
         width=_float(arch, "width", width, low=0.01, high=16.0),
     )
@@ -321,7 +331,7 @@ def mobilenetv2(
         parsed.append((t, c, n, s))
     return MobileNetV2(
         in_channels=_int(arch, "in_channels", in_channels),
-        num_classes=_int(arch, "num_classes", num_classes),
+        num_classes=_classes(arch, num_classes),
         image_size=_int(arch, "image_size", image_size),
         width=_float(arch, "width", width, low=0.01, high=16.0),
         settings=parsed,
@@ -394,7 +404,7 @@ def vgg(
         raise InvalidModelError(f"{arch}: cfg must contain at least one convolution width")
     return VGG(
         in_channels=_int(arch, "in_channels", in_channels),
-        num_classes=_int(arch, "num_classes", num_classes),
+        num_classes=_classes(arch, num_classes),
         image_size=_int(arch, "image_size", image_size),
         cfg=parsed,
     )
@@ -471,7 +481,7 @@ def mlp(
         shape = (c, _int(arch, "in_features", 64 if in_features is None else in_features))
     return MLP(
         input_shape=shape,
-        num_classes=_int(arch, "num_classes", num_classes),
+        num_classes=_classes(arch, num_classes),
         hidden=_ints(arch, "hidden", hidden, allow_empty=True),
         dropout=_float(arch, "dropout", dropout, low=0.0, high=1.0, high_open=True),
     )
@@ -523,7 +533,7 @@ def cnn1d(
         raise InvalidModelError(f"{arch}: kernel_size must be odd, got {k}")
     return CNN1d(
         in_channels=_int(arch, "in_channels", in_channels),
-        num_classes=_int(arch, "num_classes", num_classes),
+        num_classes=_classes(arch, num_classes),
         seq_len=_int(arch, "seq_len", seq_len),
         channels=_ints(arch, "channels", channels),
         kernel_size=k,
@@ -627,7 +637,7 @@ def transformer(
         raise InvalidModelError(f"{arch}: norm_first must be true or false, got {norm_first!r}")
     return TransformerClassifier(
         in_channels=_int(arch, "in_channels", in_channels),
-        num_classes=_int(arch, "num_classes", num_classes),
+        num_classes=_classes(arch, num_classes),
         seq_len=_int(arch, "seq_len", seq_len),
         d_model=d,
         nhead=h,
@@ -686,7 +696,7 @@ def _rnn(
     return RNNClassifier(
         cell=cell,
         in_channels=_int(cell, "in_channels", in_channels),
-        num_classes=_int(cell, "num_classes", num_classes),
+        num_classes=_classes(cell, num_classes),
         seq_len=_int(cell, "seq_len", seq_len),
         hidden_size=_int(cell, "hidden_size", hidden_size),
         num_layers=_int(cell, "num_layers", num_layers),

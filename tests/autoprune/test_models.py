@@ -172,6 +172,7 @@ def test_unknown_name_suggests_close_matches() -> None:
     [
         ("resnet20", {"widht": 2}, "widht"),
         ("vgg", {"num_classes": 0}, "num_classes"),
+        ("mlp", {"num_classes": 100_001}, "at most 100000"),  # a dataset's labels have the same bound
         ("transformer", {"d_model": 30, "nhead": 4}, "d_model"),
         ("mobilenetv2", {"width": -1.0}, "width"),
         ("cnn1d", {"channels": []}, "channels"),

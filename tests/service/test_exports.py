@@ -471,6 +471,118 @@ def test_a_request_is_made_between_evaluations_of_another_running_job(
         worker.close()
 
 
+@pytest.mark.slow
+def test_requests_wait_neither_for_the_probe_phase_nor_for_a_fine_tune(
+    tmp_path: Path, wait_for: Callable[..., None]
+) -> None:
+    """The only worker runs a knapsack job (it probes every group before its first evaluation) that fine-tunes a
+    point after its search. A user's request of finished job A posted during the probe phase is made before the
+    job's first evaluation, and one posted once the fine-tune has started is made before the fine-tuned point is
+    recorded: both between two units of the job's own work (no evaluation is recorded while one runs)."""
+    settings = Settings(
+        data_dir=tmp_path / "data", api_keys=[KEY], export_front="lazy", lease_seconds=10, poll_seconds=0.1
+    )
+    upgrade(settings.db_url)
+    app = create_app(settings, sse_poll_seconds=0.05)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    try:
+        done_job = _submit(repo, export_formats=["onnx"])
+        assert worker._run_one() == "job"
+        busy = _submit(
+            repo, strategy="knapsack", budget=2, finetune_top=1, finetune_steps=200, export_formats=["safetensors"]
+        )
+        runner.start()
+
+        def evaluations(stage: str, least_index: int = 0) -> list[datetime]:
+            assert repo.get_job(busy).state in ("queued", "running", "succeeded")
+            rows = repo.evaluations(busy, stage=stage, limit=1000).items
+            return [r.created_at for r in rows if r.index >= least_index]
+
+        def fine_tune_started() -> bool:
+            return any(e.kind == "finetune" for e in repo.events_after(busy))
+
+        with serve_in_thread(app) as url, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as api:  # fmt: skip
+
+            def made(point: int, fmt: str) -> ExportRequest:
+                r = api.post(f"/v1/jobs/{done_job}/exports", json={"point": point, "format": fmt})
+                assert r.status_code == 202, r.text
+                location = r.headers["location"]
+                wait_for(lambda: api.get(location).json()["state"] in ("done", "failed"), 150, "the request")
+                assert api.get(location).json()["state"] == "done"
+                return repo.get_export_request(done_job, r.json()["id"])
+
+            wait_for(lambda: evaluations("search") != [], 180, "the baseline: probing begins", interval=0.02)
+            assert evaluations("search", 1) == []
+            in_probes = made(1, "safetensors")
+            assert api.get(f"/v1/jobs/{busy}").json()["progress"]["done"] == 0
+            wait_for(fine_tune_started, 300, "the fine-tune's first progress report", interval=0.02)
+            in_finetune = made(2, "safetensors")
+            assert evaluations("finetuned") == []
+        wait_for(lambda: repo.get_job(busy).state == "succeeded", 300, "the busy job")
+        search, tuned = evaluations("search", 1), evaluations("finetuned")
+        assert len(search) == 2 and len(tuned) == 1
+        for request in (in_probes, in_finetune):
+            assert request.started_at is not None and request.finished_at is not None
+            assert not [t for t in [*search, *tuned] if request.started_at < t < request.finished_at]
+        assert in_probes.finished_at < min(search)  # type: ignore[operator]
+        assert max(search) < in_finetune.started_at and in_finetune.finished_at < tuned[0]  # type: ignore[operator]
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(60)
+        worker.close()
+
+
+@pytest.mark.slow
+def test_a_request_made_between_steps_leaves_the_jobs_random_streams_alone(tmp_path: Path) -> None:
+    """Making a request between two steps of a running job builds another job's objective (which seeds torch):
+    the running job's torch, NumPy and ``random`` streams go on as if no request had come in (a seeded SB3 agent
+    or a fine-tune with dropout draws the same numbers, so a resumed job replays what it recorded)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from service.holding import Lease
+
+    settings = Settings(data_dir=tmp_path / "data", export_front="lazy", lease_seconds=10, poll_seconds=0.1)
+    upgrade(settings.db_url)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+
+    def draws() -> tuple[list[float], float, float]:
+        return torch.rand(4).tolist(), float(np.random.rand()), random.random()
+
+    def seed() -> None:
+        torch.manual_seed(1234)
+        np.random.seed(1234)
+        random.seed(1234)
+
+    try:
+        done_job = _submit(repo, export_formats=["onnx"])
+        assert worker._run_one() == "job"
+        fresh = Worker(settings, "w2")  # builds job A's objective for the request, as a busy worker would
+        try:
+            request, ready = repo.request_export(done_job, stage="search", index=1, format="safetensors")
+            assert not ready
+            seed()
+            expected = draws()
+            seed()
+            fresh._serve_between(Lease(repo, "running-job", "w2", 10, 1))
+            assert repo.get_export_request(done_job, request.id).state == "done"
+            assert fresh.export_objective_builds == 1
+            assert draws() == expected
+        finally:
+            fresh.close()
+    finally:
+        worker.close()
+
+
 class _DataDependentMLP:
     """An MLP whose forward branches on a value: eager runs it (search, ONNX), ``torch.export`` refuses it."""
 
