@@ -33,6 +33,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,20 @@ def _is_prose(sentence: str) -> bool:
 
 def docstring_sentences(modules: tuple[str, ...] = DOC_MODULES) -> list[str]:
     """Prose sentences from the docstrings of ``modules`` (deduplicated, sorted: deterministic per Python)."""
+    return sorted(prose_sentences(doc for name in modules for doc in _docstrings(name)))
+
+
+def prose_sentences(docs: Iterable[str]) -> set[str]:
+    """The prose sentences of ``docs``: paragraphs joined into lines, split into sentences, filtered."""
     found: set[str] = set()
-    for name in modules:
-        for doc in _docstrings(name):
-            for paragraph in re.split(r"\n\s*\n", doc):
-                text = " ".join(paragraph.split())
-                for sentence in _SENTENCE_END.split(text):
-                    sentence = sentence.strip()
-                    if _is_prose(sentence):
-                        found.add(sentence)
-    return sorted(found)
+    for doc in docs:
+        for paragraph in re.split(r"\n\s*\n", doc):
+            text = " ".join(paragraph.split())
+            for sentence in _SENTENCE_END.split(text):
+                sentence = sentence.strip()
+                if _is_prose(sentence):
+                    found.add(sentence)
+    return found
 
 
 def tokenize(tokenizer: Any, sentences: list[str], seq_len: int) -> torch.Tensor:
