@@ -85,6 +85,12 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
         extra = dict(e.plan.extra)
         assert e.stage == "search" and 0 < extra["predicted_latency_ratio"] < 1.0
         assert extra["predicted_quality_drop"] >= 0
+    errors = result.latency_prediction_errors()  # the benchmark's and the report's prediction error
+    assert errors == sorted(
+        abs(dict(e.plan.extra)["predicted_latency_ratio"] - e.latency_ratio) / e.latency_ratio
+        for e in result.evaluations
+    )
+    assert len(errors) == 5 and run_search(objective, "uniform", 2).latency_prediction_errors() == []
     info = result.info
     assert len(info["sensitivity"]["probes"]) == 4 * len(objective.group_names)  # 0.125, 0.25, 0.5, 0.75
     assert set(info["calibration"]) == {"latency_scale", "quality_scale"}
