@@ -250,9 +250,33 @@ class SensitivityTable:
         need = (1.0 - target) / max(latency_scale, 1e-9)
         if need <= 0:
             return dict.fromkeys(self.groups, 0.0)
+        drop, chosen = self._least_drops(need, quality_scale, resolution)[resolution]
+        if drop == math.inf:
+            return None
+        return dict(zip(self.groups, chosen, strict=True))
+
+    def solve_drop(
+        self, max_drop: float, *, latency_scale: float = 1.0, quality_scale: float = 1.0, resolution: int = 2000
+    ) -> dict[str, float]:
+        """The dual knapsack: the probe ratio per group with the most predicted saving whose predicted quality drop
+        is at most ``max_drop`` (the fastest plan the table expects within a quality budget; all zeros when no cut
+        fits)."""
+        if not (math.isfinite(max_drop) and max_drop >= 0.0):
+            raise InvalidConfigError(f"max_drop must be >= 0, got {max_drop}")
+        need = 1.0 - self.fastest()
+        if need <= 0:
+            return dict.fromkeys(self.groups, 0.0)
+        best = self._least_drops(need, quality_scale, resolution)
+        for drop, chosen in reversed(best):
+            if drop <= max_drop + 1e-12:
+                return dict(zip(self.groups, chosen, strict=True))
+        return dict.fromkeys(self.groups, 0.0)
+
+    def _least_drops(self, need: float, quality_scale: float, resolution: int) -> list[tuple[float, tuple[float, ...]]]:
+        """best[s] = (least scaled drop whose saving reaches s * need / resolution, capped at ``resolution``; the
+        choice per group), by dynamic programming over the groups."""
         step = need / resolution
         inf = math.inf
-        # best[s] = (least drop reaching saving s*step (capped at resolution), the choice per group so far)
         empty: tuple[float, ...] = ()
         best: list[tuple[float, tuple[float, ...]]] = [(inf, empty)] * (resolution + 1)
         best[0] = (0.0, empty)
@@ -271,10 +295,7 @@ class SensitivityTable:
                     if total < nxt[t][0] - 1e-12:
                         nxt[t] = (total, (*chosen, ratio))
             best = nxt
-        drop, chosen = best[resolution]
-        if drop == inf:
-            return None
-        return dict(zip(self.groups, chosen, strict=True))
+        return best
 
     def fastest(self, *, latency_scale: float = 1.0) -> float:
         """The lowest latency ratio the table can predict (every group at its most saving level)."""

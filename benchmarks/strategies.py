@@ -225,8 +225,9 @@ def load_history(path: Path) -> dict[tuple[str, str, int], list[Evaluation]]:
     return history
 
 
-def write_run(out: IO[str], workload: str, result: SearchResult) -> None:
-    head = {"workload": workload, "strategy": result.strategy, "seed": result.seed}
+def write_run(out: IO[str], workload: str, name: str, result: SearchResult) -> None:
+    """``name`` is the strategy as given on the command line, options included (the key of ``--replay``)."""
+    head = {"workload": workload, "strategy": name, "seed": result.seed}
     out.write(json.dumps({**head, "kind": "summary", "summary": result.summary()}) + "\n")
     out.write(json.dumps({**head, "kind": "baseline", "evaluation": result.baseline.to_json()}) + "\n")
     for e in result.evaluations:
@@ -438,7 +439,7 @@ def run_workload(
                 f"{f', {result.replayed} replayed from --replay' if result.replayed else ''}"
             )
             if out is not None:
-                write_run(out, workload, result)
+                write_run(out, workload, name, result)
     cache = getattr(objective.meter, "cache", None)
     note = (
         f"{workload}: {desc}; base quality {base.quality:.4f}, base latency {base.latency.median_ms:.2f} ms "

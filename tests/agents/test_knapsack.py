@@ -58,6 +58,21 @@ def test_the_knapsack_spends_the_latency_where_quality_costs_least() -> None:
     assert table.solve(0.75, latency_scale=0.5) == {"a": 0.5, "b": 0.5}
 
 
+def test_the_dual_knapsack_gives_the_fastest_plan_within_a_quality_budget() -> None:
+    table = _table(
+        Probe("a", 0.5, 8, 0.7, 0.10, 0),
+        Probe("b", 0.5, 8, 0.8, 0.00, 0),  # saves 20% for free
+        Probe("b", 0.75, 4, 0.6, 0.02, 0),  # saves 40% for a 2% drop
+    )
+    assert table.solve_drop(0.0) == {"a": 0.0, "b": 0.5}
+    assert table.solve_drop(0.01) == {"a": 0.0, "b": 0.5}
+    assert table.solve_drop(0.05) == {"a": 0.0, "b": 0.75}
+    assert table.solve_drop(0.05, quality_scale=3.0) == {"a": 0.0, "b": 0.5}  # calibrated: b75 costs 6%
+    assert table.solve_drop(0.2) == {"a": 0.5, "b": 0.75}
+    with pytest.raises(InvalidConfigError, match="max_drop"):
+        table.solve_drop(-0.1)
+
+
 def test_calibration_is_the_clipped_median_of_measured_over_predicted() -> None:
     assert SensitivityTable.calibration([]) == 1.0
     assert SensitivityTable.calibration([(0.2, 0.1), (0.4, 0.2), (0.1, 0.3)]) == pytest.approx(0.5)
@@ -108,11 +123,8 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
     # the sweep covers the trade-off: from light cuts to the fastest plans the table allows
     ratios = sorted(e.latency_ratio for e in result.evaluations)
     table = SensitivityTable.from_json(info["sensitivity"])
-    assert table.timings and table.round_to == 1  # the default: the staircase timed at every 4th width (round_to 8)
-    for e in result.evaluations:  # every group keeps an admissible width of its staircase, exactly
-        assert e.plan.round_to == 1
-        for group, units in zip(table.groups, table.widths, strict=True):
-            assert kept_width(objective, group, e.plan.ratio(group), 1) in table.admissible(group), (group, units)
+    assert not table.timings and table.round_to is None  # the default: no staircase, the objective's round_to
+    assert all(e.plan.round_to == objective.round_to for e in result.evaluations)
     fastest = table.fastest(latency_scale=info["calibration"]["latency_scale"])
     assert ratios[0] < (1 + fastest) / 2 and ratios[-1] > 0.9  # past the middle of what the table can reach
 
@@ -125,6 +137,20 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
     assert "## Latency table" in report and "Predicted vs measured latency" in report
 
 
+def test_staircase_plans_keep_admissible_widths_exactly(objective: Objective) -> None:
+    strategy = make_strategy("knapsack", staircase_step=None)  # None: half the objective's round_to (8 -> 4)
+    result = run_search(objective, strategy, 4, max_ratio=0.75)
+    table = SensitivityTable.from_json(result.info["sensitivity"])
+    assert table.timings and table.round_to == 1
+    assert {t.width for t in table.timings if t.group == table.groups[0]} == set(
+        range(table.widths[0] - 4, table.widths[0] // 4 - 1, -4)
+    )
+    for e in result.evaluations:  # every group keeps an admissible width of its staircase, exactly
+        assert e.plan.round_to == 1
+        for group in table.groups:
+            assert kept_width(objective, group, e.plan.ratio(group), 1) in table.admissible(group), group
+
+
 def test_a_time_budget_covers_the_probes(objective: Objective) -> None:
     result = run_search(objective, "knapsack", Budget(seconds=1e-6))
     assert result.evaluations == [] and result.stop_reason == "time"
@@ -135,6 +161,8 @@ def test_bad_knapsack_options_are_refused() -> None:
         make_strategy("knapsack", probe_ratios=[1.5])
     with pytest.raises(InvalidConfigError, match="min_target"):
         make_strategy("knapsack", min_target=0)
+    with pytest.raises(InvalidConfigError, match="focus_drop"):
+        make_strategy("knapsack", focus_drop=1.5)
     with pytest.raises(InvalidConfigError, match="no option"):
         make_strategy("knapsack", levels=3)
 
@@ -202,13 +230,13 @@ def test_restored_probes_resume_the_search_exactly_without_probing(objective: Ob
     from agents.base import SearchSession, SearchSpace
     from agents.knapsack import KnapsackSearch, knapsack_plans, probe_table
 
-    first_strategy = make_strategy("knapsack", probe_ratios=[0.25, 0.5])
+    first_strategy = make_strategy("knapsack", probe_ratios=[0.25, 0.5], staircase_step=4)
     assert isinstance(first_strategy, KnapsackSearch) and first_strategy.probe_record() is None
     first = run_search(objective, first_strategy, 4, max_ratio=0.75)
     record = first_strategy.probe_record()
     assert record is not None and record == first.info["sensitivity"]
 
-    resumed = make_strategy("knapsack", probe_ratios=[0.25, 0.5])
+    resumed = make_strategy("knapsack", probe_ratios=[0.25, 0.5], staircase_step=4)
     resumed.restore_probes(json.loads(json.dumps(record)))  # type: ignore[attr-defined]
     again = run_search(objective, resumed, 4, max_ratio=0.75, history=first.evaluations[:2])
     assert again.replayed == 2
@@ -315,3 +343,17 @@ def test_a_stored_table_fits_a_resumed_run_only_with_the_same_staircase(objectiv
     assert probe_table(session, (0.25, 0.5), table=flat, staircase_step=4).timings
     with pytest.raises(InvalidConfigError, match="staircase_step"):
         make_strategy("knapsack", staircase_step=-2)
+
+
+def test_every_other_knapsack_candidate_is_the_dual_plan_at_the_focus_drop(objective: Objective) -> None:
+    from agents.knapsack import KnapsackSearch
+
+    strategy = make_strategy("knapsack", staircase_step=0, focus_drop=0.02)
+    result = run_search(objective, strategy, 6, max_ratio=0.75)
+    assert isinstance(strategy, KnapsackSearch) and strategy.table is not None
+    first = result.evaluations[0].plan
+    assert first.as_dict() == strategy.table.solve_drop(0.02)  # uncalibrated: the first plan is the dual's
+    assert dict(first.extra)["predicted_quality_drop"] <= 0.02
+    sweep_only = run_search(objective, make_strategy("knapsack", staircase_step=0, focus_drop=0), 6, max_ratio=0.75)
+    assert [e.plan for e in sweep_only.evaluations] != [e.plan for e in result.evaluations]
+    assert sweep_only.evaluations[0].plan.as_dict() != first.as_dict()
