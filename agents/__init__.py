@@ -89,7 +89,7 @@ STRATEGIES: dict[str, StrategyInfo] = {
             "knapsack",
             "agents.knapsack:KnapsackSearch",
             "latency-guided: each group probed alone (measured latency, quality), then a knapsack per target",
-            options=("probe_ratios", "min_target"),
+            options=("probe_ratios", "min_target", "staircase_step", "focus_drop"),
         ),
         StrategyInfo(
             "optuna-tpe",

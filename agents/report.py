@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -608,20 +609,14 @@ def _sensitivity_lines(result: SearchResult) -> list[str]:
             else:
                 cells.append(f"{probe['width']}: {probe['latency_ratio']:.3f}, {100 * probe['quality_drop']:.1f}%")
         lines.append(f"| `{group}` | {units} | " + " | ".join(cells) + " |")
-    predicted = [
-        (dict(e.plan.extra).get("predicted_latency_ratio"), e.latency_ratio)
-        for e in result.evaluations
-        if "predicted_latency_ratio" in dict(e.plan.extra)
-    ]
-    if predicted:
-        errors = sorted(abs(p - m) / m for p, m in predicted if p is not None and m > 0)
-        if errors:
-            lines += [
-                "",
-                f"Predicted vs measured latency of the {len(errors)} planned candidates: median error "
-                f"{100 * errors[len(errors) // 2]:.1f}%, worst {100 * errors[-1]:.1f}% (calibration: latency "
-                f"x{cal.get('latency_scale', 1.0):.2f}, quality x{cal.get('quality_scale', 1.0):.2f}).",
-            ]
+    errors = result.latency_prediction_errors()
+    if errors:
+        lines += [
+            "",
+            f"Predicted vs measured latency of the {len(errors)} planned candidates: median error "
+            f"{100 * statistics.median(errors):.1f}%, worst {100 * errors[-1]:.1f}% (calibration: latency "
+            f"x{cal.get('latency_scale', 1.0):.2f}, quality x{cal.get('quality_scale', 1.0):.2f}).",
+        ]
     return lines
 
 

@@ -280,6 +280,17 @@ class SearchResult:
                 progress(i + 1, len(chosen), tuned)
         return out
 
+    def latency_prediction_errors(self) -> list[float]:
+        """Relative error ``|predicted - measured| / measured`` of the latency ratio, sorted, for each search
+        evaluation whose plan carries a prediction (``plan.extra["predicted_latency_ratio"]``: the ``knapsack``
+        plans); empty for strategies that predict nothing."""
+        errors = []
+        for e in self.evaluations:
+            predicted = dict(e.plan.extra).get("predicted_latency_ratio")
+            if predicted is not None and e.latency_ratio > 0:
+                errors.append(abs(float(predicted) - e.latency_ratio) / e.latency_ratio)
+        return sorted(errors)
+
     # -- JSON ---------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         best = self.best()

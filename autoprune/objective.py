@@ -211,6 +211,18 @@ class Objective:
             self.base, plan, self.example_inputs, keep=self.keep, calibration=calibration, after_prune=self.after_prune
         )
 
+    def measure_latency(self, plan: Plan | Mapping[str, float]) -> float:
+        """The latency ratio of ``plan``'s pruned model against the unpruned one, timed interleaved like every
+        candidate (and cached by shape), without recovery or scoring: the weights do not change the time, so a
+        latency table needs nothing else. Raises :class:`~autoprune.errors.PruningError` like :meth:`evaluate`."""
+        if not isinstance(plan, Plan):
+            plan = self.plan(plan)
+        model = self.prune(plan)
+        latency = self.meter.measure(model, self.example_inputs, reference=self.base)
+        if latency.ratio is not None:
+            return latency.ratio
+        return latency.median_ms / self.baseline.latency.median_ms
+
     def materialize(self, plan: Plan, *, recovery: RecoveryConfig | None = None) -> nn.Module:
         """Rebuild the pruned and recovered model for ``plan`` (deterministic).
 

@@ -27,14 +27,74 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autoprune.errors import InvalidConfigError, PruningError
+from autoprune.names import MAX_RATIO
 
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation, Objective
 
-__all__ = ["PROBE_RATIOS", "Probe", "SensitivityTable", "kept_width", "profile_groups"]
+__all__ = [
+    "PROBE_RATIOS",
+    "STEP_TOLERANCE",
+    "Probe",
+    "SensitivityTable",
+    "WidthTiming",
+    "isotonic",
+    "kept_width",
+    "profile_groups",
+    "width_ratio",
+]
 
 PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)
 """The default probe levels (a level that rounds to the full width or to an already probed width costs nothing)."""
+STEP_TOLERANCE = 0.01
+"""The smallest drop of the fitted latency ratio (a fraction of the unpruned latency) that counts as a step of the
+staircase: narrower widths that save less than this over the last admissible width are not admissible."""
+
+
+def width_ratio(units: int, width: int) -> float:
+    """The ratio that keeps exactly ``width`` of ``units`` in a plan with ``round_to=1`` (rounded up to 1e-6, so a
+    search space's rounding to 1e-6 keeps it and the pruner's floor still gives ``width``)."""
+    if not 1 <= width <= units:
+        raise InvalidConfigError(f"width {width} is not in [1, {units}]")
+    return math.ceil((units - width) / units * 1e6 - 1e-6) / 1e6
+
+
+def isotonic(points: Sequence[tuple[int, float]]) -> dict[int, float]:
+    """The least-squares fit of ``(width, latency)`` points that never gets faster with more width (pool adjacent
+    violators): measurement noise pooled into a staircase of plateaus, one fitted latency per width."""
+    blocks: list[list[float]] = []  # [sum, count, first index]
+    ordered = sorted(points)
+    for i, (_, y) in enumerate(ordered):
+        blocks.append([y, 1.0, float(i)])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, _ = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted: dict[int, float] = {}
+    for b, (total, count, first) in enumerate(blocks):
+        end = int(blocks[b + 1][2]) if b + 1 < len(blocks) else len(ordered)
+        for w, _ in ordered[int(first) : end]:
+            fitted[w] = total / count
+    return fitted
+
+
+@dataclass(frozen=True)
+class WidthTiming:
+    """One group pruned alone to one width, timed only (no recovery, no scoring): a point of its staircase."""
+
+    group: str
+    width: int
+    latency_ratio: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"group": self.group, "width": self.width, "latency_ratio": self.latency_ratio}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WidthTiming:
+        try:
+            return cls(str(data["group"]), int(data["width"]), float(data["latency_ratio"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"not a width timing record: {exc!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -103,6 +163,54 @@ class SensitivityTable:
     runtime: str
     batch_size: int
     threads: int
+    timings: tuple[WidthTiming, ...] = ()
+    """The latency staircase (:func:`profile_groups` with ``staircase_step``): each group timed alone at candidate
+    widths. With it, the probes sit on admissible widths only (:meth:`admissible`), their plans keep exact widths
+    (``round_to`` 1, :attr:`round_to`) and the knapsack's savings are the fitted staircase's, not one timing's."""
+    step_tolerance: float = STEP_TOLERANCE
+    """The smallest fitted latency drop that counts as a step (see :data:`STEP_TOLERANCE`)."""
+
+    @property
+    def round_to(self) -> int | None:
+        """1 when the plans keep exact staircase widths (the table has timings), else None (the objective's)."""
+        return 1 if self.timings else None
+
+    def staircase(self, group: str) -> dict[int, float]:
+        """The group's fitted latency ratio per timed width (:func:`isotonic`, capped at 1.0: the full width is
+        1.0 by definition, and a cut that the fit finds no faster saves nothing); empty without timings."""
+        points = [(t.width, t.latency_ratio) for t in self.timings if t.group == group]
+        if not points:
+            return {}
+        units = self.widths[self.groups.index(group)]
+        fitted = isotonic([(units, 1.0), *points])
+        return {w: min(1.0, y) for w, y in fitted.items()} | {units: 1.0}
+
+    def admissible(self, group: str) -> list[int]:
+        """The widths worth proposing for ``group``, widest first: the full width, then each width where the
+        fitted latency steps down by at least :attr:`step_tolerance` from the last admissible one, the widest
+        width of its plateau (a narrower width on the same plateau only loses quality). Without timings: []."""
+        fitted = self.staircase(group)
+        if not fitted:
+            return []
+        units = self.widths[self.groups.index(group)]
+        out, last = [units], 1.0
+        for width in sorted(fitted, reverse=True):
+            if fitted[width] <= last - self.step_tolerance:
+                out.append(width)
+                last = fitted[width]
+        return out
+
+    def choice(self, probe: Probe) -> float:
+        """The ratio a plan uses for ``probe``'s level: the exact ratio of its width when the table has timings
+        (plans with ``round_to`` 1), else the ratio asked (plans round it as the objective does)."""
+        if not self.timings or probe.width is None or probe.ratio == 0.0:
+            return probe.ratio
+        return width_ratio(self.widths[self.groups.index(probe.group)], probe.width)
+
+    def saving(self, probe: Probe) -> float:
+        """What ``probe``'s level saves: the fitted staircase's saving at its width when timed, else its own."""
+        fitted = self.staircase(probe.group).get(probe.width) if self.timings and probe.width else None
+        return probe.saving if fitted is None else 1.0 - fitted
 
     def levels(self, group: str) -> list[Probe]:
         """The usable probes of ``group`` by ratio, with the uncut level (ratio 0) first: one level per kept width
@@ -126,8 +234,8 @@ class SensitivityTable:
         saving = drop = 0.0
         for group in self.groups:
             r = float(ratios.get(group, 0.0))
-            level = max((p for p in self.levels(group) if p.ratio <= r + 1e-9), key=lambda p: p.ratio)
-            saving += level.saving
+            level = max((p for p in self.levels(group) if self.choice(p) <= r + 1e-9), key=self.choice)
+            saving += self.saving(level)
             drop += level.quality_drop
         return 1.0 - latency_scale * saving, quality_scale * drop
 
@@ -142,15 +250,40 @@ class SensitivityTable:
         need = (1.0 - target) / max(latency_scale, 1e-9)
         if need <= 0:
             return dict.fromkeys(self.groups, 0.0)
+        drop, chosen = self._least_drops(need, quality_scale, resolution)[resolution]
+        if drop == math.inf:
+            return None
+        return dict(zip(self.groups, chosen, strict=True))
+
+    def solve_drop(
+        self, max_drop: float, *, latency_scale: float = 1.0, quality_scale: float = 1.0, resolution: int = 2000
+    ) -> dict[str, float]:
+        """The dual knapsack: the probe ratio per group with the most predicted saving whose predicted quality drop
+        is at most ``max_drop`` (the fastest plan the table expects within a quality budget; all zeros when no cut
+        fits)."""
+        if not (math.isfinite(max_drop) and max_drop >= 0.0):
+            raise InvalidConfigError(f"max_drop must be >= 0, got {max_drop}")
+        need = 1.0 - self.fastest()
+        if need <= 0:
+            return dict.fromkeys(self.groups, 0.0)
+        best = self._least_drops(need, quality_scale, resolution)
+        for drop, chosen in reversed(best):
+            if drop <= max_drop + 1e-12:
+                return dict(zip(self.groups, chosen, strict=True))
+        return dict.fromkeys(self.groups, 0.0)
+
+    def _least_drops(self, need: float, quality_scale: float, resolution: int) -> list[tuple[float, tuple[float, ...]]]:
+        """best[s] = (least scaled drop whose saving reaches s * need / resolution, capped at ``resolution``; the
+        choice per group), by dynamic programming over the groups."""
         step = need / resolution
         inf = math.inf
-        # best[s] = (least drop reaching saving s*step (capped at resolution), the choice per group so far)
         empty: tuple[float, ...] = ()
         best: list[tuple[float, tuple[float, ...]]] = [(inf, empty)] * (resolution + 1)
         best[0] = (0.0, empty)
         for group in self.groups:
             options = [
-                (p.ratio, max(0, math.floor(p.saving / step + 1e-9)), p.quality_drop) for p in self.levels(group)
+                (self.choice(p), max(0, math.floor(self.saving(p) / step + 1e-9)), p.quality_drop)
+                for p in self.levels(group)
             ]
             nxt: list[tuple[float, tuple[float, ...]]] = [(inf, empty)] * (resolution + 1)
             for s, (drop, chosen) in enumerate(best):
@@ -162,14 +295,11 @@ class SensitivityTable:
                     if total < nxt[t][0] - 1e-12:
                         nxt[t] = (total, (*chosen, ratio))
             best = nxt
-        drop, chosen = best[resolution]
-        if drop == inf:
-            return None
-        return dict(zip(self.groups, chosen, strict=True))
+        return best
 
     def fastest(self, *, latency_scale: float = 1.0) -> float:
         """The lowest latency ratio the table can predict (every group at its most saving level)."""
-        saving = sum(max(p.saving for p in self.levels(g)) for g in self.groups)
+        saving = sum(max(self.saving(p) for p in self.levels(g)) for g in self.groups)
         return 1.0 - latency_scale * saving
 
     @staticmethod
@@ -192,6 +322,8 @@ class SensitivityTable:
             "runtime": self.runtime,
             "batch_size": self.batch_size,
             "threads": self.threads,
+            "timings": [t.to_json() for t in self.timings],
+            "step_tolerance": self.step_tolerance,
         }
 
     @classmethod
@@ -209,11 +341,17 @@ class SensitivityTable:
                 runtime=str(data["runtime"]),
                 batch_size=int(data["batch_size"]),
                 threads=int(data["threads"]),
+                timings=tuple(WidthTiming.from_json(t) for t in data.get("timings", ())),
+                step_tolerance=float(data.get("step_tolerance", STEP_TOLERANCE)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidConfigError(f"not a sensitivity table: {exc!r}") from exc
-        if len(groups) != len(widths) or any(p.group not in groups for p in table.probes):
-            raise InvalidConfigError("not a sensitivity table: its groups, widths and probes do not match")
+        if (
+            len(groups) != len(widths)
+            or any(p.group not in groups for p in table.probes)
+            or any(t.group not in groups for t in table.timings)
+        ):
+            raise InvalidConfigError("not a sensitivity table: its groups, widths, probes and timings do not match")
         return table
 
 
@@ -224,6 +362,10 @@ def profile_groups(
     groups: Sequence[str] | None = None,
     on_probe: Callable[[Probe], None] | None = None,
     evaluate: Callable[[Any], Evaluation] | None = None,
+    staircase_step: int = 0,
+    max_ratio: float = MAX_RATIO,
+    step_tolerance: float = STEP_TOLERANCE,
+    measure: Callable[[Any], float] | None = None,
 ) -> SensitivityTable:
     """Probe every group (or ``groups``) alone at each of ``ratios``: prune, recover, score on validation, measure.
 
@@ -231,24 +373,55 @@ def profile_groups(
     stopped); a probe the model's forward rejects is recorded as failed and left out of the plans. A ratio whose
     rounded width is the group's full width is recorded as ``skipped`` (the uncut level) and one that rounds to
     an already probed width copies that probe: neither is evaluated. Probes are never scored on the test split.
+
+    ``staircase_step > 0`` (structured only) first **times** each group alone at every ``staircase_step``-th width
+    below its full width (down to ``max_ratio``; no recovery, no scoring: ``measure(plan) -> latency ratio``,
+    default :meth:`Objective.measure_latency`), which gives the staircase of :meth:`SensitivityTable.admissible`;
+    each probe ratio then keeps the admissible width of its plateau (the widest width as fast as the one the ratio
+    asks for) instead of the objective's fixed ``round_to`` multiple, and its plan keeps that width exactly.
     """
     if not ratios or any(not 0.0 < float(r) < 1.0 for r in ratios):
         raise InvalidConfigError(f"probe ratios must be in (0, 1), got {list(ratios)}")
+    if isinstance(staircase_step, bool) or not isinstance(staircase_step, int) or staircase_step < 0:
+        raise InvalidConfigError(f"staircase_step must be an integer >= 0, got {staircase_step!r}")
+    if not 0.0 < max_ratio <= MAX_RATIO:
+        raise InvalidConfigError(f"max_ratio must be in (0, {MAX_RATIO}], got {max_ratio}")
     names = tuple(groups) if groups is not None else objective.group_names
     unknown = [g for g in names if g not in objective.group_names]
     if unknown:
         raise InvalidConfigError(f"unknown group(s) {unknown}; see `autoprune groups`")
     run = evaluate or (lambda plan: objective.evaluate(plan, stage="probe", test=False))
+    time_plan = measure or objective.measure_latency
     base_quality = objective.baseline.quality
     started = time.perf_counter()
+    structured = objective.method == "structured"  # unstructured ratios are not rounded to widths
+    widths = tuple(objective.structure.group(g).units for g in names)
+    protocol = objective.baseline.latency.protocol
+    timings: list[WidthTiming] = []
+    if staircase_step and structured:
+        for group, units in zip(names, widths, strict=True):
+            narrowest = units - math.floor(max_ratio * units + 1e-9)
+            for width in range(units - staircase_step, max(narrowest, 1) - 1, -staircase_step):
+                plan = dataclasses.replace(objective.plan({group: width_ratio(units, width)}), round_to=1)
+                try:
+                    timings.append(WidthTiming(group, width, time_plan(plan)))
+                except PruningError:  # the forward refuses this width: it is not admissible
+                    continue
+    table = SensitivityTable(
+        names, widths, (), 0.0, protocol.runtime, protocol.batch_size, protocol.threads, tuple(timings), step_tolerance
+    )
     probes: list[Probe] = []
     seen: dict[tuple[str, int], Probe] = {}
-    structured = objective.method == "structured"  # unstructured ratios are not rounded to widths
-    for group in names:
+    for group, units in zip(names, widths, strict=True):
+        admissible = table.admissible(group)
         for ratio in sorted({round(float(r), 6) for r in ratios}):
-            plan = objective.plan({group: ratio})
-            width = kept_width(objective, group, ratio, plan.round_to)
-            units = objective.structure.group(group).units
+            if admissible:  # the widest admissible width as fast as the width the ratio asks for
+                asked = kept_width(objective, group, ratio, 1)
+                width = min((w for w in admissible if w >= asked), default=units)
+                plan = dataclasses.replace(objective.plan({group: width_ratio(units, width)}), round_to=1)
+            else:
+                plan = objective.plan({group: ratio})
+                width = kept_width(objective, group, ratio, plan.round_to)
             if structured and width >= units:  # the plan rounds the cut away: the unpruned model, not measured
                 probe = Probe(group, ratio, units, 1.0, 0.0, objective.baseline.macs, skipped=True)
             elif structured and (group, width) in seen:  # a width already probed: the same cut, not measured twice
@@ -265,16 +438,7 @@ def profile_groups(
             probes.append(probe)
             if on_probe is not None:
                 on_probe(probe)
-    protocol = objective.baseline.latency.protocol
-    return SensitivityTable(
-        groups=names,
-        widths=tuple(objective.structure.group(g).units for g in names),
-        probes=tuple(probes),
-        seconds=time.perf_counter() - started,
-        runtime=protocol.runtime,
-        batch_size=protocol.batch_size,
-        threads=protocol.threads,
-    )
+    return dataclasses.replace(table, probes=tuple(probes), seconds=time.perf_counter() - started)
 
 
 def kept_width(objective: Objective, group: str, ratio: float, round_to: int | None = None) -> int:

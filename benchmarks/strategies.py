@@ -9,6 +9,9 @@ each candidate timed interleaved with the unpruned model). Per strategy it repor
 * **lat@1%**: the lowest measured latency ratio among points with <= 1% relative quality loss
   (``best("latency", max_quality_drop=0.01)``; 1.000 when nothing beat the unpruned model);
 * **q@0.5x**: the best quality among points at <= 0.5x the unpruned latency (``—`` when none got there);
+* **pred. lat err med/max**: for strategies whose plans carry a predicted latency ratio (``knapsack``), the median
+  and worst relative error ``|predicted - measured| / measured`` over every planned candidate of every seed
+  (``SearchResult.latency_prediction_errors``; the goal is within 10%);
 * wall time per run and per evaluation.
 
 The last line per workload compares the best strategy with ``uniform`` on lat@1% (the goal is >= 1.3x lower
@@ -78,11 +81,13 @@ FULL_SIZES = {
     "resnet20-digits": Sizes(n_train=512, n_val=359),  # all of digits' validation split
     "cnn1d-mnist1d": Sizes(n_train=512, n_val=1000),  # all of MNIST-1D's test split
     "minilm": Sizes(n_train=64, n_val=64),
+    "resnet56-digits": Sizes(n_train=512, n_val=359),
 }
 QUICK_SIZES = {
     "resnet20-digits": Sizes(n_train=512, n_val=200),
     "cnn1d-mnist1d": Sizes(n_train=512, n_val=300),
     "minilm": Sizes(n_train=32, n_val=32),
+    "resnet56-digits": Sizes(n_train=512, n_val=200),
 }
 
 
@@ -141,6 +146,8 @@ class Run:
     evaluations: int
     cached: int
     stop_reason: str
+    latency_errors: list[float] = field(default_factory=list)
+    """Relative predicted-vs-measured latency errors of the run's planned candidates (empty: no predictions)."""
 
 
 @dataclass
@@ -166,6 +173,7 @@ def summarize(result: SearchResult) -> Run:
         evaluations=len(result.evaluations),
         cached=sum(e.latency.cached for e in result.evaluations),
         stop_reason=result.stop_reason,
+        latency_errors=result.latency_prediction_errors(),
     )
 
 
@@ -217,8 +225,9 @@ def load_history(path: Path) -> dict[tuple[str, str, int], list[Evaluation]]:
     return history
 
 
-def write_run(out: IO[str], workload: str, result: SearchResult) -> None:
-    head = {"workload": workload, "strategy": result.strategy, "seed": result.seed}
+def write_run(out: IO[str], workload: str, name: str, result: SearchResult) -> None:
+    """``name`` is the strategy as given on the command line, options included (the key of ``--replay``)."""
+    head = {"workload": workload, "strategy": name, "seed": result.seed}
     out.write(json.dumps({**head, "kind": "summary", "summary": result.summary()}) + "\n")
     out.write(json.dumps({**head, "kind": "baseline", "evaluation": result.baseline.to_json()}) + "\n")
     for e in result.evaluations:
@@ -229,14 +238,35 @@ def write_run(out: IO[str], workload: str, result: SearchResult) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------------------
-HEADER = ("strategy", "HV", "lat@1% drop", "q@0.5x lat", "reached 0.5x", "wall s/run", "s/eval", "runs")
+HEADER = (
+    "strategy",
+    "HV",
+    "lat@1% drop",
+    "q@0.5x lat",
+    "reached 0.5x",
+    "pred. lat err med/max",
+    "wall s/run",
+    "s/eval",
+    "runs",
+)
+PREDICTION_GOAL = 0.10
+"""The latency table should predict measured latency within this relative error."""
+
+
+def prediction_error(row: StrategyRow) -> str:
+    """Median and worst relative predicted-vs-measured latency error over every planned candidate of every seed
+    (``—`` for a strategy that predicts nothing)."""
+    errors = sorted(e for r in row.runs for e in r.latency_errors)
+    if not errors:
+        return "—"
+    return f"{100 * statistics.median(errors):.1f}% / {100 * errors[-1]:.1f}% (n={len(errors)})"
 
 
 def table_rows(rows: list[StrategyRow]) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for row in rows:
         if row.error is not None:
-            out.append((row.strategy, "skipped", row.error[:90], "", "", "", "", "0"))
+            out.append((row.strategy, "skipped", row.error[:90], "", "", "", "", "", "0"))
             continue
         n_evals = sum(r.evaluations for r in row.runs)
         reached = sum(r.quality_at_latency is not None for r in row.runs)
@@ -247,6 +277,7 @@ def table_rows(rows: list[StrategyRow]) -> list[tuple[str, ...]]:
                 mean_std(row.values("latency_at_drop")),
                 mean_std(row.values("quality_at_latency"), ".4f"),
                 f"{reached}/{len(row.runs)}",
+                prediction_error(row),
                 mean_std(row.values("wall_s"), ".1f"),
                 f"{sum(r.wall_s for r in row.runs) / n_evals:.2f}" if n_evals else "—",
                 str(len(row.runs)),
@@ -276,6 +307,21 @@ def comparison(rows: list[StrategyRow]) -> str:
         f"vs uniform {ran['uniform']:.3f} -> uniform/best = {gain:.2f}x ({verdict} the goal of {GOAL}x lower "
         "latency than uniform)"
     )
+
+
+def prediction_line(rows: list[StrategyRow]) -> str | None:
+    """Whether the latency table's predictions (the strategies that carry them) are within the goal."""
+    parts = []
+    for row in rows:
+        errors = [e for r in row.runs for e in r.latency_errors]
+        if errors:
+            verdict = "within" if max(errors) <= PREDICTION_GOAL else "NOT within"
+            worst = max(errors)
+            parts.append(
+                f"{row.strategy}: median {100 * statistics.median(errors):.1f}%, worst {100 * worst:.1f}% over "
+                f"{len(errors)} planned candidates ({verdict} the goal of {PREDICTION_GOAL:.0%})"
+            )
+    return "predicted vs measured latency ratio: " + "; ".join(parts) if parts else None
 
 
 def plain_table(rows: list[tuple[str, ...]]) -> str:
@@ -393,7 +439,7 @@ def run_workload(
                 f"{f', {result.replayed} replayed from --replay' if result.replayed else ''}"
             )
             if out is not None:
-                write_run(out, workload, result)
+                write_run(out, workload, name, result)
     cache = getattr(objective.meter, "cache", None)
     note = (
         f"{workload}: {desc}; base quality {base.quality:.4f}, base latency {base.latency.median_ms:.2f} ms "
@@ -426,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             note, rows = done
             cells = table_rows(rows)
             line = comparison(rows)
+            predicted = prediction_line(rows)
+            if predicted is not None:
+                line += "\n" + predicted
             print(f"\n{note}\n{plain_table(cells)}\n{line}\n", flush=True)
             sections.append(f"## {workload}\n\n{note}\n\n{markdown_table(cells)}\n\n{line}\n")
     finally:
@@ -436,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"HV: hypervolume of (quality, latency ratio) up to (0, 1); lat@1% drop: lowest measured latency ratio "
         f"with <= {QUALITY_DROP:.0%} relative quality loss (1.000 = no faster point qualified); q@0.5x lat: best "
-        f"quality at <= {LATENCY_TARGET}x the unpruned latency (— when no run got there). mean ± std over seeds. "
+        f"quality at <= {LATENCY_TARGET}x the unpruned latency (— when no run got there); pred. lat err: median / worst "
+        f"relative error of the predicted latency ratio over every planned candidate. mean ± std over seeds. "
         f"Total wall time {total:.0f}s{' (--quick smoke mode: tiny budget, not a result)' if args.quick else ''}.\n"
     )
     print("\n".join(sections))

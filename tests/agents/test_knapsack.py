@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,10 +13,19 @@ import pytest
 from agents import Budget, make_strategy, run_search
 from autoprune.errors import InvalidConfigError
 from autoprune.objective import Objective
-from autoprune.sensitivity import Probe, SensitivityTable, profile_groups
+from autoprune.sensitivity import (
+    Probe,
+    SensitivityTable,
+    WidthTiming,
+    isotonic,
+    kept_width,
+    profile_groups,
+    width_ratio,
+)
 
 if TYPE_CHECKING:
     from autoprune.objective import Evaluation
+    from autoprune.plan import Plan
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +56,21 @@ def test_the_knapsack_spends_the_latency_where_quality_costs_least() -> None:
     assert table.fastest() == pytest.approx(0.3)  # a at 0.5 (saves 0.3) and b at 0.75 (saves 0.4)
     # a calibrated table plans more cautiously when cuts saved less than predicted
     assert table.solve(0.75, latency_scale=0.5) == {"a": 0.5, "b": 0.5}
+
+
+def test_the_dual_knapsack_gives_the_fastest_plan_within_a_quality_budget() -> None:
+    table = _table(
+        Probe("a", 0.5, 8, 0.7, 0.10, 0),
+        Probe("b", 0.5, 8, 0.8, 0.00, 0),  # saves 20% for free
+        Probe("b", 0.75, 4, 0.6, 0.02, 0),  # saves 40% for a 2% drop
+    )
+    assert table.solve_drop(0.0) == {"a": 0.0, "b": 0.5}
+    assert table.solve_drop(0.01) == {"a": 0.0, "b": 0.5}
+    assert table.solve_drop(0.05) == {"a": 0.0, "b": 0.75}
+    assert table.solve_drop(0.05, quality_scale=3.0) == {"a": 0.0, "b": 0.5}  # calibrated: b75 costs 6%
+    assert table.solve_drop(0.2) == {"a": 0.5, "b": 0.75}
+    with pytest.raises(InvalidConfigError, match="max_drop"):
+        table.solve_drop(-0.1)
 
 
 def test_calibration_is_the_clipped_median_of_measured_over_predicted() -> None:
@@ -85,14 +111,20 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
         extra = dict(e.plan.extra)
         assert e.stage == "search" and 0 < extra["predicted_latency_ratio"] < 1.0
         assert extra["predicted_quality_drop"] >= 0
+    errors = result.latency_prediction_errors()  # the benchmark's and the report's prediction error
+    assert errors == sorted(
+        abs(dict(e.plan.extra)["predicted_latency_ratio"] - e.latency_ratio) / e.latency_ratio
+        for e in result.evaluations
+    )
+    assert len(errors) == 5 and run_search(objective, "uniform", 2).latency_prediction_errors() == []
     info = result.info
     assert len(info["sensitivity"]["probes"]) == 4 * len(objective.group_names)  # 0.125, 0.25, 0.5, 0.75
     assert set(info["calibration"]) == {"latency_scale", "quality_scale"}
     # the sweep covers the trade-off: from light cuts to the fastest plans the table allows
     ratios = sorted(e.latency_ratio for e in result.evaluations)
-    table = SensitivityTable(
-        **{**info["sensitivity"], "probes": tuple(Probe(**p) for p in info["sensitivity"]["probes"])}
-    )
+    table = SensitivityTable.from_json(info["sensitivity"])
+    assert not table.timings and table.round_to is None  # the default: no staircase, the objective's round_to
+    assert all(e.plan.round_to == objective.round_to for e in result.evaluations)
     fastest = table.fastest(latency_scale=info["calibration"]["latency_scale"])
     assert ratios[0] < (1 + fastest) / 2 and ratios[-1] > 0.9  # past the middle of what the table can reach
 
@@ -105,6 +137,20 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
     assert "## Latency table" in report and "Predicted vs measured latency" in report
 
 
+def test_staircase_plans_keep_admissible_widths_exactly(objective: Objective) -> None:
+    strategy = make_strategy("knapsack", staircase_step=None)  # None: half the objective's round_to (8 -> 4)
+    result = run_search(objective, strategy, 4, max_ratio=0.75)
+    table = SensitivityTable.from_json(result.info["sensitivity"])
+    assert table.timings and table.round_to == 1
+    assert {t.width for t in table.timings if t.group == table.groups[0]} == set(
+        range(table.widths[0] - 4, table.widths[0] // 4 - 1, -4)
+    )
+    for e in result.evaluations:  # every group keeps an admissible width of its staircase, exactly
+        assert e.plan.round_to == 1
+        for group in table.groups:
+            assert kept_width(objective, group, e.plan.ratio(group), 1) in table.admissible(group), group
+
+
 def test_a_time_budget_covers_the_probes(objective: Objective) -> None:
     result = run_search(objective, "knapsack", Budget(seconds=1e-6))
     assert result.evaluations == [] and result.stop_reason == "time"
@@ -115,6 +161,8 @@ def test_bad_knapsack_options_are_refused() -> None:
         make_strategy("knapsack", probe_ratios=[1.5])
     with pytest.raises(InvalidConfigError, match="min_target"):
         make_strategy("knapsack", min_target=0)
+    with pytest.raises(InvalidConfigError, match="focus_drop"):
+        make_strategy("knapsack", focus_drop=1.5)
     with pytest.raises(InvalidConfigError, match="no option"):
         make_strategy("knapsack", levels=3)
 
@@ -134,8 +182,6 @@ def test_optuna_starts_from_the_knapsack_plans(objective: Objective, name: str) 
 
 
 def test_a_probe_that_rounds_to_the_full_width_or_a_probed_width_is_not_evaluated(objective: Objective) -> None:
-    from autoprune.sensitivity import kept_width
-
     asked: list[object] = []
 
     def evaluate(plan: object) -> Evaluation:
@@ -184,13 +230,13 @@ def test_restored_probes_resume_the_search_exactly_without_probing(objective: Ob
     from agents.base import SearchSession, SearchSpace
     from agents.knapsack import KnapsackSearch, knapsack_plans, probe_table
 
-    first_strategy = make_strategy("knapsack", probe_ratios=[0.25, 0.5])
+    first_strategy = make_strategy("knapsack", probe_ratios=[0.25, 0.5], staircase_step=4)
     assert isinstance(first_strategy, KnapsackSearch) and first_strategy.probe_record() is None
     first = run_search(objective, first_strategy, 4, max_ratio=0.75)
     record = first_strategy.probe_record()
     assert record is not None and record == first.info["sensitivity"]
 
-    resumed = make_strategy("knapsack", probe_ratios=[0.25, 0.5])
+    resumed = make_strategy("knapsack", probe_ratios=[0.25, 0.5], staircase_step=4)
     resumed.restore_probes(json.loads(json.dumps(record)))  # type: ignore[attr-defined]
     again = run_search(objective, resumed, 4, max_ratio=0.75, history=first.evaluations[:2])
     assert again.replayed == 2
@@ -206,6 +252,108 @@ def test_restored_probes_resume_the_search_exactly_without_probing(objective: Ob
     # the warm-start helper and the public probe function take a table too, and use it as it is
     session = SearchSession(objective, SearchSpace.from_objective(objective, 0.75), Budget(evaluations=3))
     table = SensitivityTable.from_json(record)
-    assert probe_table(session, (0.25, 0.5), table=table) is table
-    given, plans = knapsack_plans(session, 3, (0.25, 0.5), table=table)
-    assert given is table and 1 <= len(plans) <= 3 and session.evaluations == []
+    assert probe_table(session, (0.25, 0.5), table=table, staircase_step=4) is table
+    flat = probe_table(session, (0.25, 0.5), staircase_step=0)  # the warm starts': ratios, the objective's rounding
+    given, plans = knapsack_plans(session, 3, (0.25, 0.5), table=flat)
+    assert given is flat and 1 <= len(plans) <= 3 and session.evaluations == []
+
+
+def test_the_staircase_fit_pools_noise_and_admits_the_widest_width_of_each_step() -> None:
+    fit = isotonic([(4, 0.5), (6, 0.6), (8, 0.55), (10, 0.8), (12, 1.0)])
+    assert fit == pytest.approx({4: 0.5, 6: 0.575, 8: 0.575, 10: 0.8, 12: 1.0})  # 6 and 8 pooled: never faster wider
+    assert all(fit[a] <= fit[b] for a, b in zip(sorted(fit), sorted(fit)[1:], strict=False))
+    timings = [(14, 1.02), (12, 0.995), (10, 0.8), (8, 0.81), (6, 0.5), (4, 0.52), (2, 0.45)]
+    table = SensitivityTable(
+        ("a", "b"),
+        (16, 16),
+        (),
+        0.0,
+        "torch",
+        1,
+        1,
+        timings=tuple(WidthTiming("a", w, y) for w, y in timings),
+    )
+    # 14 and 12 are no faster than the full width (0.995 is within the 1% tolerance); 10/8 and 6/4 are plateaus;
+    # 2 is a step of its own (0.45 < 0.51 - 0.01)
+    assert table.admissible("a") == [16, 10, 6, 2]
+    assert table.staircase("a")[16] == 1.0 and max(table.staircase("a").values()) == 1.0  # the 1.02 is capped
+    assert table.admissible("b") == [] and table.staircase("b") == {}  # not timed: the objective's rounding
+    assert table.round_to == 1 and dataclasses.replace(table, timings=()).round_to is None
+    assert width_ratio(16, 10) == 0.375 and width_ratio(3, 2) == pytest.approx(1 / 3, abs=1e-6)
+    assert kept_width_exact(3, width_ratio(3, 2)) == 2 and kept_width_exact(24, width_ratio(24, 23)) == 23
+    with pytest.raises(InvalidConfigError, match="width"):
+        width_ratio(16, 0)
+
+
+def kept_width_exact(units: int, ratio: float) -> int:
+    from autoprune.pruning.structured import kept_units
+
+    return kept_units(units, round(ratio, 6), 1)
+
+
+def test_probes_sit_on_the_admissible_widths_of_a_measured_staircase(objective: Objective) -> None:
+    """A fake latency meter with a step every 12 units (the point of the test): the probes keep the widest width of
+    the plateau their ratio falls on, with exact-width plans, and the table's savings are the staircase's."""
+    timed: list[tuple[str, int]] = []
+    asked: list[Plan] = []
+
+    def measure(plan: Plan) -> float:
+        assert plan.round_to == 1 and len(plan.ratios) == 1
+        (group, ratio), units = plan.ratios[0], objective.structure.group(plan.ratios[0][0]).units
+        width = kept_width_exact(units, ratio)
+        timed.append((group, width))
+        return math.ceil(width / 12) * 12 / units
+
+    def evaluate(plan: Plan) -> Evaluation:
+        asked.append(plan)
+        return objective.evaluate(plan, stage="probe", test=False)
+
+    table = profile_groups(
+        objective, (0.125, 0.5, 0.75), staircase_step=4, max_ratio=0.8, measure=measure, evaluate=evaluate
+    )
+    assert {t.width for t in table.timings if t.group == table.groups[0]} == set(range(table.widths[0] - 4, 0, -4)) & {
+        w for w in range(1, table.widths[0]) if w >= table.widths[0] - math.floor(0.8 * table.widths[0])
+    }
+    assert len(timed) == len(table.timings) == len(set(timed))
+    for group, units in zip(table.groups, table.widths, strict=True):
+        admissible = table.admissible(group)
+        assert admissible[0] == units
+        assert all(w % 12 == 0 or w == units for w in admissible)  # where the fake latency steps
+        for p in table.levels(group)[1:]:
+            assert p.width in admissible and table.saving(p) == pytest.approx(1 - math.ceil(p.width / 12) * 12 / units)
+    assert all(p.round_to == 1 for p in asked)
+    units = table.widths[0]
+    if units == 32:  # the first group: ratio 0.5 asks for 16 -> 24 (as fast), 0.75 asks for 8 -> 12
+        assert [p.width for p in table.probes if p.group == table.groups[0]] == [32, 24, 12]
+    restored = SensitivityTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert restored == table and restored.admissible(table.groups[0]) == table.admissible(table.groups[0])
+    with pytest.raises(InvalidConfigError, match="staircase_step"):
+        profile_groups(objective, (0.5,), staircase_step=-1)
+
+
+def test_a_stored_table_fits_a_resumed_run_only_with_the_same_staircase(objective: Objective) -> None:
+    from agents.base import SearchSession, SearchSpace
+    from agents.knapsack import probe_table
+
+    session = SearchSession(objective, SearchSpace.from_objective(objective, 0.75), Budget(evaluations=3))
+    stepped = probe_table(session, (0.25, 0.5), staircase_step=4)
+    assert stepped.timings and probe_table(session, (0.25, 0.5), table=stepped, staircase_step=4) is stepped
+    flat = probe_table(session, (0.25, 0.5), table=stepped, staircase_step=0)  # measured again, without timings
+    assert flat is not stepped and not flat.timings and flat.round_to is None
+    assert probe_table(session, (0.25, 0.5), table=flat, staircase_step=4).timings
+    with pytest.raises(InvalidConfigError, match="staircase_step"):
+        make_strategy("knapsack", staircase_step=-2)
+
+
+def test_every_other_knapsack_candidate_is_the_dual_plan_at_the_focus_drop(objective: Objective) -> None:
+    from agents.knapsack import KnapsackSearch
+
+    strategy = make_strategy("knapsack", staircase_step=0, focus_drop=0.02)
+    result = run_search(objective, strategy, 6, max_ratio=0.75)
+    assert isinstance(strategy, KnapsackSearch) and strategy.table is not None
+    first = result.evaluations[0].plan
+    assert first.as_dict() == strategy.table.solve_drop(0.02)  # uncalibrated: the first plan is the dual's
+    assert dict(first.extra)["predicted_quality_drop"] <= 0.02
+    sweep_only = run_search(objective, make_strategy("knapsack", staircase_step=0, focus_drop=0), 6, max_ratio=0.75)
+    assert [e.plan for e in sweep_only.evaluations] != [e.plan for e in result.evaluations]
+    assert sweep_only.evaluations[0].plan.as_dict() != first.as_dict()
