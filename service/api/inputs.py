@@ -90,7 +90,8 @@ async def create_model(
         str | None,
         Query(
             max_length=100,
-            description="Architecture name (`GET /v1/catalog`; case-insensitive).",
+            description="Architecture name (`GET /v1/catalog`; case-insensitive). Required unless `format=pt2` "
+            "(OpenAPI cannot state that one of two parameters is required; the server answers 422 without either).",
             json_schema_extra={"enum": catalog.architectures()},
         ),
     ] = None,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import subprocess
 import sys
@@ -422,26 +423,38 @@ def test_a_cancelled_jobs_best_point_is_exported_on_request(tmp_path: Path, wait
         worker.close()
 
 
+@contextlib.contextmanager
+def _finished_job_and_a_worker(tmp_path: Path) -> Iterator[tuple[Any, Worker, str, Callable[[], None]]]:
+    """A lazily exporting service (app), its only worker, a job it has finished (A), and ``start()``, which sets
+    the worker polling in a thread (stopped and closed after the block)."""
+    settings = Settings(
+        data_dir=tmp_path / "data", api_keys=[KEY], export_front="lazy", lease_seconds=10, poll_seconds=0.1
+    )
+    upgrade(settings.db_url)
+    worker = Worker(settings, "w1")
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    try:
+        done_job = _submit(worker.repo, export_formats=["onnx"])
+        assert worker._run_one() == "job"
+        yield create_app(settings, sse_poll_seconds=0.05), worker, done_job, runner.start
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(60)
+        worker.close()
+
+
 @pytest.mark.slow
 def test_a_request_is_made_between_evaluations_of_another_running_job(
     tmp_path: Path, wait_for: Callable[..., None]
 ) -> None:
     """The only worker runs job B; a user's request of finished job A is made before B ends, between two of B's
     evaluations (none of B's is recorded while the export runs: it never overlaps a candidate's timing)."""
-    settings = Settings(
-        data_dir=tmp_path / "data", api_keys=[KEY], export_front="lazy", lease_seconds=10, poll_seconds=0.1
-    )
-    upgrade(settings.db_url)
-    app = create_app(settings, sse_poll_seconds=0.05)
-    worker = Worker(settings, "w1")
-    repo = worker.repo
-    stop = threading.Event()
-    runner = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    try:
-        done_job = _submit(repo, export_formats=["onnx"])
-        assert worker._run_one() == "job"
+    with _finished_job_and_a_worker(tmp_path) as (app, worker, done_job, start):
+        repo = worker.repo
         busy = _submit(repo, budget=500, export_formats=["onnx"])
-        runner.start()
+        start()
         wait_for(lambda: repo.get_job(busy).progress_done >= 1, 180, "the running job's first evaluation")
         with serve_in_thread(app) as url, httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
@@ -464,11 +477,6 @@ def test_a_request_is_made_between_evaluations_of_another_running_job(
         assert any(t < made.started_at for t in recorded)
         repo.request_cancel(busy)
         wait_for(lambda: repo.get_job(busy).state == "cancelled", 120, "the cancel")
-    finally:
-        stop.set()
-        if runner.is_alive():
-            runner.join(60)
-        worker.close()
 
 
 @pytest.mark.slow
@@ -479,22 +487,12 @@ def test_requests_wait_neither_for_the_probe_phase_nor_for_a_fine_tune(
     point after its search. A user's request of finished job A posted during the probe phase is made before the
     job's first evaluation, and one posted once the fine-tune has started is made before the fine-tuned point is
     recorded: both between two units of the job's own work (no evaluation is recorded while one runs)."""
-    settings = Settings(
-        data_dir=tmp_path / "data", api_keys=[KEY], export_front="lazy", lease_seconds=10, poll_seconds=0.1
-    )
-    upgrade(settings.db_url)
-    app = create_app(settings, sse_poll_seconds=0.05)
-    worker = Worker(settings, "w1")
-    repo = worker.repo
-    stop = threading.Event()
-    runner = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    try:
-        done_job = _submit(repo, export_formats=["onnx"])
-        assert worker._run_one() == "job"
+    with _finished_job_and_a_worker(tmp_path) as (app, worker, done_job, start):
+        repo = worker.repo
         busy = _submit(
             repo, strategy="knapsack", budget=2, finetune_top=1, finetune_steps=200, export_formats=["safetensors"]
         )
-        runner.start()
+        start()
 
         def evaluations(stage: str, least_index: int = 0) -> list[datetime]:
             assert repo.get_job(busy).state in ("queued", "running", "succeeded")
@@ -531,11 +529,6 @@ def test_requests_wait_neither_for_the_probe_phase_nor_for_a_fine_tune(
             assert not [t for t in [*search, *tuned] if request.started_at < t < request.finished_at]
         assert in_probes.finished_at < min(search)  # type: ignore[operator]
         assert max(search) < in_finetune.started_at and in_finetune.finished_at < tuned[0]  # type: ignore[operator]
-    finally:
-        stop.set()
-        if runner.is_alive():
-            runner.join(60)
-        worker.close()
 
 
 @pytest.mark.slow
