@@ -150,6 +150,11 @@ class StoredProbes:
 
         self._restored = SensitivityTable.from_json(table)
 
+    @property
+    def uses_stored_probes(self) -> bool:
+        """Whether this run's table is the one :meth:`restore_probes` gave (it fitted: nothing was probed)."""
+        return self.table is not None and self.table is self._restored
+
 
 class KeepProbes(SearchCallback):
     """Resume a probing strategy without probing again, wherever the job runs: hands ``previous`` (a table an
@@ -168,9 +173,12 @@ class KeepProbes(SearchCallback):
         self.strategy = strategy if isinstance(strategy, StoredProbes) else None
         self.save = save
         self.saved = False
+        self.restored = False
+        """Whether ``previous`` was handed to the strategy (it may still not fit the session)."""
         if self.strategy is not None and previous is not None:
             try:
                 self.strategy.restore_probes(previous)
+                self.restored = True
             except InvalidConfigError as exc:
                 unusable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -181,7 +189,7 @@ class KeepProbes(SearchCallback):
         record = self.strategy.probe_record()
         if record is not None:
             self.saved = True
-            if self.strategy.table is not self.strategy._restored:
+            if not self.strategy.uses_stored_probes:
                 self.save(record)
 
     def on_evaluation(self, progress: Progress) -> bool:

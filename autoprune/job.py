@@ -544,11 +544,11 @@ def probes_in_file(
     def save(table: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table), encoding="utf-8")
-        if previous is not None:
+        if keeper.restored:  # handed back, but it did not fit (an unusable one was noted already)
             note(f"the probe table in {path} did not fit this search; probed again")
 
     keeper = KeepProbes(strategy, previous, save, lambda why: note(f"{path}: {why}; probing again"))
-    if previous is not None and keeper.strategy is not None:
+    if keeper.restored:
         note(f"resuming: the probe table in {path} is used, not measured again")
     return strategy, keeper
 

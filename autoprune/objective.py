@@ -219,9 +219,7 @@ class Objective:
             plan = self.plan(plan)
         model = self.prune(plan)
         latency = self.meter.measure(model, self.example_inputs, reference=self.base)
-        if latency.ratio is not None:
-            return latency.ratio
-        return latency.median_ms / self.baseline.latency.median_ms
+        return latency.ratio_to(self.baseline.latency.median_ms)
 
     def materialize(self, plan: Plan, *, recovery: RecoveryConfig | None = None) -> nn.Module:
         """Rebuild the pruned and recovered model for ``plan`` (deterministic).
@@ -459,8 +457,7 @@ class Objective:
         )
         timings["cost"] = time.perf_counter() - t
         base_ms = self.baseline.latency.median_ms if index else latency.median_ms
-        ratio = latency.ratio if latency.ratio is not None else latency.median_ms / base_ms
-        reward, terms = compute_reward(quality, ratio, self.reward_config)
+        reward, terms = compute_reward(quality, latency.ratio_to(base_ms), self.reward_config)
         timings["total"] = time.perf_counter() - start
         return Evaluation(
             plan=plan,

@@ -79,6 +79,13 @@ class Latency:
         """Reference time / candidate time from the interleaved pairs (above 1 means faster)."""
         return 1.0 / self.ratio if self.ratio else None
 
+    def ratio_to(self, base_ms: float) -> float:
+        """Latency relative to an unpruned model timed at ``base_ms``: the interleaved ratio when it was taken,
+        else the ratio of medians (1.0 without a base)."""
+        if self.ratio is not None:
+            return self.ratio
+        return self.median_ms / base_ms if base_ms else 1.0
+
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (the protocol's ``cpus`` as a list), as stored and read back."""
         data = asdict(self)
@@ -128,9 +135,7 @@ class Evaluation:
     @property
     def latency_ratio(self) -> float:
         """Candidate/base latency: the interleaved ratio when available, else the ratio of medians."""
-        if self.latency.ratio is not None:
-            return self.latency.ratio
-        return self.latency.median_ms / self.base_latency_ms if self.base_latency_ms else 1.0
+        return self.latency.ratio_to(self.base_latency_ms)
 
     @property
     def speedup(self) -> float:

@@ -60,22 +60,14 @@ def width_ratio(units: int, width: int) -> float:
 
 
 def isotonic(points: Sequence[tuple[int, float]]) -> dict[int, float]:
-    """The least-squares fit of ``(width, latency)`` points that never gets faster with more width (pool adjacent
-    violators): measurement noise pooled into a staircase of plateaus, one fitted latency per width."""
-    blocks: list[list[float]] = []  # [sum, count, first index]
-    ordered = sorted(points)
-    for i, (_, y) in enumerate(ordered):
-        blocks.append([y, 1.0, float(i)])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            total, count, _ = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += count
-    fitted: dict[int, float] = {}
-    for b, (total, count, first) in enumerate(blocks):
-        end = int(blocks[b + 1][2]) if b + 1 < len(blocks) else len(ordered)
-        for w, _ in ordered[int(first) : end]:
-            fitted[w] = total / count
-    return fitted
+    """The least-squares fit of ``(width, latency)`` points that never gets faster with more width
+    (scikit-learn's isotonic regression): measurement noise pooled into a staircase of plateaus, one fitted
+    latency per width."""
+    from sklearn.isotonic import IsotonicRegression
+
+    widths = [float(w) for w, _ in points]
+    fitted = IsotonicRegression(increasing=True).fit_transform(widths, [float(y) for _, y in points])
+    return {int(w): float(y) for w, y in zip(widths, fitted, strict=True)}
 
 
 @dataclass(frozen=True)
