@@ -174,6 +174,82 @@ def prune_ffn_layer(layer: nn.Module, keep: list[int], gram: torch.Tensor | None
     layer.intermediate.dense, layer.output.dense = new1, new2
 
 
+@torch.no_grad()
+def corrected_grams(
+    student: nn.Module, teacher: nn.Module, layer: int, x: torch.Tensor, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For encoder layer ``layer``: ``G = [a, 1]^T [a, 1]`` of the *student's* FFN activations (its earlier
+    layers already pruned) and ``C = [a, 1]^T t`` with the target ``t`` = what the teacher's layer sums before
+    its output LayerNorm (``dense(a_t) + residual_t``) minus the student's own residual. A second linear fitted
+    to ``C`` reproduces the unpruned layer's pre-norm output, correcting the error of the layers before it as
+    well as the units it loses (sequential, error-correcting re-fit)."""
+    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    mask: list[torch.Tensor] = []
+
+    def hook(name: str) -> Any:
+        def record(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            got[name] = (inputs[0][mask[0]].double(), inputs[1][mask[0]].double())
+
+        return record
+
+    s_out, t_out = student.bert.encoder.layer[layer].output, teacher.bert.encoder.layer[layer].output
+    handles = [s_out.register_forward_pre_hook(hook("s")), t_out.register_forward_pre_hook(hook("t"))]
+    g: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+    try:
+        with eval_mode(student), eval_mode(teacher):
+            for start in range(0, len(x), batch):
+                ids = x[start : start + batch].long()
+                mask[:] = [ids != 0]
+                student(ids)
+                teacher(ids)
+                a_s, r_s = got["s"]
+                a_t, r_t = got["t"]
+                w, b = t_out.dense.weight.double(), t_out.dense.bias.double()
+                target = a_t @ w.T + b + r_t - r_s
+                a = torch.cat([a_s, torch.ones(a_s.shape[0], 1, dtype=a_s.dtype)], dim=1)
+                g = a.T @ a if g is None else g + a.T @ a
+                c = a.T @ target if c is None else c + a.T @ target
+    finally:
+        for h in handles:
+            h.remove()
+    assert g is not None and c is not None
+    return g, c
+
+
+@torch.no_grad()
+def refit_ffn_layer(layer: nn.Module, keep: list[int], gram: torch.Tensor, cross: torch.Tensor, damp: float) -> None:
+    """Keep FFN units ``keep`` of one layer; the second linear solves ``[a_K, 1] W' ~ t`` (ridge) from the
+    statistics of :func:`corrected_grams`."""
+    fc1, fc2 = layer.intermediate.dense, layer.output.dense
+    k = torch.as_tensor(sorted(keep))
+    new1, new2 = nn.Linear(fc1.in_features, len(k)), nn.Linear(len(k), fc2.out_features)
+    new1.weight.copy_(fc1.weight[k])
+    new1.bias.copy_(fc1.bias[k])
+    kk = torch.cat([k, torch.tensor([gram.shape[0] - 1])])
+    g_kk = gram[kk][:, kk]
+    ridge = damp * torch.diagonal(g_kk).mean() * torch.eye(len(kk), dtype=g_kk.dtype)
+    solution = torch.linalg.solve(g_kk + ridge, cross[kk])
+    new2.weight.copy_(solution[:-1].T.float())
+    new2.bias.copy_(solution[-1].float())
+    layer.intermediate.dense, layer.output.dense = new1, new2
+
+
+def prune_ffn_sequential(
+    model: nn.Module, teacher: nn.Module, ratio: float, x_cal: torch.Tensor, damp: float = 1e-2
+) -> None:
+    """Layer by layer, first to last: rank the FFN units by activation energy on the partly pruned model, keep
+    ``1 - ratio`` of them (rounded to 8) and re-fit the second linear with :func:`corrected_grams`."""
+    for i, layer in enumerate(model.bert.encoder.layer):
+        gram, cross = corrected_grams(model, teacher, i, x_cal)
+        fc2 = layer.output.dense
+        energy = (torch.diagonal(gram)[:-1] / gram[-1, -1]).float()
+        scores = energy * (fc2.weight**2).sum(0)
+        keep = kept_units(scores.numel(), ratio, 8)
+        order = torch.argsort(scores, descending=True, stable=True)[:keep].tolist()
+        refit_ffn_layer(layer, order, gram, cross, damp)
+
+
 def prune_ffn(model: nn.Module, ratio: float, x_cal: torch.Tensor, select: str, refit: bool) -> None:
     """Remove ``ratio`` of every layer's FFN units (kept count rounded to 8), in place."""
     layers = list(model.bert.encoder.layer)
@@ -247,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="FFN unit importance (activation: E[a^2] x ||W_out column||^2 on calibration text)")  # fmt: skip
     parser.add_argument("--no-refit", dest="refit", action="store_false",
                         help="skip the least-squares re-fit of each FFN's second linear")  # fmt: skip
+    parser.add_argument("--ort", action="store_true", help="also time in ONNX Runtime (1 thread, interleaved)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="re-fit layer by layer on the partly pruned model, towards the unpruned layer outputs")
     parser.add_argument("--n-calib", type=int, default=1024, help="training sentences for scores and re-fit")
     parser.add_argument("--epochs", type=float, default=0.0, help="passes over the training text instead of --steps")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (unless --epochs is given)")
@@ -306,13 +385,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{median}); loaded and traced in {time.perf_counter() - t0:.1f}s"
     )
     meter = Meter(LatencyConfig(threads=1, batch_size=1, min_repeats=60, max_seconds=15.0))
+    ort = Meter(LatencyConfig(runtime="onnxruntime", threads=1, batch_size=1, min_repeats=60, max_seconds=15.0))
     rows = []
     length = f"{args.epochs:g} epochs" if args.epochs > 0 else f"{args.steps} steps"
     for r in args.ratios:
         heads = r if args.heads < 0 else args.heads
         pruned = ctx.apply(Plan(tuple((n, heads) for n in attention), round_to=8)) if heads > 0 else copy.deepcopy(base)
         kept = drop_layers(pruned, args.drop_layers) if args.drop_layers else list(range(len(attention)))
-        if r > 0:
+        if r > 0 and args.sequential and not args.drop_layers:
+            prune_ffn_sequential(pruned, base, r, x_cal)
+        elif r > 0:
             prune_ffn(pruned, r, x_cal, args.select, args.refit)
         if not args.dropout:
             no_dropout(pruned)
@@ -341,13 +423,15 @@ def main(argv: list[str] | None = None) -> None:
         cos = _cosines(pruned, ref, x_test)
         lat = meter.measure(pruned, longest, reference=base)
         lat_typical = meter.measure(pruned, typical, reference=base)
+        lat_ort = ort.measure(pruned, longest, reference=base) if args.ort else None
+        ort_cell = f"{1 / (lat_ort.ratio or float('nan')):.2f}x" if lat_ort is not None else "-"
         ffn = pruned.bert.encoder.layer[0].intermediate.dense.out_features
         steps = f"{reports[-1].steps} ({reports[-1].stopped})" if reports else "0"
         rows.append(
             f"| {heads:.2f} / {r:.2f} / {len(kept)} ({ffn}) | {float(one_shot.mean()):.3f} | {float(cos.mean()):.4f} "
             f"| {float(torch.quantile(cos, 0.05)):.4f} | {steps} | {train_s:.0f} "
             f"| {lat.median_ms:.2f} / {lat.reference_median_ms or float('nan'):.2f} "
-            f"| {1 / (lat.ratio or float('nan')):.2f}x | {1 / (lat_typical.ratio or float('nan')):.2f}x "
+            f"| {1 / (lat.ratio or float('nan')):.2f}x | {1 / (lat_typical.ratio or float('nan')):.2f}x | {ort_cell} "
             f"| {os.getloadavg()[0]:.1f} |"
         )
         print(rows[-1], flush=True)
@@ -359,8 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"\n| heads / FFN ratio / layers (FFN units) | one-shot cos | test cos mean | test cos p5 | steps | train s "
           f"| pruned / unpruned ms ({args.seq_len} tok) | speed-up {args.seq_len} tok | speed-up {median} tok "
+          f"| ORT speed-up {args.seq_len} tok "
           "| load |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(*rows, sep="\n")
 
 

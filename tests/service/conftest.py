@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +27,9 @@ from sqlalchemy import create_engine
 
 from service.db.engine import make_engine, normalize_url, upgrade
 from service.db.repository import Repository
+from service.launch import clean_env as _clean_env
+from service.launch import free_port as _free_port
+from service.launch import start_serve
 from service.settings import parse_key_list
 
 PG_SERVER = normalize_url(os.environ.get("AUTOPRUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")).rstrip("/")
@@ -118,19 +119,6 @@ def submit_job(repo: Repository, spec: dict[str, Any]) -> str:
     return job.id
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any ``AUTOPRUNE_*`` variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
-    env.update(extra)
-    return env
-
-
 @dataclass
 class ServerProcess:
     """An ``autoprune serve`` subprocess on 127.0.0.1 (from ``start_server``); ``key``: its first API key."""
@@ -167,27 +155,11 @@ class ServerProcess:
 
 def _start_server(data_dir: Path, *args: str, timeout: float = 60, **env: str) -> ServerProcess:
     """``autoprune serve --port <free> --data-dir <data_dir> *args`` with ``clean_env(**env)``, its output in
-    ``<data_dir>/../server-<port>.log``; returns once ``/health`` answers 200 (RuntimeError if it exits or does
-    not within ``timeout`` s)."""
+    ``<data_dir>/../server-<port>.log``; returns once ``/health`` answers 200 (:class:`ServeFailed` if it exits or
+    does not within ``timeout`` s)."""
     port = _free_port()
     log = data_dir.parent / f"server-{port}.log"
-    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *args]
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=_clean_env(**env))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not come up:\n{log.read_text()}")
-        time.sleep(0.1)
+    url, proc = start_serve(data_dir, *args, log=log, env=_clean_env(**env), port=port, timeout=timeout)
     key = parse_key_list(env["AUTOPRUNE_API_KEYS"])[0] if "AUTOPRUNE_API_KEYS" in env else ""
     if not key:  # serve generated one and saved it
         key = (data_dir / "api-key").read_text().strip()

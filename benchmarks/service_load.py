@@ -29,17 +29,15 @@ made); then, while a second job runs on the only worker, how long a user's expor
 ``--source DIR`` runs the server from another checkout (e.g. ``git archive HEAD | tar -x -C /tmp/old``) with this
 virtual environment, to compare before and after on the same machine.
 
-    .venv/bin/python benchmarks/service.py [--watchers 50] [--requests 300] [--source DIR] [--no-export]
-    .venv/bin/python benchmarks/service.py --workers-only [--window 45] [--pg postgresql+psycopg://...]
-    .venv/bin/python benchmarks/service.py --export-only [--export-budget 30] [--source DIR]
+    .venv/bin/python benchmarks/service_load.py [--watchers 50] [--requests 300] [--source DIR] [--no-export]
+    .venv/bin/python benchmarks/service_load.py --workers-only [--window 45] [--pg postgresql+psycopg://...]
+    .venv/bin/python benchmarks/service_load.py --export-only [--export-budget 30] [--source DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,49 +52,28 @@ from typing import Any
 
 import httpx
 
+from service.client import parse_sse
+from service.launch import ServeFailed, clean_env, start_serve
+
 KEY = "benchmark-key-0123456789"
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """The JSON data of each event of a ``text/event-stream`` (this script is ``service.py``: it cannot import
-    the ``service`` package's client, its own name shadows it)."""
-    data: list[str] = []
-    for line in lines:
-        if line == "" and data:
-            yield json.loads("\n".join(data))
-            data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def events_of(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON data of each event of a ``text/event-stream`` (the service client's parser)."""
+    for event in parse_sse(lines):
+        if isinstance(event.data, dict):
+            yield event.data
 
 
 @contextmanager
 def serve(data_dir: Path, source: Path | None, *extra: str, **env_extra: str) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPRUNE_")}
-    env.update(AUTOPRUNE_API_KEYS=KEY, COLUMNS="200", NO_COLOR="1", **env_extra)
-    log = (data_dir.parent / "serve.log").open("wb")
-    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source)
-    url = f"http://127.0.0.1:{port}"
+    """A real ``autoprune serve`` (run from ``source`` when given) for the block, terminated after it."""
+    env = clean_env(AUTOPRUNE_API_KEYS=KEY, COLUMNS="200", NO_COLOR="1", **env_extra)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited:\n{(data_dir.parent / 'serve.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("serve did not come up")
-            time.sleep(0.1)
+        url, proc = start_serve(data_dir, *extra, log=data_dir.parent / "serve.log", env=env, cwd=source, timeout=120)
+    except ServeFailed as e:
+        raise SystemExit(str(e)) from None
+    try:
         yield url
     finally:
         proc.terminate()
@@ -105,7 +82,6 @@ def serve(data_dir: Path, source: Path | None, *extra: str, **env_extra: str) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,7 +132,7 @@ def watch_main(url: str, job_id: str, n: int) -> None:
             httpx.Client(base_url=url, headers=headers, timeout=None) as c,
             c.stream("GET", f"/v1/jobs/{job_id}/events") as r,
         ):
-            for i, _ in enumerate(parse_sse(r.iter_lines())):
+            for i, _ in enumerate(events_of(r.iter_lines())):
                 if i == 0:
                     with lock:
                         first.append((time.perf_counter() - t) * 1000)
@@ -344,7 +320,7 @@ def export_main(args: argparse.Namespace) -> None:
         exp = api.post("/v1/jobs", json=spec).json()["id"]
         wait_until(lambda: api.get(f"/v1/jobs/{exp}").json()["state"] in ("succeeded", "failed"), 900, 0.2)
         with api.stream("GET", f"/v1/jobs/{exp}/events", params={"follow_exports": "true"}) as r:
-            events = list(parse_sse(r.iter_lines()))
+            events = list(events_of(r.iter_lines()))
         final = api.get(f"/v1/jobs/{exp}").json()
         search_end = max(_at(e) for e in events if e.get("kind") == "evaluation")
         exports = [e for e in events if e.get("kind") == "export"]
@@ -459,7 +435,7 @@ def main() -> None:
             wait_until(lambda: api.get(f"/v1/jobs/{exp}").json()["state"] in ("succeeded", "failed"), 900, 0.2)
             final = api.get(f"/v1/jobs/{exp}").json()
             with api.stream("GET", f"/v1/jobs/{exp}/events") as r:
-                events = list(parse_sse(r.iter_lines()))
+                events = list(events_of(r.iter_lines()))
             at = [datetime.fromisoformat(e["created_at"]) for e in events if e.get("kind") == "evaluation"]
             end = [datetime.fromisoformat(e["created_at"]) for e in events if e.get("to_state") == final["state"]]
             exports = api.get(f"/v1/jobs/{exp}/models").json()
