@@ -9,6 +9,9 @@ to the layer output, ``E[a_j^2] * ||W_out[:, j]||^2`` over ``--n-calib`` trainin
 ``magnitude`` (L1 of the unit's weights, the library's ``l1``); then each layer's second FFN linear is re-fitted
 by ridge least squares so that the kept units reproduce the full FFN output on those sentences (``--no-refit``
 skips it). On the test split that alone lifts the one-shot cosine of a 60% FFN cut from 0.60 (magnitude) to 0.93.
+``--sequential`` re-fits layer by layer instead, first to last, on the partly pruned model and towards the unpruned
+layer's pre-norm output, so each layer also corrects the error of the layers before it (0.925 -> 0.936 one-shot at
+60%). ``--ort`` adds the speed-up measured in ONNX Runtime (1 thread, interleaved).
 
 The pruned model is fine-tuned with autoprune's own fine-tune stage (:func:`autoprune.recovery.finetune`, AdamW,
 cosine schedule after a warm-up) through its ``train_step`` hook: the loss is ``1 - cosine`` between the pruned
@@ -324,8 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-refit", dest="refit", action="store_false",
                         help="skip the least-squares re-fit of each FFN's second linear")  # fmt: skip
     parser.add_argument("--ort", action="store_true", help="also time in ONNX Runtime (1 thread, interleaved)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="re-fit layer by layer on the partly pruned model, towards the unpruned layer outputs")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="re-fit layer by layer on the partly pruned model, towards the unpruned layer outputs",
+    )
     parser.add_argument("--n-calib", type=int, default=1024, help="training sentences for scores and re-fit")
     parser.add_argument("--epochs", type=float, default=0.0, help="passes over the training text instead of --steps")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (unless --epochs is given)")
