@@ -154,10 +154,18 @@ def ffn_scores(model: nn.Module, grams: list[torch.Tensor], select: str) -> list
 
 
 @torch.no_grad()
-def prune_ffn_layer(layer: nn.Module, keep: list[int], gram: torch.Tensor | None, damp: float = 1e-2) -> None:
+def prune_ffn_layer(
+    layer: nn.Module,
+    keep: list[int],
+    gram: torch.Tensor | None,
+    damp: float = 1e-2,
+    *,
+    cross: torch.Tensor | None = None,
+) -> None:
     """Keep FFN units ``keep`` of one encoder layer, in place. With ``gram`` the second linear is re-fitted by
     ridge least squares so that the kept units reproduce the full FFN's output on the calibration tokens
-    (``[a_K, 1] W' ~ [a, 1] W``: the bias absorbs the mean of what the removed units wrote)."""
+    (``[a_K, 1] W' ~ [a, 1] W``: the bias absorbs the mean of what the removed units wrote). ``cross``
+    (``[a, 1]^T t``, from :func:`corrected_grams`) fits towards another target ``t`` instead."""
     fc1, fc2 = layer.intermediate.dense, layer.output.dense
     k = torch.as_tensor(sorted(keep))
     new1, new2 = nn.Linear(fc1.in_features, len(k)), nn.Linear(len(k), fc2.out_features)
@@ -167,11 +175,12 @@ def prune_ffn_layer(layer: nn.Module, keep: list[int], gram: torch.Tensor | None
         new2.weight.copy_(fc2.weight[:, k])
         new2.bias.copy_(fc2.bias)
     else:
-        w = torch.cat([fc2.weight.T, fc2.bias[None]], dim=0).double()
         kk = torch.cat([k, torch.tensor([gram.shape[0] - 1])])
         g_kk = gram[kk][:, kk]
         ridge = damp * torch.diagonal(g_kk).mean() * torch.eye(len(kk), dtype=g_kk.dtype)
-        solution = torch.linalg.solve(g_kk + ridge, gram[kk] @ w)
+        if cross is None:
+            cross = gram @ torch.cat([fc2.weight.T, fc2.bias[None]], dim=0).double()
+        solution = torch.linalg.solve(g_kk + ridge, cross[kk])
         new2.weight.copy_(solution[:-1].T.float())
         new2.bias.copy_(solution[-1].float())
     layer.intermediate.dense, layer.output.dense = new1, new2
@@ -220,24 +229,6 @@ def corrected_grams(
     return g, c
 
 
-@torch.no_grad()
-def refit_ffn_layer(layer: nn.Module, keep: list[int], gram: torch.Tensor, cross: torch.Tensor, damp: float) -> None:
-    """Keep FFN units ``keep`` of one layer; the second linear solves ``[a_K, 1] W' ~ t`` (ridge) from the
-    statistics of :func:`corrected_grams`."""
-    fc1, fc2 = layer.intermediate.dense, layer.output.dense
-    k = torch.as_tensor(sorted(keep))
-    new1, new2 = nn.Linear(fc1.in_features, len(k)), nn.Linear(len(k), fc2.out_features)
-    new1.weight.copy_(fc1.weight[k])
-    new1.bias.copy_(fc1.bias[k])
-    kk = torch.cat([k, torch.tensor([gram.shape[0] - 1])])
-    g_kk = gram[kk][:, kk]
-    ridge = damp * torch.diagonal(g_kk).mean() * torch.eye(len(kk), dtype=g_kk.dtype)
-    solution = torch.linalg.solve(g_kk + ridge, cross[kk])
-    new2.weight.copy_(solution[:-1].T.float())
-    new2.bias.copy_(solution[-1].float())
-    layer.intermediate.dense, layer.output.dense = new1, new2
-
-
 def prune_ffn_sequential(
     model: nn.Module, teacher: nn.Module, ratio: float, x_cal: torch.Tensor, damp: float = 1e-2
 ) -> None:
@@ -250,7 +241,7 @@ def prune_ffn_sequential(
         scores = energy * (fc2.weight**2).sum(0)
         keep = kept_units(scores.numel(), ratio, 8)
         order = torch.argsort(scores, descending=True, stable=True)[:keep].tolist()
-        refit_ffn_layer(layer, order, gram, cross, damp)
+        prune_ffn_layer(layer, order, gram, damp, cross=cross)
 
 
 def prune_ffn(model: nn.Module, ratio: float, x_cal: torch.Tensor, select: str, refit: bool) -> None:
