@@ -430,6 +430,7 @@ def _protocol_lines(result: SearchResult) -> list[str]:
     loads = [x for q in protocols for x in (q.load_before, q.load_after)]
     repeats = [q.repeats for q in protocols]
     cached = sum(1 for e in candidates if e.latency.cached)
+    remeasured = sum(1 for e in candidates if e.latency.remeasured)
     versions = ", ".join(f"{k} {v}" for k, v in sorted(p.versions.items())) or "not recorded"
     head = f"- runtime: {p.runtime}; threads: {p.threads} (pinned); batch size: {p.batch_size}"
     if _synthetic(p):
@@ -448,6 +449,8 @@ def _protocol_lines(result: SearchResult) -> list[str]:
         f"- machine: {p.machine or 'not recorded'}",
         _lock_line(protocols),
         f"- figures answered from the shape cache (same pruned shape, timed once): {cached} of {len(candidates)}",
+        "- figures timed twice because the unpruned reference ran far off its usual time (a neighbour woke; the "
+        f"closer of the two kept): {remeasured} of {len(candidates)}",
     ]
     lines.append(
         "\nEach candidate was timed interleaved with the unpruned model in the same window (alternating which "

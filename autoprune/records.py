@@ -68,6 +68,9 @@ class Latency:
     timed_ms: float | None = None
     """Wall time of every run the meter made (warm-up and timed, candidate and reference): what the measurement
     cost in forward passes."""
+    remeasured: bool = False
+    """The first measurement's reference was an outlier (a neighbour woke): it was timed again and this is the one
+    whose reference ran closer to the job's usual figure."""
 
     @property
     def spread(self) -> float:

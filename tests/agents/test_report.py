@@ -239,6 +239,8 @@ def test_measured_latency_is_described_with_its_protocol(tmp_path: Path) -> None
     assert f"torch {protocol.versions['torch']}" in report and protocol.machine in report
     assert "interleaved with the unpruned model" in report and "median of the per-pair ratios" in report
     assert "1-minute load average before/after" in report
+    remeasured = sum(e.latency.remeasured for e in result.evaluations)
+    assert f"ran far off its usual time (a neighbour woke; the closer of the two kept): {remeasured} of " in report
     cores = ",".join(map(str, protocol.cpus))
     assert protocol.cpus and f"- cores: {cores}; exclusive (host measurement lock): off 3 of 3 figures" in report
     _check_png(paths["plot"])

@@ -6,6 +6,7 @@ quartiles are ordered, the cache is hit) and on what the protocol records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -189,6 +190,50 @@ def test_cached_meter_times_each_shape_once(small: nn.Module, x: torch.Tensor) -
     fresh = meter.measure(small, x, reference=small, refresh=True)
     assert inner.calls == 2 and fresh.cached is False and len(meter.cache) == 1
     assert meter.measure(small, x).median_ms == fresh.median_ms
+
+
+class ScriptedReferenceMeter:
+    """A fake inner meter whose interleaved reference runs at the scripted times (a neighbour waking is the
+    point): the candidate/reference ratio is what a burst on the reference alone would give."""
+
+    def __init__(self, reference_ms: list[float]) -> None:
+        self.inner = DeterministicMeter()
+        self.config = self.inner.config
+        self.reference_ms = list(reference_ms)
+        self.calls = 0
+
+    def measure(self, model: nn.Module, example_inputs: torch.Tensor, *, reference: nn.Module | None = None) -> Latency:
+        self.calls += 1
+        lat = self.inner.measure(model, example_inputs)
+        ref = self.reference_ms.pop(0)
+        return dataclasses.replace(lat, reference_median_ms=ref, ratio=lat.median_ms / ref)
+
+
+def test_cached_meter_times_an_outlier_reference_again(small: nn.Module, x: torch.Tensor) -> None:
+    # three ordinary figures, then one whose reference ran 2.3x slow (a false speed-up), then ordinary again
+    inner = ScriptedReferenceMeter([3.0, 3.1, 2.9, 7.0, 3.05, 3.0])
+    meter = CachedMeter(inner)
+    for width in (16, 24, 32):
+        assert meter.measure(_stack(width), x, reference=small).remeasured is False
+    assert inner.calls == 3 and meter.remeasures == 0
+    kept = meter.measure(_stack(40), x, reference=small)
+    assert inner.calls == 5 and meter.remeasures == 1
+    assert kept.remeasured is True and kept.reference_median_ms == 3.05
+    # the cached figure is the kept one, and an ordinary reference is not timed twice
+    assert meter.measure(_stack(40), x).reference_median_ms == 3.05
+    assert meter.measure(_stack(48), x, reference=small).remeasured is False
+    assert inner.calls == 6
+    # the flag survives the record's JSON
+    assert Latency.from_json(kept.to_json()).remeasured is True
+
+
+def test_cached_meter_keeps_the_first_figure_when_the_second_is_worse(small: nn.Module, x: torch.Tensor) -> None:
+    inner = ScriptedReferenceMeter([3.0, 3.0, 3.0, 4.0, 9.0])
+    meter = CachedMeter(inner)
+    for width in (16, 24, 32):
+        meter.measure(_stack(width), x, reference=small)
+    kept = meter.measure(_stack(40), x, reference=small)
+    assert inner.calls == 5 and kept.reference_median_ms == 4.0 and kept.remeasured is True
 
 
 def test_cached_meter_keys_differ_by_shape(small: nn.Module, x: torch.Tensor) -> None:
