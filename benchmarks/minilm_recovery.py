@@ -11,7 +11,10 @@ by ridge least squares so that the kept units reproduce the full FFN output on t
 skips it). On the test split that alone lifts the one-shot cosine of a 60% FFN cut from 0.60 (magnitude) to 0.93.
 ``--sequential`` re-fits layer by layer instead, first to last, on the partly pruned model and towards the unpruned
 layer's pre-norm output, so each layer also corrects the error of the layers before it (0.925 -> 0.936 one-shot at
-60%). ``--ort`` adds the speed-up measured in ONNX Runtime (1 thread, interleaved).
+60%). ``--allocation measured`` keeps the same total of FFN units but spreads it by measured sensitivity: each layer
+is pruned alone to every width of a grid (``--width-step``) and the validation cosine drop recorded, then the
+widths minimising the summed drop are found by dynamic programming. ``--ort`` adds the speed-up measured in ONNX
+Runtime (1 thread, interleaved).
 
 The pruned model is fine-tuned with autoprune's own fine-tune stage (:func:`autoprune.recovery.finetune`, AdamW,
 cosine schedule after a warm-up) through its ``train_step`` hook: the loss is ``1 - cosine`` between the pruned
@@ -230,16 +233,23 @@ def corrected_grams(
 
 
 def prune_ffn_sequential(
-    model: nn.Module, teacher: nn.Module, ratio: float, x_cal: torch.Tensor, damp: float = 1e-2
+    model: nn.Module,
+    teacher: nn.Module,
+    ratio: float,
+    x_cal: torch.Tensor,
+    damp: float = 1e-2,
+    *,
+    widths: list[int] | None = None,
 ) -> None:
     """Layer by layer, first to last: rank the FFN units by activation energy on the partly pruned model, keep
-    ``1 - ratio`` of them (rounded to 8) and re-fit the second linear with :func:`corrected_grams`."""
+    ``1 - ratio`` of them (rounded to 8), or ``widths[i]`` units of layer ``i`` when given, and re-fit the second
+    linear with :func:`corrected_grams`."""
     for i, layer in enumerate(model.bert.encoder.layer):
         gram, cross = corrected_grams(model, teacher, i, x_cal)
         fc2 = layer.output.dense
         energy = (torch.diagonal(gram)[:-1] / gram[-1, -1]).float()
         scores = energy * (fc2.weight**2).sum(0)
-        keep = kept_units(scores.numel(), ratio, 8)
+        keep = kept_units(scores.numel(), ratio, 8) if widths is None else widths[i]
         order = torch.argsort(scores, descending=True, stable=True)[:keep].tolist()
         prune_ffn_layer(layer, order, gram, damp, cross=cross)
 
@@ -253,6 +263,49 @@ def prune_ffn(model: nn.Module, ratio: float, x_cal: torch.Tensor, select: str, 
         keep = kept_units(s.numel(), ratio, 8)
         order = torch.argsort(s, descending=True, stable=True)[:keep].tolist()
         prune_ffn_layer(layer, order, grams[i] if refit else None)
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model: nn.Module, x_cal: torch.Tensor, x_val: torch.Tensor, widths: list[int]
+) -> list[dict[int, float]]:
+    """Measured sensitivity of every encoder layer's FFN width: for layer ``i`` alone pruned to each of
+    ``widths`` (activation energy + least-squares re-fit, the rest of the model unpruned), the mean ``1 - cos``
+    of the validation embeddings to the unpruned model's."""
+    layers = model.bert.encoder.layer
+    grams = ffn_grams(model, x_cal)
+    scores = ffn_scores(model, grams, "activation")
+    with eval_mode(model):
+        ref = model(x_val)
+        out: list[dict[int, float]] = []
+        for i in range(len(layers)):
+            original = layers[i]
+            order = torch.argsort(scores[i], descending=True, stable=True).tolist()
+            drops: dict[int, float] = {}
+            for w in widths:
+                trial = copy.deepcopy(original)
+                prune_ffn_layer(trial, order[:w], grams[i])
+                layers[i] = trial
+                drops[w] = float((1.0 - (model(x_val) * ref).sum(dim=1)).mean())
+            layers[i] = original
+            out.append(drops)
+    return out
+
+
+def allocate_widths(sensitivity: list[dict[int, float]], total: int) -> list[int]:
+    """Per-layer FFN widths that minimise the summed measured drop (:func:`layer_sensitivity`, taken as
+    additive) with at most ``total`` units in all: an exact dynamic programme over the measured widths."""
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for drops in sensitivity:
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for used, (cost, picked) in best.items():
+            for w, d in drops.items():
+                if used + w <= total and (used + w not in nxt or cost + d < nxt[used + w][0]):
+                    nxt[used + w] = (cost + d, [*picked, w])
+        best = nxt
+    if not best:
+        raise ValueError(f"no allocation of {total} FFN units over the measured widths")
+    return min(best.values(), key=lambda v: v[0])[1]
 
 
 def drop_layers(model: nn.Module, drop: list[int]) -> list[int]:
@@ -323,6 +376,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="re-fit layer by layer on the partly pruned model, towards the unpruned layer outputs",
     )
+    parser.add_argument(
+        "--allocation",
+        choices=("uniform", "measured"),
+        default="uniform",
+        help="FFN widths per layer: the same ratio everywhere, or the same total allocated by measured per-layer "
+        "sensitivity (validation cosine drop of each layer pruned alone at each width; with --sequential)",
+    )
+    parser.add_argument("--width-step", type=int, default=64, help="width grid of --allocation measured")
     parser.add_argument("--n-calib", type=int, default=1024, help="training sentences for scores and re-fit")
     parser.add_argument("--epochs", type=float, default=0.0, help="passes over the training text instead of --steps")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (unless --epochs is given)")
@@ -389,8 +450,20 @@ def main(argv: list[str] | None = None) -> None:
         heads = r if args.heads < 0 else args.heads
         pruned = ctx.apply(Plan(tuple((n, heads) for n in attention), round_to=8)) if heads > 0 else copy.deepcopy(base)
         kept = drop_layers(pruned, args.drop_layers) if args.drop_layers else list(range(len(attention)))
+        widths = None
+        if r > 0 and args.allocation == "measured" and not args.drop_layers:
+            units = pruned.bert.encoder.layer[0].intermediate.dense.out_features
+            grid = list(range(args.width_step, units + 1, args.width_step))
+            sens = layer_sensitivity(pruned, x_cal, x_val, grid)
+            total = len(attention) * kept_units(units, r, 8) // args.width_step * args.width_step
+            widths = allocate_widths(sens, total)
+            uniform = kept_units(units, r, 8)
+            print(f"measured allocation at {r:g}: FFN widths {widths} (uniform {uniform}); summed drop "
+                  f"{sum(s[w] for s, w in zip(sens, widths, strict=True)):.4f}", flush=True)  # fmt: skip
         if r > 0 and args.sequential and not args.drop_layers:
-            prune_ffn_sequential(pruned, base, r, x_cal)
+            prune_ffn_sequential(pruned, base, r, x_cal, widths=widths)
+        elif widths is not None:
+            raise SystemExit("--allocation measured needs --sequential")
         elif r > 0:
             prune_ffn(pruned, r, x_cal, args.select, args.refit)
         if not args.dropout:
@@ -422,7 +495,12 @@ def main(argv: list[str] | None = None) -> None:
         lat_typical = meter.measure(pruned, typical, reference=base)
         lat_ort = ort.measure(pruned, longest, reference=base) if args.ort else None
         ort_cell = f"{1 / (lat_ort.ratio or float('nan')):.2f}x" if lat_ort is not None else "-"
-        ffn = pruned.bert.encoder.layer[0].intermediate.dense.out_features
+        ffn_widths = sorted({layer.intermediate.dense.out_features for layer in pruned.bert.encoder.layer})
+        ffn = (
+            ffn_widths[0]
+            if len(ffn_widths) == 1
+            else "/".join(str(layer.intermediate.dense.out_features) for layer in pruned.bert.encoder.layer)
+        )
         steps = f"{reports[-1].steps} ({reports[-1].stopped})" if reports else "0"
         rows.append(
             f"| {heads:.2f} / {r:.2f} / {len(kept)} ({ffn}) | {float(one_shot.mean()):.3f} | {float(cos.mean()):.4f} "
