@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="training threads (timing always uses 1)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of fine-tuning per ratio")
     args = parser.parse_args(argv)
+    if args.allocation == "measured" and (not args.sequential or args.drop_layers):
+        parser.error("--allocation measured needs --sequential and no --drop-layers")
     text = "more" if args.more_text else args.text
 
     t0 = time.perf_counter()
@@ -451,19 +453,16 @@ def main(argv: list[str] | None = None) -> None:
         pruned = ctx.apply(Plan(tuple((n, heads) for n in attention), round_to=8)) if heads > 0 else copy.deepcopy(base)
         kept = drop_layers(pruned, args.drop_layers) if args.drop_layers else list(range(len(attention)))
         widths = None
-        if r > 0 and args.allocation == "measured" and not args.drop_layers:
+        if r > 0 and args.allocation == "measured":
             units = pruned.bert.encoder.layer[0].intermediate.dense.out_features
             grid = list(range(args.width_step, units + 1, args.width_step))
             sens = layer_sensitivity(pruned, x_cal, x_val, grid)
-            total = len(attention) * kept_units(units, r, 8) // args.width_step * args.width_step
-            widths = allocate_widths(sens, total)
             uniform = kept_units(units, r, 8)
+            widths = allocate_widths(sens, len(attention) * uniform // args.width_step * args.width_step)
             print(f"measured allocation at {r:g}: FFN widths {widths} (uniform {uniform}); summed drop "
                   f"{sum(s[w] for s, w in zip(sens, widths, strict=True)):.4f}", flush=True)  # fmt: skip
         if r > 0 and args.sequential and not args.drop_layers:
             prune_ffn_sequential(pruned, base, r, x_cal, widths=widths)
-        elif widths is not None:
-            raise SystemExit("--allocation measured needs --sequential")
         elif r > 0:
             prune_ffn(pruned, r, x_cal, args.select, args.refit)
         if not args.dropout:
@@ -495,12 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         lat_typical = meter.measure(pruned, typical, reference=base)
         lat_ort = ort.measure(pruned, longest, reference=base) if args.ort else None
         ort_cell = f"{1 / (lat_ort.ratio or float('nan')):.2f}x" if lat_ort is not None else "-"
-        ffn_widths = sorted({layer.intermediate.dense.out_features for layer in pruned.bert.encoder.layer})
-        ffn = (
-            ffn_widths[0]
-            if len(ffn_widths) == 1
-            else "/".join(str(layer.intermediate.dense.out_features) for layer in pruned.bert.encoder.layer)
-        )
+        ffn_widths = [layer.intermediate.dense.out_features for layer in pruned.bert.encoder.layer]
+        ffn = ffn_widths[0] if len(set(ffn_widths)) == 1 else "/".join(map(str, ffn_widths))
         steps = f"{reports[-1].steps} ({reports[-1].stopped})" if reports else "0"
         rows.append(
             f"| {heads:.2f} / {r:.2f} / {len(kept)} ({ffn}) | {float(one_shot.mean()):.3f} | {float(cos.mean()):.4f} "
