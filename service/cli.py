@@ -338,8 +338,9 @@ def download(
     url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Download an exported model of a finished (or cancelled, or failed) job and print its recorded figures.
-    A point not exported yet is requested and waited for (exit status 3 when it is not ready in time)."""
+    """Download an exported model of a job and print its recorded figures: a numbered point of a running job
+    too, ``best`` once the job has finished (or was cancelled, or failed). A point not exported yet is requested
+    and waited for (exit status 3 when it is not ready in time)."""
     from service.client import ExportFailed, ExportPending
 
     if format not in SUFFIXES:

@@ -35,13 +35,14 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   *What the worker takes next* (:meth:`Worker.run_once`): a user's export request, then the background exports
   of the job it has just finished, then a new job, then any background export. *The model and data are built
   once*: the job's own objective (its loaded model, data and traced pruning structure) is kept after the job and
-  exports the rest of its front; a request for another finished job builds that job's objective once and keeps
+  exports the rest of its front; a request for another job builds that job's objective once and keeps
   it for the requests of the same job that follow (:meth:`Worker._objective_for`; one job's at a time).
   *Requests never wait behind a running job*: between two steps of the job it runs (before each candidate, each
   probe of a strategy that probes, each point to fine-tune, and at each progress report of a fine-tune, about
-  once an epoch: :class:`service.holding.JobHooks`), the worker makes at most one waiting user's request of a
-  finished job, then goes on with the job; while none waits it looks at most once per ``poll_seconds``. The
-  export runs on the job's own thread, between two steps, so it never overlaps the timing of this worker's
+  once an epoch: :class:`service.holding.JobHooks`), the worker makes at most one waiting user's request (of a
+  finished job, or of a running one: a point of the job it runs is exported with that job's own objective, and
+  ``best`` only names the exported file once the job has finished), then goes on with the job; while none waits
+  it looks at most once per ``poll_seconds``. The export runs on the job's own thread, between two steps, so it never overlaps the timing of this worker's
   candidates; other workers of the host are kept out of the timed runs by the measurement lock
   (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
   streams as they were (a seeded job does the same with or without requests). The running job's lease is kept
@@ -103,7 +104,7 @@ from service.db.engine import (
     is_sqlite,
     make_engine,
 )
-from service.db.models import ExportRequest, JobRow, JobState
+from service.db.models import TERMINAL, ExportRequest, JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
 from service.holding import JobHooks as _JobHooks
 from service.holding import JobStop as _Stop
@@ -192,6 +193,9 @@ class Worker:
         self._export_objective: tuple[str, JobSpec, Objective] | None = None
         """The last job whose points were exported: its spec and objective (the job's own after a search, else
         built once for the requests of that job)."""
+        self._running: tuple[str, JobSpec, Objective] | None = None
+        """The job this worker is running, with its spec and objective: a request of one of its own points made
+        between two of its steps exports with them (the model and data are not loaded a second time)."""
         self.export_objective_builds = 0
         """How many objectives this worker built to export points (not counting the jobs' own searches)."""
         self._purged_at: float | None = None
@@ -269,7 +273,7 @@ class Worker:
     def _serve_between(self, lease: _Lease) -> None:
         """Between two units of the running job's work (candidates, probes, fine-tuned points, a fine-tune's
         progress reports: see :class:`service.holding.JobHooks`): make at most one waiting user's export request
-        of a finished job (see the module docstring). The queue is looked at again at once after a request was
+        (of a finished job, or of a running one: this job's own points too; see the module docstring). The queue is looked at again at once after a request was
         made, else at most once per ``poll_seconds``, as an idle worker polls. The export does not touch the
         job's random streams (torch, NumPy, ``random``): a seeded job asks the same plans and trains the same
         weights whether or not requests came in (a resumed job replays its evaluations)."""
@@ -309,6 +313,8 @@ class Worker:
                 outcome = stop.outcome
             except LeaseLost:
                 outcome = "lost"
+            finally:
+                self._running = None
             if outcome == "cancelled":
                 try:
                     self.repo.transition(
@@ -424,6 +430,7 @@ class Worker:
             log=lambda note: self._log(job.id, note), latency=spec.latency_config(**self.settings.latency_host)
         )
         baseline = objective.baseline
+        self._running = (job.id, spec, objective)
 
         def best_of(search: list[Evaluation], finetuned: Sequence[Evaluation] = ()) -> dict[str, Any]:
             snapshot = SearchResult(
@@ -673,8 +680,9 @@ class Worker:
             point = Evaluation.from_json(row.record)
             spec, objective = self._objective_for(job)
             model = self._rebuild(objective, point, row.weights_sha256)
-            best = job.best or {}
-            is_best = (best.get("stage"), best.get("index")) == (request.stage, request.index)
+            best = job.best or {}  # a running job's is the best so far: not the point ``best`` names at the end
+            finished = job.state in {t.value for t in TERMINAL}
+            is_best = finished and (best.get("stage"), best.get("index")) == (request.stage, request.index)
             with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
                 sha, meta = self._export_point(
                     job.id, model, point, request.format, Path(tmp), objective, spec, is_best
@@ -696,7 +704,10 @@ class Worker:
         return done.state
 
     def _objective_for(self, job: JobRow) -> tuple[JobSpec, Objective]:
-        """The job's spec and objective for exporting its points (kept for the next request of the same job)."""
+        """The job's spec and objective for exporting its points: the running job's own for its points, else kept
+        for the next request of the same job."""
+        if self._running is not None and self._running[0] == job.id:
+            return self._running[1], self._running[2]
         cached = self._export_objective
         if cached is not None and cached[0] == job.id:
             return cached[1], cached[2]

@@ -1,6 +1,6 @@
 """``/v1/jobs``: create (validated by ``JobSpec.validate()``, torch-free; ``Idempotency-Key`` honoured), list,
-get, cancel, live events (SSE), evaluations, the Pareto front, export requests (``/exports``: a point of a finished
-job in a format, made by a worker) and downloads of exported models."""
+get, cancel, live events (SSE), evaluations, the Pareto front, export requests (``/exports``: a point of a job,
+running or finished, in a format, made by a worker) and downloads of exported models."""
 
 from __future__ import annotations
 
@@ -271,10 +271,11 @@ def _best_point(job: JobRow) -> tuple[int, str] | None:
 
 def _resolve_export(repo: Repository, job_id: str, point: str, format: str, stage: str | None) -> ExportRow:
     job = repo.get_job(job_id)
-    if not _terminal(job.state):
+    if point == "best" and not _terminal(job.state):
         raise Problem(
             409,
-            f"job {job.id} is {job.state}: its models are exported when it finishes",
+            f"job {job.id} is {job.state}: its best point is chosen and exported when it finishes (a numbered "
+            f"point can be requested now: POST /v1/jobs/{job.id}/exports)",
             slug="job-not-finished",
         )
     exports = [e for e in repo.exports(job_id) if e.format == format]
@@ -392,9 +393,10 @@ ExportRequest = Annotated[_ExportRequest, Depends(_export_request)]
     },
 )
 def download_model(req: ExportRequest) -> FileResponse:
-    """The stored export of a front point (or ``best``) in ``format``; its metadata at ``.../meta``. 409 while the
-    job has not finished; 404 when that point or format was not exported (``export-failed``, with the error, when
-    its export failed)."""
+    """The stored export of a point (or ``best``) in ``format``; its metadata at ``.../meta``. A numbered point
+    is served as soon as its export is done, while the job still runs too; ``best`` is a 409 until the job has
+    finished (the best point is chosen then). 404 when that point or format was not exported (``export-failed``,
+    with the error, when its export failed)."""
     row, stage = req.row, req.stage
     path, media_type = _artefact_file(req.repo, req.store, row)
     if path is None:
@@ -462,19 +464,14 @@ def _point_to_export(repo: Repository, job: JobRow, body: ExportRequestCreate) -
     },
 )
 def request_export(job_id: JobId, body: ExportRequestCreate, response: Response, repo: RepoDep) -> ExportRequestOut:
-    """Queue the export of a point (``best`` or an evaluation index) of a finished job in one format: 202 with
-    ``Location`` (the request; poll it until ``done``, then download ``download_url``), or 200 when the file
-    exists already. A user's request goes before the workers' background exports. Cancelled and failed jobs'
-    evaluations can be exported too. 409 while the job is queued or running, and for a point that cannot be
-    rebuilt (fine-tuned before its weights were kept)."""
+    """Queue the export of a point (``best`` or an evaluation index) in one format: 202 with ``Location`` (the
+    request; poll it until ``done``, then download ``download_url``), or 200 when the file exists already. A
+    user's request goes before the workers' background exports. A running job's recorded points can be exported
+    while it runs (its own worker makes the request between two of the job's steps, with the job's model and
+    data, when no idle worker takes it first); ``best`` is then the best point so far. Cancelled and failed
+    jobs' evaluations can be exported too. 409 for a point that cannot be rebuilt (fine-tuned before its weights
+    were kept)."""
     job = repo.get_job(job_id)
-    if not _terminal(job.state):
-        raise Problem(
-            409,
-            f"job {job.id} is {job.state}: its best point is exported when it finishes, other points can be "
-            "requested then",
-            slug="job-not-finished",
-        )
     row = _point_to_export(repo, job, body)
     if row.stage == "finetuned" and row.weights_sha256 is None:
         raise Problem(

@@ -245,7 +245,7 @@ class ExportOut(BaseModel):
 
 
 class ExportRequestCreate(_Request):
-    """Export one point of a finished (or cancelled, or failed) job in one format."""
+    """Export one recorded point of a job (running, finished, cancelled or failed) in one format."""
 
     point: Literal["best"] | Annotated[int, Field(ge=0, le=999_999_999, strict=True)] = Field(
         description="`best` or an evaluation index."

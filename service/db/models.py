@@ -196,7 +196,7 @@ the front (``AUTOPRUNE_EXPORT_FRONT=eager``). ``job``: the best point, exported 
 
 
 class ExportRequest(Base):
-    """One export of one point of a finished job in one format, as a queue entry: queued -> running (a worker
+    """One export of one point of a job in one format, as a queue entry: queued -> running (a worker
     holds its lease) -> done (an :class:`ExportRow` exists) or failed (after its retries, or at once when the
     point cannot be exported in that format). A worker that dies leaves it running with an expired lease: the
     next claim takes it again (one attempt more). The best point's exports, made by the job's own worker before

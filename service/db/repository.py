@@ -1055,8 +1055,9 @@ class Repository:
     def claim_export(
         self, worker_id: str, lease_seconds: float, *, max_priority: int | None = None, job_id: str | None = None
     ) -> ExportRequest | None:
-        """Claim the next export request of a finished job: queued, or running with an expired lease (its worker
-        died), lowest priority first, then oldest; at most ``max_priority`` and of job ``job_id`` when given.
+        """Claim the next export request: queued, or running with an expired lease (its worker died), lowest
+        priority first, then oldest; at most ``max_priority`` and of job ``job_id`` when given. A background
+        request waits for its job to finish; a user's (priority ``user``) is claimable while the job runs too.
         PostgreSQL: ``FOR UPDATE
         SKIP LOCKED``; SQLite: inside ``BEGIN IMMEDIATE``. A request whose worker died on it
         :data:`MAX_EXPORT_ATTEMPTS` times is failed instead (with an ``export`` event)."""
@@ -1070,7 +1071,10 @@ class Repository:
                         ExportRequest.lease_expires_at < utcnow(),
                     ),
                 ),
-                ExportRequest.job_id.in_(select(JobRow.id).where(JobRow.state.in_([t.value for t in TERMINAL]))),
+                or_(
+                    ExportRequest.priority <= EXPORT_PRIORITY["user"],
+                    ExportRequest.job_id.in_(select(JobRow.id).where(JobRow.state.in_([t.value for t in TERMINAL]))),
+                ),
             )
             if job_id is not None:
                 cond = and_(cond, ExportRequest.job_id == job_id)

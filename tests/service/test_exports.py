@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -68,11 +69,15 @@ def export_events(repo: Repository, job_id: str) -> list[dict[str, Any]]:
 
 
 # -- the queue ------------------------------------------------------------------------------------------------
-def test_user_requests_go_first_and_only_finished_jobs_are_claimed(repo: Repository) -> None:
+def test_user_requests_go_first_and_a_running_jobs_background_exports_wait(repo: Repository) -> None:
     running = new_job(repo)
     assert repo.claim_job("w", 60) is not None
     assert repo.enqueue_exports(running.id, [("search", 1)], ["onnx"]) == 1
-    assert repo.claim_export("x", 60) is None  # the job still runs: its exports wait
+    assert repo.claim_export("x", 60) is None  # the job still runs: its background exports wait
+    asked, _ = repo.request_export(running.id, stage="search", index=4, format="onnx")
+    taken = repo.claim_export("x", 60)  # a user's request of the running job does not
+    assert taken is not None and taken.id == asked.id and taken.state == "running"
+    assert repo.claim_export("x", 60) is None
 
     job_id = finished_job(repo)
     assert repo.enqueue_exports(job_id, [("search", 1), ("search", 2)], ["onnx"]) == 2
@@ -306,9 +311,11 @@ def test_export_requests_over_http(db_url: str, tmp_path: Path, wait_for: Callab
                 "/v1/jobs", json={"model_id": model, "dataset_id": data, **SPEC, "export_formats": ["onnx"]}
             ).json()["id"]
             exports = f"/v1/jobs/{job_id}/exports"
-            _problem(api.post(exports, json={"point": "best", "format": "onnx"}), 409, "job-not-finished")
-            repo.claim_job("holder", 60)  # running: still 409
-            _problem(api.post(exports, json={"point": 1, "format": "onnx"}), 409, "job-not-finished")
+            # nothing recorded yet: no point to export, queued or running
+            _problem(api.post(exports, json={"point": "best", "format": "onnx"}), 404, "no-point")
+            repo.claim_job("holder", 60)
+            _problem(api.post(exports, json={"point": 1, "format": "onnx"}), 404, "no-point")
+            _problem(api.get(f"/v1/jobs/{job_id}/models/best"), 409, "job-not-finished")
             repo.release_job(job_id, "holder")
 
             assert worker._run_one() == "job"
@@ -475,6 +482,42 @@ def test_a_request_is_made_between_evaluations_of_another_running_job(
         recorded = [e.created_at for e in repo.evaluations(busy, limit=1000).items]
         assert not [t for t in recorded if made.started_at < t < made.finished_at]
         assert any(t < made.started_at for t in recorded)
+        repo.request_cancel(busy)
+        wait_for(lambda: repo.get_job(busy).state == "cancelled", 120, "the cancel")
+
+
+@pytest.mark.slow
+def test_a_point_of_the_running_job_is_downloaded_while_it_runs(tmp_path: Path, wait_for: Callable[..., None]) -> None:
+    """A user downloads point 1 of the job the only worker is running, as it runs (the client requests it and
+    waits): the worker makes it between two of the job's evaluations with the job's own objective (no second
+    build of its model and data), the file is the point's (its plan, not marked best), and ``best`` stays a 409
+    until the job has finished."""
+    with _finished_job_and_a_worker(tmp_path) as (app, worker, _done, start):
+        repo = worker.repo
+        busy = _submit(repo, budget=500, export_formats=["onnx"])
+        builds = worker.export_objective_builds
+        start()
+        wait_for(lambda: repo.get_job(busy).progress_done >= 1, 180, "the running job's first evaluation")
+        with serve_in_thread(app) as url, Client(url, KEY, timeout=60) as client, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as api:  # fmt: skip
+            best = api.get(f"/v1/jobs/{busy}/models/best", params={"format": "safetensors"})
+            _problem(best, 409, "job-not-finished")
+            path = client.download(busy, tmp_path / "point1.zip", point=1, format="safetensors", timeout=150)
+            job = api.get(f"/v1/jobs/{busy}").json()
+            assert job["state"] == "running" and job["progress"]["done"] < 500
+            meta = client.model_meta(busy, 1, format="safetensors")
+        with zipfile.ZipFile(path) as zf:
+            assert {"model.safetensors", "model.plan.json", "evaluation.json"} <= set(zf.namelist())
+            evaluation = json.loads(zf.read("evaluation.json"))
+        record = repo.evaluation(busy, stage="search", index=1).record
+        assert evaluation["index"] == 1 and evaluation["plan"] == record["plan"]
+        assert meta["index"] == 1 and meta["meta"]["best"] is False
+        assert worker.export_objective_builds == builds  # the running job's own model and data
+        (made,) = repo.export_requests(busy)
+        assert made.origin == "user" and made.started_at is not None and made.finished_at is not None
+        recorded = [e.created_at for e in repo.evaluations(busy, limit=1000).items]
+        assert not [t for t in recorded if made.started_at < t < made.finished_at]
         repo.request_cancel(busy)
         wait_for(lambda: repo.get_job(busy).state == "cancelled", 120, "the cancel")
 
