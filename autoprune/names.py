@@ -39,3 +39,9 @@ MIN_PER_SPLIT = 2
 MAX_CLASSES = 100_000
 """The most classes a labelled dataset may have (labels are class indices; a label of 10**9 is a mistake, and a
 head that wide would not fit in memory)."""
+MAX_BUILTIN_PARAMS = 200_000_000
+"""The most parameters a built-in architecture may be built with (counted on the meta device before anything is
+allocated: ``{"hidden": [10**9]}`` is refused, not an out-of-memory worker); 800 MB of float32 weights."""
+MAX_BUILTIN_INPUT = 1 << 24
+"""The most elements one example input of a built-in architecture may have (``image_size`` / ``seq_len`` /
+``in_channels`` together: 3x2048x2048 is still allowed; the model is traced and timed on such inputs)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError, InvalidConfigError, InvalidModelError, UnknownArchitectureError
 from autoprune.models import zoo
+from autoprune.names import MAX_BUILTIN_INPUT, MAX_BUILTIN_PARAMS
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -147,10 +149,14 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build architecture ``name`` with ``kwargs``.
 
     Raises :class:`UnknownArchitectureError` (with close matches) for an unknown name and
-    :class:`InvalidModelError` (one line naming the architecture and the argument) for bad kwargs or a
-    builder that fails or does not return an ``nn.Module``.
+    :class:`InvalidModelError` (one line naming the architecture and the argument) for bad kwargs, a
+    builder that fails or does not return an ``nn.Module``, and a built-in asked to be larger than
+    :data:`~autoprune.names.MAX_BUILTIN_PARAMS` parameters or :data:`~autoprune.names.MAX_BUILTIN_INPUT` input
+    elements (counted before anything is allocated).
     """
     key, builder = _resolve(name)
+    if key in _BUILTINS:
+        _check_size(key, builder, kwargs)
     try:
         model = builder(**kwargs)
     except AutopruneError:
@@ -163,6 +169,30 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"{key}: builder returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _check_size(key: str, builder: Builder, kwargs: Mapping[str, Any]) -> None:
+    """A built-in's size with ``kwargs``, counted on the meta device (nothing allocated): InvalidModelError past
+    :data:`~autoprune.names.MAX_BUILTIN_PARAMS` parameters or :data:`~autoprune.names.MAX_BUILTIN_INPUT` input
+    elements per sample; the builder's own argument errors are left to the real build."""
+    try:
+        with torch.device("meta"):
+            probe = builder(**kwargs)
+    except Exception:  # bad arguments: the real build names them
+        return
+    params = sum(p.numel() for p in probe.parameters())
+    if params > MAX_BUILTIN_PARAMS:
+        raise InvalidModelError(
+            f"{key}: these arguments make a model of {params:,} parameters, more than the {MAX_BUILTIN_PARAMS:,} "
+            f"a built-in architecture may have ({json.dumps(dict(kwargs), default=str)[:200]})"
+        )
+    shape = getattr(probe, "example_input_shape", None)
+    elements = math.prod(int(d) for d in shape) if shape is not None else 0
+    if elements > MAX_BUILTIN_INPUT:
+        raise InvalidModelError(
+            f"{key}: these arguments make an input of {elements:,} elements per sample (shape {tuple(shape)}), "
+            f"more than the {MAX_BUILTIN_INPUT:,} a built-in architecture may take"
+        )
 
 
 def example_inputs(model: nn.Module, batch_size: int = 1, *, seed: int = 0) -> torch.Tensor:

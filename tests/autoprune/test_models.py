@@ -177,6 +177,12 @@ def test_unknown_name_suggests_close_matches() -> None:
         ("mobilenetv2", {"width": -1.0}, "width"),
         ("cnn1d", {"channels": []}, "channels"),
         ("lstm", {"hidden_size": "64"}, "hidden_size"),
+        # sizes past the bounds are refused before anything is allocated (counted on the meta device)
+        ("mlp", {"hidden": [10**9]}, "75,000,000,010 parameters"),
+        ("transformer", {"d_model": 100_000, "nhead": 4}, "more than the 200,000,000"),
+        ("lstm", {"hidden_size": 100_000}, "parameters"),
+        ("resnet20", {"image_size": 100_000}, "30,000,000,000 elements per sample"),
+        ("cnn1d", {"seq_len": 10**8}, "(1, 100000000)"),
     ],
 )
 def test_bad_kwargs_raise_invalid_model_error(name: str, kwargs: dict[str, object], needle: str) -> None:
