@@ -186,11 +186,11 @@ def _check_size(key: str, builder: Builder, kwargs: Mapping[str, Any]) -> None:
             f"{key}: these arguments make a model of {params:,} parameters, more than the {MAX_BUILTIN_PARAMS:,} "
             f"a built-in architecture may have ({json.dumps(dict(kwargs), default=str)[:200]})"
         )
-    shape = getattr(probe, "example_input_shape", None)
-    elements = math.prod(int(d) for d in shape) if shape is not None else 0
+    shape = tuple(int(d) for d in getattr(probe, "example_input_shape", None) or ())
+    elements = math.prod(shape) if shape else 0
     if elements > MAX_BUILTIN_INPUT:
         raise InvalidModelError(
-            f"{key}: these arguments make an input of {elements:,} elements per sample (shape {tuple(shape)}), "
+            f"{key}: these arguments make an input of {elements:,} elements per sample (shape {shape}), "
             f"more than the {MAX_BUILTIN_INPUT:,} a built-in architecture may take"
         )
 
