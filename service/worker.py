@@ -564,8 +564,8 @@ class Worker:
         model = None
         with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
             for fmt in spec.export_formats:
+                lease.renew()  # first: a cancel asked during the last format stops the job before the next one
                 self._check(lease)
-                lease.renew()
                 started = time.monotonic()
                 try:
                     if model is None:

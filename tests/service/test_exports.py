@@ -236,6 +236,45 @@ def test_the_best_file_is_ready_when_the_job_succeeds_and_the_front_follows(db_u
 
 
 @pytest.mark.slow
+def test_a_cancel_during_the_best_points_export_stops_before_the_next_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user cancels while the worker exports the best point after the search (the cancel is asked while
+    the first format is made): that file is finished and kept, downloadable; the next formats are not made; the
+    job ends ``cancelled``, not ``succeeded``, and queues no background exports; the files of the point can
+    still be requested afterwards, like any cancelled job's."""
+    settings = Settings(data_dir=tmp_path / "data", lease_seconds=10, heartbeat_seconds=60)
+    upgrade(settings.db_url)
+    worker = Worker(settings, "w1")
+    repo = worker.repo
+    formats: list[str] = []
+    real = Worker._export_point
+
+    def export_point(self: Worker, job_id: str, *args: Any) -> tuple[str, dict[str, Any]]:
+        formats.append(args[2])
+        if len(formats) == 1:
+            repo.request_cancel(job_id)  # the user's cancel arrives while this format is being made
+        return real(self, job_id, *args)
+
+    monkeypatch.setattr(Worker, "_export_point", export_point)
+    try:
+        job_id = _submit(repo, budget=3, export_formats=["onnx", "safetensors", "pt2"])
+        assert worker._run_one() == "job"
+        job = repo.get_job(job_id)
+        assert job.state == "cancelled" and formats == ["onnx"]
+        assert len(repo.evaluations(job_id, limit=100).items) == 4  # the search's records are all kept
+        (kept,) = repo.exports(job_id)
+        assert kept.format == "onnx" and ArtefactStore(settings.artefacts).exists(kept.artefact_sha256, ".onnx")
+        assert [(r.format, r.state) for r in repo.export_requests(job_id)] == [("onnx", "done")]
+        # the point's other formats can still be requested, as for any cancelled job
+        req, ready = repo.request_export(job_id, stage=kept.stage, index=kept.index, format="pt2")
+        assert not ready
+        assert worker._run_one() == "export" and repo.get_export_request(job_id, req.id).state == "done"
+    finally:
+        worker.close()
+
+
+@pytest.mark.slow
 def test_finetuned_weights_are_stored_once_and_exports_reuse_them(tmp_path: Path) -> None:
     import safetensors.torch
 
