@@ -81,14 +81,15 @@ STRATEGIES: dict[str, StrategyInfo] = {
         StrategyInfo(
             "uniform",
             "agents.baselines:UniformSweep",
-            "one ratio for every group, swept low to high (the Torch-Pruning user's baseline)",
+            "one ratio for every group, swept low to high (the Torch-Pruning user's baseline; deterministic, no seed)",
             options=("ratios", "step"),
         ),
         StrategyInfo("random", "agents.baselines:RandomSearch", "independent uniform ratios per group"),
         StrategyInfo(
             "knapsack",
             "agents.knapsack:KnapsackSearch",
-            "latency-guided: each group probed alone (measured latency, quality), then a knapsack per target",
+            "latency-guided: each group probed alone (measured latency, quality), then a knapsack per target "
+            "(deterministic given its probes, no seed)",
             options=("probe_ratios", "min_target", "staircase_step", "focus_drop"),
         ),
         StrategyInfo(

@@ -13,6 +13,11 @@
 
 Targets sweep the achievable range coarse to fine (van der Corput order), so any budget covers the whole
 trade-off; a target whose plan was already evaluated is skipped.
+
+Deterministic: the search's seed is not used. Given the same probe table it asks the same plans in the same
+order; two runs differ only where the measurements (the probes' latencies, the re-calibration) differ. Seeds in
+a benchmark therefore vary the timing noise, not the plans (a resumed job gets its stored probes back and asks
+the same plans again).
 """
 
 from __future__ import annotations

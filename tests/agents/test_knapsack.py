@@ -137,6 +137,15 @@ def test_knapsack_search_plans_real_candidates_and_records_its_predictions(
     assert "## Latency table" in report and "Predicted vs measured latency" in report
 
 
+def test_the_knapsack_asks_the_same_plans_whatever_the_seed(objective: Objective) -> None:
+    """Deterministic, as ``autoprune strategies`` says: with the same measurements (a deterministic meter) two
+    seeds ask the same plans in the same order; a seeded random search does not."""
+    plans = [[e.plan for e in run_search(objective, "knapsack", 3, seed=s).evaluations] for s in (0, 7)]
+    assert plans[0] == plans[1] and len(set(plans[0])) == 3
+    randoms = [[e.plan for e in run_search(objective, "random", 3, seed=s).evaluations] for s in (0, 7)]
+    assert randoms[0] != randoms[1]
+
+
 def test_staircase_plans_keep_admissible_widths_exactly(objective: Objective) -> None:
     strategy = make_strategy("knapsack", staircase_step=None)  # None: half the objective's round_to (8 -> 4)
     result = run_search(objective, strategy, 4, max_ratio=0.75)
