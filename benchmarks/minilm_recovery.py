@@ -13,7 +13,9 @@ skips it). On the test split that alone lifts the one-shot cosine of a 60% FFN c
 layer's pre-norm output, so each layer also corrects the error of the layers before it (0.925 -> 0.936 one-shot at
 60%). ``--allocation measured`` keeps the same total of FFN units but spreads it by measured sensitivity: each layer
 is pruned alone to every width of a grid (``--width-step``) and the validation cosine drop recorded, then the
-widths minimising the summed drop are found by dynamic programming. ``--ort`` adds the speed-up measured in ONNX
+widths minimising the summed drop are found by dynamic programming. ``--stages k`` (with ``--sequential``) is
+gradual: the widths are reached in ``k`` rounds of sequential prune + distil on the cubic schedule of Zhu & Gupta
+(most of the cut in the first round), the steps and the time budget split evenly. ``--ort`` adds the speed-up measured in ONNX
 Runtime (1 thread, interleaved).
 
 The pruned model is fine-tuned with autoprune's own fine-tune stage (:func:`autoprune.recovery.finetune`, AdamW,
@@ -308,6 +310,18 @@ def allocate_widths(sensitivity: list[dict[int, float]], total: int) -> list[int
     return min(best.values(), key=lambda v: v[0])[1]
 
 
+def gradual_widths(units: int, final: list[int], stages: int) -> list[list[int]]:
+    """Per stage, the FFN width of every layer on the cubic schedule of Zhu & Gupta (2017): the share of the
+    units to remove that is gone after stage ``k`` of ``n`` is ``1 - (1 - k/n)^3`` (most of the cut early, the
+    last stages small), rounded to 8 units; the last stage is ``final`` exactly."""
+    out = []
+    for k in range(1, stages + 1):
+        gone = 1.0 - (1.0 - k / stages) ** 3
+        out.append([max(w, units - round((units - w) * gone / 8) * 8) for w in final])
+    out[-1] = list(final)
+    return out
+
+
 def drop_layers(model: nn.Module, drop: list[int]) -> list[int]:
     """Remove encoder layers ``drop`` (indices of the unpruned model), in place; returns the kept indices."""
     encoder = model.bert.encoder
@@ -384,6 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         "sensitivity (validation cosine drop of each layer pruned alone at each width; with --sequential)",
     )
     parser.add_argument("--width-step", type=int, default=64, help="width grid of --allocation measured")
+    parser.add_argument(
+        "--stages", type=int, default=1,
+        help="gradual: reach the FFN widths in this many prune + distil rounds on a cubic schedule (needs "
+        "--sequential; the steps and the time budget are split evenly)",
+    )  # fmt: skip
     parser.add_argument("--n-calib", type=int, default=1024, help="training sentences for scores and re-fit")
     parser.add_argument("--epochs", type=float, default=0.0, help="passes over the training text instead of --steps")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (unless --epochs is given)")
@@ -405,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.allocation == "measured" and (not args.sequential or args.drop_layers):
         parser.error("--allocation measured needs --sequential and no --drop-layers")
+    if args.stages < 1 or (args.stages > 1 and (not args.sequential or args.drop_layers)):
+        parser.error("--stages must be >= 1; more than 1 needs --sequential and no --drop-layers")
     text = "more" if args.more_text else args.text
 
     t0 = time.perf_counter()
@@ -453,39 +474,46 @@ def main(argv: list[str] | None = None) -> None:
         pruned = ctx.apply(Plan(tuple((n, heads) for n in attention), round_to=8)) if heads > 0 else copy.deepcopy(base)
         kept = drop_layers(pruned, args.drop_layers) if args.drop_layers else list(range(len(attention)))
         widths = None
+        units = pruned.bert.encoder.layer[0].intermediate.dense.out_features
         if r > 0 and args.allocation == "measured":
-            units = pruned.bert.encoder.layer[0].intermediate.dense.out_features
             grid = list(range(args.width_step, units + 1, args.width_step))
             sens = layer_sensitivity(pruned, x_cal, x_val, grid)
             uniform = kept_units(units, r, 8)
             widths = allocate_widths(sens, len(attention) * uniform // args.width_step * args.width_step)
             print(f"measured allocation at {r:g}: FFN widths {widths} (uniform {uniform}); summed drop "
                   f"{sum(s[w] for s, w in zip(sens, widths, strict=True)):.4f}", flush=True)  # fmt: skip
-        if r > 0 and args.sequential and not args.drop_layers:
-            prune_ffn_sequential(pruned, base, r, x_cal, widths=widths)
-        elif r > 0:
-            prune_ffn(pruned, r, x_cal, args.select, args.refit)
+        final = widths or [kept_units(units, r, 8)] * len(kept)
+        stages = gradual_widths(units, final, args.stages) if r > 0 else [None]
         if not args.dropout:
             no_dropout(pruned)
-        one_shot = _cosines(pruned, ref, x_test)
         recipe = RecoveryConfig(
             bn_recalibration_batches=0,
-            finetune_epochs=args.epochs,
-            finetune_steps=0 if args.epochs > 0 else args.steps,
+            finetune_epochs=args.epochs / len(stages),
+            finetune_steps=0 if args.epochs > 0 else args.steps // len(stages),
             finetune_lr=args.lr,
             lr_schedule="cosine",
             warmup_steps=args.warmup,
             batch_size=args.batch,
             early_stopping_patience=0,
             eval_every=0,
-            time_budget_s=args.time_budget,
+            time_budget_s=None if args.time_budget is None else args.time_budget / len(stages),
         )
-        torch.set_num_threads(args.threads)
         t = time.perf_counter()
         reports: list[Any] = []
         step = _train_step(base, args.layerwise, kept)
-        if args.epochs > 0 or args.steps > 0:
-            finetune(pruned, data, recipe, train_step=step, on_progress=reports.append)
+        for k, stage in enumerate(stages):
+            torch.set_num_threads(args.threads)
+            if r > 0 and args.sequential and not args.drop_layers:
+                prune_ffn_sequential(pruned, base, r, x_cal, widths=stage)
+            elif r > 0:
+                prune_ffn(pruned, r, x_cal, args.select, args.refit)
+            if k == 0:
+                one_shot = _cosines(pruned, ref, x_test)  # the first cut (the whole cut with one stage)
+            if len(stages) > 1:
+                print(f"stage {k + 1}/{len(stages)}: FFN widths {stage}, test cos before distilling "
+                      f"{float(_cosines(pruned, ref, x_test).mean()):.4f}", flush=True)  # fmt: skip
+            if args.epochs > 0 or args.steps > 0:
+                finetune(pruned, data, recipe, train_step=step, on_progress=reports.append)
         train_s = time.perf_counter() - t
         torch.set_num_threads(1)
         pruned.eval()
@@ -497,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
         ffn_widths = [layer.intermediate.dense.out_features for layer in pruned.bert.encoder.layer]
         ffn = ffn_widths[0] if len(set(ffn_widths)) == 1 else "/".join(map(str, ffn_widths))
         steps = f"{reports[-1].steps} ({reports[-1].stopped})" if reports else "0"
+        if len(stages) > 1 and reports:
+            steps = f"{len(stages)} x {steps}"
         rows.append(
             f"| {heads:.2f} / {r:.2f} / {len(kept)} ({ffn}) | {float(one_shot.mean()):.3f} | {float(cos.mean()):.4f} "
             f"| {float(torch.quantile(cos, 0.05)):.4f} | {steps} | {train_s:.0f} "
