@@ -656,8 +656,9 @@
       $("#job-protocol").innerHTML = facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v ?? "–")}</dd>`).join("");
     }
 
-    /** Per point of the front (and the best, and any point exported on request): a download button per
-     * exported format, an export button for a format not exported yet, its state while queued or running. */
+    /** Per point of the front (the front so far while the job runs; the best, and any point exported on
+     * request): a download button per exported format, an export button for a format not exported yet, its
+     * state while queued or running. The best is marked once the job has finished (it is chosen then). */
     function renderDownloads() {
       const tbody = $("#job-downloads tbody");
       const j = jv.job || {};
@@ -668,9 +669,9 @@
         if (!byPoint.has(k)) byPoint.set(k, { stage, index, best: false, items: new Map() });
         return byPoint.get(k);
       };
-      if (TERMINAL.has(j.state)) {
-        for (const p of points()) if (p.on_front) group(p.stage, p.index);
-        if (j.best && Number.isInteger(j.best.index)) group(j.best.stage || "search", j.best.index).best = true;
+      if (j.state && j.state !== "queued") for (const p of points()) if (p.on_front) group(p.stage, p.index);
+      if (TERMINAL.has(j.state) && j.best && Number.isInteger(j.best.index)) {
+        group(j.best.stage || "search", j.best.index).best = true;
       }
       for (const e of jv.exports) {
         const g = group(e.stage, e.index);
@@ -742,7 +743,7 @@
       if (!live()) return;
       jv.job = job;
       for (const e of evals) jv.points.set(pointKey(e), e);
-      if (TERMINAL.has(job.state)) {
+      if (job.state !== "queued") { // a running job's points can be exported while it runs
         const [exports, requests] = await Promise.all([
           getJson(`/v1/jobs/${encodeURIComponent(jobId)}/models`), getJson(`/v1/jobs/${encodeURIComponent(jobId)}/exports`),
         ]);
@@ -750,7 +751,7 @@
         jv.exports = exports;
         jv.requests = requests;
         renderDownloads();
-        if (requests.pending > 0) followExports();
+        if (requests.pending > 0 && TERMINAL.has(job.state)) followExports(); // while it runs: its own stream
       }
       renderHeader();
       renderPlot();
