@@ -42,8 +42,8 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   once an epoch: :class:`service.holding.JobHooks`), the worker makes at most one waiting user's request (of a
   finished job, or of a running one: a point of the job it runs is exported with that job's own objective, and
   ``best`` only names the exported file once the job has finished), then goes on with the job; while none waits
-  it looks at most once per ``poll_seconds``. The export runs on the job's own thread, between two steps, so it never overlaps the timing of this worker's
-  candidates; other workers of the host are kept out of the timed runs by the measurement lock
+  it looks at most once per ``poll_seconds``. The export runs on the job's own thread, between two steps, so it
+  never overlaps the timing of this worker's candidates; other workers of the host are kept out of the timed runs by the measurement lock
   (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
   streams as they were (a seeded job does the same with or without requests). The running job's lease is kept
   by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
@@ -273,8 +273,9 @@ class Worker:
     def _serve_between(self, lease: _Lease) -> None:
         """Between two units of the running job's work (candidates, probes, fine-tuned points, a fine-tune's
         progress reports: see :class:`service.holding.JobHooks`): make at most one waiting user's export request
-        (of a finished job, or of a running one: this job's own points too; see the module docstring). The queue is looked at again at once after a request was
-        made, else at most once per ``poll_seconds``, as an idle worker polls. The export does not touch the
+        (of a finished job, or of a running one: this job's own points too; see the module docstring). The queue
+        is looked at again at once after a request was made, else at most once per ``poll_seconds``, as an idle
+        worker polls. The export does not touch the
         job's random streams (torch, NumPy, ``random``): a seeded job asks the same plans and trains the same
         weights whether or not requests came in (a resumed job replays its evaluations)."""
         from service.db.models import EXPORT_PRIORITY
