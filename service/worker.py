@@ -43,8 +43,8 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   finished job, or of a running one: a point of the job it runs is exported with that job's own objective, and
   ``best`` only names the exported file once the job has finished), then goes on with the job; while none waits
   it looks at most once per ``poll_seconds``. The export runs on the job's own thread, between two steps, so it
-  never overlaps the timing of this worker's candidates; other workers of the host are kept out of the timed runs by the measurement lock
-  (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
+  never overlaps the timing of this worker's candidates; other workers of the host are kept out of the timed
+  runs by the measurement lock (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
   streams as they were (a seeded job does the same with or without requests). The running job's lease is kept
   by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
   ``AUTOPRUNE_EXPORT_REQUEST_RETENTION_S`` are deleted (at most once a minute, :meth:`Worker.purge_requests`).
