@@ -44,9 +44,9 @@ job (or one whose worker died: its lease expired), holds the job's lease with a 
   ``best`` only names the exported file once the job has finished), then goes on with the job; while none waits
   it looks at most once per ``poll_seconds``. The export runs on the job's own thread, between two steps, so it
   never overlaps the timing of this worker's candidates; other workers of the host are kept out of the timed
-  runs by the measurement lock (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It leaves the job's random
-  streams as they were (a seeded job does the same with or without requests). The running job's lease is kept
-  by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
+  runs by the measurement lock (:mod:`autoprune.measure_lock`), which the export's own re-timing takes too. It
+  leaves the job's random streams as they were (a seeded job does the same with or without requests). The
+  running job's lease is kept by its heartbeat meanwhile; its time budget includes the export. Done and failed requests older than
   ``AUTOPRUNE_EXPORT_REQUEST_RETENTION_S`` are deleted (at most once a minute, :meth:`Worker.purge_requests`).
 * **Fine-tuned weights** are stored once, as a ``.safetensors`` artefact named on the evaluation row
   (``weights_sha256``), when the point is fine-tuned.
@@ -104,7 +104,7 @@ from service.db.engine import (
     is_sqlite,
     make_engine,
 )
-from service.db.models import TERMINAL, ExportRequest, JobRow, JobState
+from service.db.models import TERMINAL_STATES, ExportRequest, JobRow, JobState
 from service.db.repository import Conflict, LeaseLost, NotFound, Repository, RepositoryError, evaluation_summary
 from service.holding import JobHooks as _JobHooks
 from service.holding import JobStop as _Stop
@@ -275,9 +275,9 @@ class Worker:
         progress reports: see :class:`service.holding.JobHooks`): make at most one waiting user's export request
         (of a finished job, or of a running one: this job's own points too; see the module docstring). The queue
         is looked at again at once after a request was made, else at most once per ``poll_seconds``, as an idle
-        worker polls. The export does not touch the
-        job's random streams (torch, NumPy, ``random``): a seeded job asks the same plans and trains the same
-        weights whether or not requests came in (a resumed job replays its evaluations)."""
+        worker polls. The export does not touch the job's random streams (torch, NumPy, ``random``): a seeded job
+        asks the same plans and trains the same weights whether or not requests came in (a resumed job replays
+        its evaluations)."""
         from service.db.models import EXPORT_PRIORITY
 
         if lease.lost or lease.cancel_requested or self.stop_event.is_set():
@@ -682,7 +682,7 @@ class Worker:
             spec, objective = self._objective_for(job)
             model = self._rebuild(objective, point, row.weights_sha256)
             best = job.best or {}  # a running job's is the best so far: not the point ``best`` names at the end
-            finished = job.state in {t.value for t in TERMINAL}
+            finished = job.state in TERMINAL_STATES
             is_best = finished and (best.get("stage"), best.get("index")) == (request.stage, request.index)
             with tempfile.TemporaryDirectory(prefix=f"autoprune-{job.id}-") as tmp:
                 sha, meta = self._export_point(

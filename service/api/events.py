@@ -27,13 +27,11 @@ from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from service.api.schemas import EventOut
-from service.db.models import TERMINAL
+from service.db.models import TERMINAL_STATES as _TERMINAL
 from service.db.repository import Repository
 
 BATCH = 500
 """Events read per query (``Repository.events_after``'s page)."""
-
-_TERMINAL = frozenset(s.value for s in TERMINAL)
 
 
 @dataclass(frozen=True)

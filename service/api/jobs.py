@@ -35,7 +35,7 @@ from service.api.schemas import (
 )
 from service.artefacts import ArtefactStore
 from service.db.engine import check_job_workers, check_no_storage_options
-from service.db.models import TERMINAL, EvaluationRow, ExportRow, JobRow, JobState
+from service.db.models import TERMINAL_STATES, EvaluationRow, ExportRow, JobRow, JobState
 from service.db.repository import NotFound, Repository
 from service.settings import Settings
 
@@ -52,7 +52,7 @@ SPEC_KEYS = tuple(k for k in JobCreate.model_fields if k not in ("model_id", "da
 
 
 def _terminal(state: str) -> bool:
-    return state in {s.value for s in TERMINAL}
+    return state in TERMINAL_STATES
 
 
 # --- create / list / get / cancel ------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+TERMINAL_STATES = frozenset(s.value for s in TERMINAL)
+"""The terminal states as stored in ``jobs.state``."""
 
 
 class Base(DeclarativeBase):

@@ -68,7 +68,7 @@ from autoprune.records import Evaluation
 from service.db.engine import IMMEDIATE
 from service.db.models import (
     EXPORT_PRIORITY,
-    TERMINAL,
+    TERMINAL_STATES,
     Artefact,
     DatasetRow,
     EvaluationRow,
@@ -1073,7 +1073,7 @@ class Repository:
                 ),
                 or_(
                     ExportRequest.priority <= EXPORT_PRIORITY["user"],
-                    ExportRequest.job_id.in_(select(JobRow.id).where(JobRow.state.in_([t.value for t in TERMINAL]))),
+                    ExportRequest.job_id.in_(select(JobRow.id).where(JobRow.state.in_(TERMINAL_STATES))),
                 ),
             )
             if job_id is not None:
